@@ -1,0 +1,205 @@
+//! Tokenization with the `tokenizers` crate from `tokenizer.json`, with HF's padding and
+//! truncation rules, and max length and pad token from `tokenizer_config.json`.
+
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use serde_json::Value;
+use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
+
+use crate::error::{Error, Result};
+
+/// The CLIP BPE tokenizer (OpenAI's 49 408-token vocabulary), built by
+/// `scripts/build_clip_tokenizer.py` from `bpe_simple_vocab_16e6.txt.gz` as shipped in
+/// open_clip_torch (MIT licence), so training from scratch needs no download.
+pub const CLIP_TOKENIZER_JSON: &[u8] = include_bytes!("../assets/clip/tokenizer.json");
+pub const CLIP_TOKENIZER_CONFIG_JSON: &str = include_str!("../assets/clip/tokenizer_config.json");
+
+/// How a batch is padded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Padding {
+    /// To the longest sequence in the batch (`padding=True`).
+    Longest,
+    /// To the maximum length (`padding="max_length"`), as SigLIP was trained.
+    MaxLength,
+}
+
+/// A padded batch of token ids with its attention mask.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EncodedBatch {
+    pub input_ids: Vec<Vec<u32>>,
+    pub attention_mask: Vec<Vec<u32>>,
+}
+
+impl EncodedBatch {
+    /// `input_ids` and `attention_mask` as `[B, L]` i64 tensors, like HF's `return_tensors="pt"`.
+    pub fn to_tensors(&self, device: &Device) -> Result<(Tensor, Tensor)> {
+        let b = self.input_ids.len();
+        let l = self.input_ids.first().map_or(0, Vec::len);
+        let flat = |rows: &[Vec<u32>]| -> Vec<i64> {
+            rows.iter().flatten().map(|&x| i64::from(x)).collect()
+        };
+        Ok((
+            Tensor::from_vec(flat(&self.input_ids), (b, l), device)?,
+            Tensor::from_vec(flat(&self.attention_mask), (b, l), device)?,
+        ))
+    }
+}
+
+/// A tokenizer with the padding and truncation settings HF's `AutoTokenizer` would apply.
+#[derive(Clone)]
+pub struct TextTokenizer {
+    tokenizer: Tokenizer,
+    model_max_length: Option<usize>,
+    pad_id: Option<u32>,
+    pad_left: bool,
+}
+
+impl TextTokenizer {
+    /// Loads `tokenizer.json` and, when present, `tokenizer_config.json`.
+    pub fn from_files(tokenizer_json: &Path, tokenizer_config: Option<&Path>) -> Result<Self> {
+        let tokenizer = Tokenizer::from_file(tokenizer_json).map_err(|e| Error::Invalid {
+            path: tokenizer_json.to_path_buf(),
+            what: "tokenizer.json",
+            message: e.to_string(),
+        })?;
+        let config = match tokenizer_config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+                serde_json::from_str(&text).map_err(|e| Error::Invalid {
+                    path: path.to_path_buf(),
+                    what: "tokenizer config",
+                    message: e.to_string(),
+                })?
+            }
+            None => Value::Null,
+        };
+        Ok(Self::new(tokenizer, &config))
+    }
+
+    /// The bundled CLIP tokenizer ([`CLIP_TOKENIZER_JSON`]).
+    pub fn clip() -> Result<Self> {
+        let tokenizer = Tokenizer::from_bytes(CLIP_TOKENIZER_JSON)
+            .map_err(|e| Error::Tokenizer(format!("bundled CLIP tokenizer: {e}")))?;
+        let config: Value = serde_json::from_str(CLIP_TOKENIZER_CONFIG_JSON)
+            .map_err(|e| Error::Tokenizer(format!("bundled CLIP tokenizer config: {e}")))?;
+        Ok(Self::new(tokenizer, &config))
+    }
+
+    fn new(mut tokenizer: Tokenizer, config: &Value) -> Self {
+        // Padding is applied per batch below; a padding section saved inside tokenizer.json
+        // must not pad first.
+        tokenizer.with_padding(None);
+        // HF writes a huge sentinel (int(1e30)) when the length is unknown.
+        let model_max_length = config
+            .get("model_max_length")
+            .and_then(Value::as_f64)
+            .filter(|&n| n > 0.0 && n < 1e12)
+            .map(|n| n as usize);
+        let token_id = |key: &str| -> Option<u32> {
+            let v = config.get(key)?;
+            let content = v
+                .as_str()
+                .or_else(|| v.get("content").and_then(Value::as_str))?;
+            tokenizer.token_to_id(content)
+        };
+        let pad_id = token_id("pad_token")
+            .or_else(|| tokenizer.get_padding().map(|p| p.pad_id))
+            .or_else(|| token_id("eos_token"));
+        let pad_left = config.get("padding_side").and_then(Value::as_str) == Some("left");
+        Self {
+            tokenizer,
+            model_max_length,
+            pad_id,
+            pad_left,
+        }
+    }
+
+    /// `model_max_length` from `tokenizer_config.json`, when it gives a real one.
+    pub fn model_max_length(&self) -> Option<usize> {
+        self.model_max_length
+    }
+
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.tokenizer.token_to_id(token)
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.tokenizer.get_vocab_size(true)
+    }
+
+    pub fn inner(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// Token ids of one text with special tokens, without padding or truncation.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .tokenizer
+            .encode(text, true)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Tokenizes `texts`, truncating each to `max_length` (special tokens kept, as HF's
+    /// `truncation=True` does) and padding per `padding`.
+    pub fn encode_batch(
+        &self,
+        texts: &[&str],
+        padding: Padding,
+        max_length: usize,
+    ) -> Result<EncodedBatch> {
+        let mut tok = self.tokenizer.clone();
+        tok.with_truncation(Some(TruncationParams {
+            direction: TruncationDirection::Right,
+            max_length,
+            strategy: TruncationStrategy::LongestFirst,
+            stride: 0,
+        }))
+        .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let encodings = tok
+            .encode_batch(texts.to_vec(), true)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let ids: Vec<Vec<u32>> = encodings.iter().map(|e| e.get_ids().to_vec()).collect();
+        let target = match padding {
+            Padding::Longest => ids.iter().map(Vec::len).max().unwrap_or(0),
+            Padding::MaxLength => max_length,
+        };
+        let needs_pad = ids.iter().any(|r| r.len() < target);
+        let pad = match (self.pad_id, needs_pad) {
+            (Some(p), _) => p,
+            (None, false) => 0,
+            (None, true) => {
+                return Err(Error::Tokenizer(
+                    "padding is needed but the tokenizer has no pad_token".into(),
+                ))
+            }
+        };
+        let mut input_ids = Vec::with_capacity(ids.len());
+        let mut attention_mask = Vec::with_capacity(ids.len());
+        for row in ids {
+            let n = row.len();
+            let fill = target - n;
+            let (mut r, mut m) = (Vec::with_capacity(target), Vec::with_capacity(target));
+            if self.pad_left {
+                r.extend(std::iter::repeat_n(pad, fill));
+                m.extend(std::iter::repeat_n(0, fill));
+            }
+            r.extend(row);
+            m.extend(std::iter::repeat_n(1, n));
+            if !self.pad_left {
+                r.extend(std::iter::repeat_n(pad, fill));
+                m.extend(std::iter::repeat_n(0, fill));
+            }
+            input_ids.push(r);
+            attention_mask.push(m);
+        }
+        Ok(EncodedBatch {
+            input_ids,
+            attention_mask,
+        })
+    }
+}

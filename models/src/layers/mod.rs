@@ -1,0 +1,37 @@
+//! The shared layers every model family is built from.
+//!
+//! Each layer is a struct with a `new(.., vb)` constructor whose `vb.pp(..)` paths follow the
+//! HF checkpoint names, and a `forward`. Every layer is differentiable: none uses a Candle op
+//! without a backward (CANDLE_NOTES.md), so the same code serves inference and training.
+
+mod activation;
+mod attention;
+mod encoder;
+mod linear;
+mod mlp;
+mod norm;
+mod pooling;
+mod position;
+mod vit;
+
+pub use activation::Activation;
+pub use attention::{
+    causal_mask, combine_masks, mask_min, padding_mask, scaled_dot_product_attention,
+    AttentionConfig, MultiHeadAttention, QkvLayout,
+};
+pub use encoder::{Encoder, EncoderConfig, EncoderLayer};
+pub use linear::Linear;
+pub use mlp::Mlp;
+pub use norm::{LayerNorm, RmsNorm};
+pub use pooling::AttentionPoolingHead;
+pub use position::{default_inv_freq, sinusoidal_table, LearnedPositionEmbedding, RotaryEmbedding};
+pub use vit::{ClassToken, PatchEmbedding, PositionTable, VitEmbeddings, VitEmbeddingsConfig};
+
+/// The dtype to accumulate statistics in: f32 for half-precision inputs (as PyTorch does),
+/// the input's own dtype otherwise.
+pub fn upcast(dtype: candle_core::DType) -> candle_core::DType {
+    match dtype {
+        candle_core::DType::F16 | candle_core::DType::BF16 => candle_core::DType::F32,
+        other => other,
+    }
+}

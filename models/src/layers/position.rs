@@ -1,0 +1,127 @@
+//! Positional encodings: learned absolute, fixed sinusoidal (Vaswani et al. 2017, §3.5), and
+//! rotary (RoPE, Su et al. 2021) in HF's `rotate_half` convention.
+
+use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_nn::VarBuilder;
+
+/// A learned table `position_embedding.weight` `[max_positions, D]`, looked up by position id.
+#[derive(Debug, Clone)]
+pub struct LearnedPositionEmbedding {
+    table: candle_nn::Embedding,
+}
+
+impl LearnedPositionEmbedding {
+    pub fn new(max_positions: usize, dim: usize, vb: VarBuilder) -> Result<Self> {
+        let table = vb.get((max_positions, dim), "weight")?;
+        Ok(Self {
+            table: candle_nn::Embedding::new(table, dim),
+        })
+    }
+
+    pub fn max_positions(&self) -> usize {
+        self.table.embeddings().dim(0).unwrap_or(0)
+    }
+
+    /// Embeddings `[L, D]` for positions `offset..offset + len`.
+    pub fn forward(&self, len: usize, offset: usize) -> Result<Tensor> {
+        let max = self.max_positions();
+        if offset + len > max {
+            candle_core::bail!(
+                "sequence of {} tokens exceeds max_position_embeddings {max}",
+                offset + len
+            );
+        }
+        let ids = Tensor::arange(
+            offset as u32,
+            (offset + len) as u32,
+            self.table.embeddings().device(),
+        )?;
+        self.table.forward(&ids)
+    }
+}
+
+/// The fixed table `PE(p, 2i) = sin(p / 10000^{2i/d})`, `PE(p, 2i+1) = cos(p / 10000^{2i/d})`,
+/// shape `[n, d]`.
+pub fn sinusoidal_table(n: usize, d: usize, dev: &Device) -> Result<Tensor> {
+    let mut data = vec![0f32; n * d];
+    for p in 0..n {
+        for i in 0..d {
+            let freq = 10000f64.powf(-((2 * (i / 2)) as f64) / d as f64);
+            let angle = p as f64 * freq;
+            data[p * d + i] = if i % 2 == 0 { angle.sin() } else { angle.cos() } as f32;
+        }
+    }
+    Tensor::from_vec(data, (n, d), dev)
+}
+
+/// Rotary position embedding with precomputed `cos`/`sin` tables.
+///
+/// Matches HF's `apply_rotary_pos_emb`: the head dimension is split into two halves
+/// (`rotate_half`), not interleaved pairs. Everything is built from differentiable ops
+/// (narrow, neg, cat, mul), so gradients reach q and k; `candle_nn::rotary_emb::rope` has no
+/// backward.
+#[derive(Debug, Clone)]
+pub struct RotaryEmbedding {
+    /// `[max_positions, head_dim]`.
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl RotaryEmbedding {
+    /// The default RoPE: `inv_freq_i = base^{-2i/d}`.
+    pub fn new(head_dim: usize, max_positions: usize, base: f64, dev: &Device) -> Result<Self> {
+        Self::from_inv_freq(&default_inv_freq(head_dim, base), max_positions, 1.0, dev)
+    }
+
+    /// Builds the tables from given inverse frequencies (scaled variants compute their own)
+    /// and a multiplier applied to cos and sin (YaRN's attention scaling; 1.0 otherwise).
+    pub fn from_inv_freq(
+        inv_freq: &[f32],
+        max_positions: usize,
+        attention_scaling: f64,
+        dev: &Device,
+    ) -> Result<Self> {
+        let half = inv_freq.len();
+        let inv = Tensor::from_slice(inv_freq, (1, half), dev)?;
+        let pos = Tensor::arange(0u32, max_positions as u32, dev)?
+            .to_dtype(DType::F32)?
+            .reshape((max_positions, 1))?;
+        let freqs = pos.matmul(&inv)?;
+        let emb = Tensor::cat(&[&freqs, &freqs], D::Minus1)?;
+        Ok(Self {
+            cos: (emb.cos()? * attention_scaling)?,
+            sin: (emb.sin()? * attention_scaling)?,
+        })
+    }
+
+    /// `cos`, `sin` `[L, head_dim]` for the given position ids `[L]`.
+    pub fn cos_sin(&self, position_ids: &Tensor) -> Result<(Tensor, Tensor)> {
+        Ok((
+            self.cos.index_select(position_ids, 0)?,
+            self.sin.index_select(position_ids, 0)?,
+        ))
+    }
+
+    /// Rotates `x` `[B, H, L, d]` for positions `position_ids` `[L]`:
+    /// `x·cos + rotate_half(x)·sin`.
+    pub fn apply(&self, x: &Tensor, position_ids: &Tensor) -> Result<Tensor> {
+        let (cos, sin) = self.cos_sin(position_ids)?;
+        let (cos, sin) = (cos.to_dtype(x.dtype())?, sin.to_dtype(x.dtype())?);
+        x.broadcast_mul(&cos)? + rotate_half(x)?.broadcast_mul(&sin)?
+    }
+}
+
+/// `inv_freq_i = 1 / base^{2i/d}` for `i < d/2`, computed as HF does (f32 of the f64 ratio).
+pub fn default_inv_freq(head_dim: usize, base: f64) -> Vec<f32> {
+    (0..head_dim / 2)
+        .map(|i| (1.0 / base.powf((2 * i) as f64 / head_dim as f64)) as f32)
+        .collect()
+}
+
+/// `[x₁, x₂] → [-x₂, x₁]` over the last dimension.
+fn rotate_half(x: &Tensor) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
+    let x2 = x.narrow(D::Minus1, d / 2, d - d / 2)?;
+    Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)
+}

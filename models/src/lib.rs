@@ -1,0 +1,22 @@
+//! zoo-models: the shared Candle layers and the model families of candle-zoo.
+//!
+//! - [`layers`]: attention, MLPs, norms, activations, ViT embeddings, pooling heads and
+//!   positional encodings. Every model is composed from these, and all are differentiable.
+//! - [`clip`], [`siglip`]: the dual encoders, with HF `config.json` types and HF tensor names.
+//! - [`contrastive`]: CLIP and SigLIP behind one [`contrastive::DualEncoder`], and loading.
+//! - [`hub`], [`weights`]: finding checkpoint files (local folder or hub id) and reading
+//!   memory-mapped, possibly sharded, safetensors.
+//! - [`device`]: `--device` / `--dtype` parsing.
+//!
+//! Loading errors ([`Error`]) name the file and the problem.
+
+pub mod clip;
+pub mod contrastive;
+pub mod device;
+pub mod error;
+pub mod hub;
+pub mod layers;
+pub mod siglip;
+pub mod weights;
+
+pub use error::{Error, Result};
