@@ -53,6 +53,26 @@ pub struct TextTokenizer {
     model_max_length: Option<usize>,
     pad_id: Option<u32>,
     pad_left: bool,
+    /// `Some(lowercase)` for HF's `SiglipTokenizer`, which canonicalises text before
+    /// sentencepiece; see [`canonicalize_siglip`].
+    siglip_canonical: Option<bool>,
+}
+
+/// What HF's (slow-only) `SiglipTokenizer` does to text before tokenizing, after big_vision:
+/// lowercase (`do_lower_case`), drop ASCII punctuation, collapse whitespace, trim.
+pub fn canonicalize_siglip(text: &str, lowercase: bool) -> String {
+    let kept: String = text
+        .chars()
+        .filter(|c| !c.is_ascii_punctuation())
+        .map(|c| {
+            if lowercase {
+                c.to_lowercase().collect::<String>()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect();
+    kept.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 impl TextTokenizer {
@@ -110,11 +130,18 @@ impl TextTokenizer {
             .or_else(|| tokenizer.get_padding().map(|p| p.pad_id))
             .or_else(|| token_id("eos_token"));
         let pad_left = config.get("padding_side").and_then(Value::as_str) == Some("left");
+        let siglip_canonical =
+            config.get("tokenizer_class").and_then(Value::as_str) == Some("SiglipTokenizer");
+        let lowercase = config
+            .get("do_lower_case")
+            .and_then(Value::as_bool)
+            .unwrap_or(true);
         Self {
             tokenizer,
             model_max_length,
             pad_id,
             pad_left,
+            siglip_canonical: siglip_canonical.then_some(lowercase),
         }
     }
 
@@ -135,11 +162,19 @@ impl TextTokenizer {
         &self.tokenizer
     }
 
+    /// The text as the reference tokenizer sees it (SigLIP canonicalisation, else unchanged).
+    fn prepare<'t>(&self, text: &'t str) -> std::borrow::Cow<'t, str> {
+        match self.siglip_canonical {
+            Some(lowercase) => canonicalize_siglip(text, lowercase).into(),
+            None => text.into(),
+        }
+    }
+
     /// Token ids of one text with special tokens, without padding or truncation.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         let enc = self
             .tokenizer
-            .encode(text, true)
+            .encode(self.prepare(text).as_ref(), true)
             .map_err(|e| Error::Tokenizer(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
     }
@@ -160,8 +195,9 @@ impl TextTokenizer {
             stride: 0,
         }))
         .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let prepared: Vec<String> = texts.iter().map(|t| self.prepare(t).into_owned()).collect();
         let encodings = tok
-            .encode_batch(texts.to_vec(), true)
+            .encode_batch(prepared, true)
             .map_err(|e| Error::Tokenizer(e.to_string()))?;
         let ids: Vec<Vec<u32>> = encodings.iter().map(|e| e.get_ids().to_vec()).collect();
         let target = match padding {
@@ -201,5 +237,20 @@ impl TextTokenizer {
             input_ids,
             attention_mask,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn siglip_canonicalisation_lowercases_and_drops_ascii_punctuation() {
+        assert_eq!(
+            canonicalize_siglip("  A Photo, of a CAT!  ", true),
+            "a photo of a cat"
+        );
+        assert_eq!(canonicalize_siglip("it's {x}.\tnext", false), "its x next");
+        assert_eq!(canonicalize_siglip("Café — ok", true), "café — ok");
     }
 }

@@ -222,3 +222,67 @@ pub fn load_dual_encoder(
         config_path,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(json: &str) -> Result<DualEncoderConfig> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        std::fs::write(&path, json).unwrap();
+        DualEncoderConfig::from_file(&path)
+    }
+
+    #[test]
+    fn missing_fields_take_hf_defaults() {
+        // openai/clip-vit-base-patch32 spells out little more than this.
+        let DualEncoderConfig::Clip(c) = parse(
+            r#"{"model_type": "clip", "text_config": {"eos_token_id": 2}, "vision_config": {}}"#,
+        )
+        .unwrap() else {
+            panic!("not CLIP")
+        };
+        assert_eq!(c.projection_dim, 512);
+        assert_eq!(
+            (
+                c.text_config.hidden_size,
+                c.text_config.max_position_embeddings
+            ),
+            (512, 77)
+        );
+        assert_eq!(
+            (c.vision_config.hidden_size, c.vision_config.patch_size),
+            (768, 32)
+        );
+        assert_eq!(
+            c.vision_config.hidden_act,
+            crate::layers::Activation::QuickGelu
+        );
+        assert!((c.logit_scale_init_value - 2.6592).abs() < 1e-9);
+
+        let DualEncoderConfig::Siglip(s) = parse(r#"{"model_type": "siglip"}"#).unwrap() else {
+            panic!("not SigLIP")
+        };
+        assert_eq!(s.text_config.max_position_embeddings, 64);
+        assert_eq!(s.text_config.vocab_size, 32000);
+        assert_eq!(s.vision_config.patch_size, 16);
+        assert!(s.vision_config.vision_use_head);
+        assert!((s.vision_config.layer_norm_eps - 1e-6).abs() < 1e-12);
+    }
+
+    #[test]
+    fn bad_configs_name_the_file_and_the_field() {
+        let err = parse(r#"{"model_type": "clip", "text_config": {"hidden_act": "swishy"}}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("config.json") && err.contains("swishy"),
+            "{err}"
+        );
+        let err = parse(r#"{"model_type": "blip_2"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown model_type `blip_2`"), "{err}");
+    }
+}

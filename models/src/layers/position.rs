@@ -125,3 +125,32 @@ fn rotate_half(x: &Tensor) -> Result<Tensor> {
     let x2 = x.narrow(D::Minus1, d / 2, d - d / 2)?;
     Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sinusoidal_table_follows_vaswani() {
+        let t = sinusoidal_table(4, 6, &Device::Cpu)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        assert_eq!(t[0], vec![0.0, 1.0, 0.0, 1.0, 0.0, 1.0]);
+        let p = 3f64;
+        for i in 0..3 {
+            let angle = p / 10000f64.powf(2.0 * i as f64 / 6.0);
+            assert!((t[3][2 * i] as f64 - angle.sin()).abs() < 1e-6);
+            assert!((t[3][2 * i + 1] as f64 - angle.cos()).abs() < 1e-6);
+        }
+    }
+
+    #[test]
+    fn learned_positions_reject_sequences_past_the_table() {
+        let vb = VarBuilder::zeros(DType::F32, &Device::Cpu);
+        let pos = LearnedPositionEmbedding::new(8, 4, vb).unwrap();
+        assert_eq!(pos.forward(3, 5).unwrap().dims(), &[3, 4]);
+        let err = pos.forward(4, 5).unwrap_err().to_string();
+        assert!(err.contains("max_position_embeddings 8"), "{err}");
+    }
+}
