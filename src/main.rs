@@ -7,7 +7,10 @@ use clap::{Parser, Subcommand};
 
 mod classify;
 mod common;
+mod demo;
 mod embed;
+mod eval;
+mod train;
 
 #[derive(Parser)]
 #[command(
@@ -26,6 +29,13 @@ enum Command {
     Embed(embed::EmbedArgs),
     /// Zero-shot image classification over a set of labels.
     Classify(classify::ClassifyArgs),
+    /// Train a model: `zoo train clip|siglip`.
+    Train(Box<train::TrainArgs>),
+    /// Evaluate a model: `zoo eval zeroshot|retrieval`.
+    #[command(subcommand)]
+    Eval(eval::EvalCommand),
+    /// Train a tiny CLIP on synthetic shapes and evaluate it zero-shot, offline.
+    Demo(demo::DemoArgs),
 }
 
 fn main() -> ExitCode {
@@ -33,6 +43,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Embed(args) => embed::run(args),
         Command::Classify(args) => classify::run(args),
+        Command::Train(args) => train::run_train(*args),
+        Command::Eval(cmd) => eval::run(cmd),
+        Command::Demo(args) => demo::run_demo(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -263,24 +263,7 @@ impl ImageProcessor {
     pub fn preprocess(&self, image: &DynamicImage) -> (Vec<f32>, usize, usize) {
         let rgb = self.resize_and_crop(image);
         let (w, h) = (rgb.width() as usize, rgb.height() as usize);
-        let cfg = &self.config;
-        let scale = if cfg.do_rescale {
-            cfg.rescale_factor
-        } else {
-            1.0
-        };
-        let mut out = vec![0f32; 3 * h * w];
-        for (i, px) in rgb.pixels().enumerate() {
-            for c in 0..3 {
-                // HF rescales in f64 and casts to f32, then normalises in f32.
-                let mut v = (f64::from(px.0[c]) * scale) as f32;
-                if cfg.do_normalize {
-                    v = (v - cfg.image_mean[c]) / cfg.image_std[c];
-                }
-                out[c * h * w + i] = v;
-            }
-        }
-        (out, h, w)
+        (normalize(&rgb, &self.config), h, w)
     }
 
     /// Loads and preprocesses images into one `[N, 3, H, W]` f32 tensor. Errors name the file.
@@ -308,6 +291,28 @@ impl ImageProcessor {
         let (h, w) = dims.unwrap_or(self.config.crop_size);
         Ok(Tensor::from_vec(data, (paths.len(), 3, h, w), device)?)
     }
+}
+
+/// Rescales and normalises 8-bit RGB into `[3, H, W]` channel-major f32 values: HF rescales in
+/// f64 and casts to f32, then normalises in f32.
+pub fn normalize(rgb: &RgbImage, cfg: &ImageProcessorConfig) -> Vec<f32> {
+    let (w, h) = (rgb.width() as usize, rgb.height() as usize);
+    let scale = if cfg.do_rescale {
+        cfg.rescale_factor
+    } else {
+        1.0
+    };
+    let mut out = vec![0f32; 3 * h * w];
+    for (i, px) in rgb.pixels().enumerate() {
+        for c in 0..3 {
+            let mut v = (f64::from(px.0[c]) * scale) as f32;
+            if cfg.do_normalize {
+                v = (v - cfg.image_mean[c]) / cfg.image_std[c];
+            }
+            out[c * h * w + i] = v;
+        }
+    }
+    out
 }
 
 /// HF's `center_crop`: `top = (H - h) // 2`, `left = (W - w) // 2`, zero-padding where the image

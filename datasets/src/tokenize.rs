@@ -53,6 +53,8 @@ pub struct TextTokenizer {
     model_max_length: Option<usize>,
     pad_id: Option<u32>,
     pad_left: bool,
+    /// `tokenizer_config.json` as read, written back by [`save`](Self::save).
+    config: Value,
     /// `Some(lowercase)` for HF's `SiglipTokenizer`, which canonicalises text before
     /// sentencepiece; see [`canonicalize_siglip`].
     siglip_canonical: Option<bool>,
@@ -109,6 +111,38 @@ impl TextTokenizer {
         Ok(Self::new(tokenizer, &config))
     }
 
+    /// A tokenizer from `tokenizer.json` bytes and a parsed `tokenizer_config.json`.
+    pub fn from_bytes(tokenizer_json: &[u8], config: &Value) -> Result<Self> {
+        let tokenizer = Tokenizer::from_bytes(tokenizer_json)
+            .map_err(|e| Error::Tokenizer(format!("invalid tokenizer.json: {e}")))?;
+        Ok(Self::new(tokenizer, config))
+    }
+
+    /// Writes `tokenizer.json` and `tokenizer_config.json` into `dir`, with `model_max_length`
+    /// set to `max_length` when given (a trained model's text length).
+    pub fn save(&self, dir: &Path, max_length: Option<usize>) -> Result<()> {
+        let json = self
+            .tokenizer
+            .to_string(false)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let mut config = match &self.config {
+            Value::Object(_) => self.config.clone(),
+            _ => Value::Object(Default::default()),
+        };
+        if let Some(n) = max_length {
+            config["model_max_length"] = n.into();
+        }
+        let write = |name: &str, text: String| {
+            let path = dir.join(name);
+            std::fs::write(&path, text).map_err(|source| Error::Io { path, source })
+        };
+        write("tokenizer.json", json)?;
+        write(
+            "tokenizer_config.json",
+            serde_json::to_string_pretty(&config).unwrap_or_default(),
+        )
+    }
+
     fn new(mut tokenizer: Tokenizer, config: &Value) -> Self {
         // Padding is applied per batch below; a padding section saved inside tokenizer.json
         // must not pad first.
@@ -142,12 +176,18 @@ impl TextTokenizer {
             pad_id,
             pad_left,
             siglip_canonical: siglip_canonical.then_some(lowercase),
+            config: config.clone(),
         }
     }
 
     /// `model_max_length` from `tokenizer_config.json`, when it gives a real one.
     pub fn model_max_length(&self) -> Option<usize> {
         self.model_max_length
+    }
+
+    /// The id padding uses: `pad_token`, else the tokenizer's own padding id, else `eos_token`.
+    pub fn pad_id(&self) -> Option<u32> {
+        self.pad_id
     }
 
     pub fn token_to_id(&self, token: &str) -> Option<u32> {

@@ -223,6 +223,31 @@ pub fn load_dual_encoder(
     })
 }
 
+impl DualEncoderConfig {
+    /// The HF `config.json` for this model, loadable by `CLIPModel` / `SiglipModel`.
+    pub fn to_hf_json(&self) -> serde_json::Value {
+        let (v, kind, arch) = match self {
+            Self::Clip(c) => (serde_json::to_value(c), "clip", "CLIPModel"),
+            Self::Siglip(c) => (serde_json::to_value(c), "siglip", "SiglipModel"),
+        };
+        let mut v = v.unwrap_or_default();
+        v["model_type"] = kind.into();
+        v["architectures"] = serde_json::json!([arch]);
+        v["torch_dtype"] = "float32".into();
+        v["text_config"]["model_type"] = format!("{kind}_text_model").into();
+        v["vision_config"]["model_type"] = format!("{kind}_vision_model").into();
+        v
+    }
+
+    /// Sets the image tower's input size (position tables grow or shrink accordingly).
+    pub fn set_image_size(&mut self, size: usize) {
+        match self {
+            Self::Clip(c) => c.vision_config.image_size = size,
+            Self::Siglip(c) => c.vision_config.image_size = size,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

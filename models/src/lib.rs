@@ -3,6 +3,8 @@
 //! - [`layers`]: attention, MLPs, norms, activations, ViT embeddings, pooling heads and
 //!   positional encodings. Every model is composed from these, and all are differentiable.
 //! - [`clip`], [`siglip`]: the dual encoders, with HF `config.json` types and HF tensor names.
+//! - [`bert`]: the BERT encoder (Devlin et al. 2019), with cross-attention and a causal mode, and
+//!   sentence-transformers' mean pooling; a text tower for CLIP-style models and BLIP.
 //! - [`contrastive`]: CLIP and SigLIP behind one [`contrastive::DualEncoder`], and loading.
 //! - [`hub`], [`weights`]: finding checkpoint files (local folder or hub id) and reading
 //!   memory-mapped, possibly sharded, safetensors.
@@ -10,6 +12,7 @@
 //!
 //! Loading errors ([`Error`]) name the file and the problem.
 
+pub mod bert;
 pub mod clip;
 pub mod contrastive;
 pub mod device;

@@ -5,8 +5,20 @@
 //!   processor, embedding texts and images as HF's processors + model would.
 //! - [`zeroshot`]: prompt-ensemble zero-shot classifiers and top-k scoring.
 
+pub mod checkpoint;
+pub mod contrastive;
+pub mod data;
 pub mod error;
+pub mod eval;
+pub mod loss;
+pub mod metrics;
+pub mod model;
+pub mod optim;
 pub mod pipeline;
+pub mod plot;
+pub mod rng;
+pub mod templates;
+pub mod train;
 pub mod zeroshot;
 
 pub use error::{Error, Result};

@@ -97,7 +97,7 @@ impl DualEncoderPipeline {
         let features = self
             .model
             .text_features(&inputs.input_ids, inputs.attention_mask.as_ref())?;
-        Ok(l2_normalize(&features.to_dtype(DType::F32)?)?)
+        Ok(l2_normalize(&features.to_dtype(DType::F32)?)?.detach())
     }
 
     /// L2-normalised text embeddings `[M, D]` (f32), computed in chunks.
@@ -122,7 +122,8 @@ impl DualEncoderPipeline {
         let features = self
             .model
             .image_features(&pixel_values.to_dtype(self.dtype)?)?;
-        Ok(l2_normalize(&features.to_dtype(DType::F32)?)?)
+        // Detached: evaluation of a training model must not keep its graph alive.
+        Ok(l2_normalize(&features.to_dtype(DType::F32)?)?.detach())
     }
 
     /// HF's `logits_per_image` `[N, M]` for normalised embeddings.

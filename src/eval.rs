@@ -1,0 +1,145 @@
+//! `zoo eval zeroshot` and `zoo eval retrieval`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Args, Subcommand};
+use serde_json::json;
+use zoo_trainers::contrastive::{parse_templates, RetrievalSet, ZeroShotSet};
+use zoo_trainers::data::DataSpec;
+use zoo_trainers::eval::{retrieval_report, RECALL_AT};
+use zoo_trainers::pipeline::DualEncoderPipeline;
+
+use crate::common::ModelArgs;
+
+#[derive(Subcommand, Debug)]
+pub enum EvalCommand {
+    /// Zero-shot classification accuracy on an ImageFolder (one subfolder per class).
+    Zeroshot(ZeroshotArgs),
+    /// Image-text retrieval recall@1/5/10 in both directions on paired data.
+    Retrieval(RetrievalArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ZeroshotArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The ImageFolder.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Class names, one per line, in the sorted order of the class folders (default: folder names).
+    #[arg(long)]
+    pub classnames: Option<PathBuf>,
+    /// openai (80 prompts), simple (7), or a file with one template per line.
+    #[arg(long, default_value = "openai")]
+    pub templates: String,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct RetrievalArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Pairs: CSV/TSV, JSONL or WebDataset shards.
+    #[arg(long)]
+    pub data: String,
+    #[arg(long, default_value = "filepath")]
+    pub csv_img_key: String,
+    #[arg(long, default_value = "title")]
+    pub csv_caption_key: String,
+    #[arg(long)]
+    pub csv_separator: Option<char>,
+    /// Evaluate at most this many pairs.
+    #[arg(long, default_value_t = 5000)]
+    pub max_samples: usize,
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(cmd: EvalCommand) -> Result<()> {
+    match cmd {
+        EvalCommand::Zeroshot(a) => zeroshot(a),
+        EvalCommand::Retrieval(a) => retrieval(a),
+    }
+}
+
+fn zeroshot(args: ZeroshotArgs) -> Result<()> {
+    let device = args.model.device()?;
+    let pipeline = DualEncoderPipeline::load(&args.model.model, &device, args.model.dtype()?)?;
+    let set = ZeroShotSet::image_folder(
+        &args.data,
+        args.classnames.as_deref(),
+        parse_templates(&args.templates)?,
+    )?;
+    let report = set.evaluate(&pipeline)?;
+    if args.json {
+        let per_class: BTreeMap<&str, f64> = report
+            .per_class
+            .iter()
+            .map(|(k, v)| (k.as_str(), *v))
+            .collect();
+        let value = json!({"top1": report.top1, "top5": report.top5, "per_class": per_class, "n": report.n});
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(());
+    }
+    println!(
+        "zero-shot on {} ({} images, {} classes)",
+        args.data.display(),
+        report.n,
+        set.class_names.len()
+    );
+    println!("  top-1 {:6.2}%", report.top1 * 100.0);
+    println!("  top-5 {:6.2}%", report.top5 * 100.0);
+    for (name, acc) in &report.per_class {
+        println!("  {:6.2}%  {name}", acc * 100.0);
+    }
+    Ok(())
+}
+
+fn retrieval(args: RetrievalArgs) -> Result<()> {
+    let device = args.model.device()?;
+    let pipeline = DualEncoderPipeline::load(&args.model.model, &device, args.model.dtype()?)?;
+    let spec = DataSpec {
+        path: args.data.clone(),
+        kind: zoo_trainers::data::DatasetType::Auto,
+        csv_img_key: args.csv_img_key,
+        csv_caption_key: args.csv_caption_key,
+        csv_separator: args.csv_separator.map(|c| c as u8),
+        shuffle_buffer: 0,
+    };
+    let (pairs, skipped) = spec.load_pairs(args.max_samples)?;
+    let set = RetrievalSet::from_pairs(pairs, &pipeline.processor, &device)?;
+    let images = set.images.embed(&pipeline)?;
+    let captions: Vec<&str> = set.captions.iter().map(String::as_str).collect();
+    let texts = pipeline.embed_texts(&captions)?;
+    let report = retrieval_report(&images, &texts)?;
+    if args.json {
+        let mut value = serde_json::Map::new();
+        for (k, v) in report.metrics() {
+            value.insert(k, v.into());
+        }
+        value.insert("n".into(), report.n.into());
+        value.insert("skipped".into(), skipped.total().into());
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(());
+    }
+    println!(
+        "retrieval on {} ({} pairs, {} skipped)",
+        args.data,
+        report.n,
+        skipped.total()
+    );
+    for (k, (i2t, t2i)) in RECALL_AT
+        .iter()
+        .zip(report.image_to_text.iter().zip(&report.text_to_image))
+    {
+        println!(
+            "  R@{k:<2}  image→text {:6.2}%  text→image {:6.2}%",
+            i2t * 100.0,
+            t2i * 100.0
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,261 @@
+//! `zoo train clip|siglip`: contrastive pretraining or fine-tuning, with open_clip's flags.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use zoo_models::contrastive::ScoreKind;
+use zoo_trainers::contrastive::{
+    parse_templates, run, synthetic_data, ModelSpec, RetrievalSet, RunConfig, RunData, ZeroShotSet,
+};
+use zoo_trainers::data::{DataSpec, DatasetType};
+use zoo_trainers::model::PRESETS;
+use zoo_trainers::optim::AdamWConfig;
+use zoo_trainers::train::{format_metrics, TrainConfig};
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum Objective {
+    /// Softmax contrastive loss (CLIP).
+    Clip,
+    /// Pairwise sigmoid loss (SigLIP).
+    Siglip,
+}
+
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    /// Which model family and loss.
+    #[arg(value_enum)]
+    pub objective: Objective,
+    /// A preset to train from scratch (clip-tiny, siglip-tiny, clip-vit-b-32,
+    /// siglip-base-patch16-224), or an HF folder / hub id to fine-tune. Default: the tiny preset.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Training pairs: a CSV/TSV, a JSONL file, WebDataset shards (`shard-{0000..0009}.tar`,
+    /// a glob or a path), or `synthetic`.
+    #[arg(long)]
+    pub train_data: String,
+    /// Validation pairs for image-text retrieval (same formats).
+    #[arg(long)]
+    pub val_data: Option<String>,
+    /// auto, csv, jsonl, webdataset or synthetic.
+    #[arg(long, default_value = "auto")]
+    pub dataset_type: String,
+    #[arg(long, default_value = "filepath")]
+    pub csv_img_key: String,
+    #[arg(long, default_value = "title")]
+    pub csv_caption_key: String,
+    /// Column separator; default tab for .tsv, comma otherwise.
+    #[arg(long)]
+    pub csv_separator: Option<char>,
+    /// Samples per epoch, for --epochs with WebDataset or synthetic data.
+    #[arg(long)]
+    pub train_num_samples: Option<u64>,
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: usize,
+    /// Train this many epochs (see --train-num-samples) ...
+    #[arg(long, conflicts_with = "steps")]
+    pub epochs: Option<u64>,
+    /// ... or this many optimizer steps.
+    #[arg(long)]
+    pub steps: Option<u64>,
+    #[arg(long, default_value_t = 5e-4)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 0.2)]
+    pub wd: f64,
+    /// Linear warmup steps.
+    #[arg(long, default_value_t = 100)]
+    pub warmup: u64,
+    #[arg(long, default_value_t = 0.9)]
+    pub beta1: f64,
+    #[arg(long, default_value_t = 0.98)]
+    pub beta2: f64,
+    #[arg(long, default_value_t = 1e-6)]
+    pub eps: f64,
+    /// Clip gradients to this global L2 norm.
+    #[arg(long)]
+    pub grad_clip_norm: Option<f64>,
+    /// Accumulate gradients over this many batches per step.
+    #[arg(long, default_value_t = 1)]
+    pub accum_freq: usize,
+    /// fp32 (mixed precision is not available yet).
+    #[arg(long, default_value = "fp32")]
+    pub precision: String,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Output folder: checkpoints, final/, metrics.jsonl, plots.
+    #[arg(long)]
+    pub output: PathBuf,
+    /// Resume from a checkpoint folder (or the newest checkpoint in an output folder).
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    /// Write OUTPUT/checkpoint-STEP every this many steps.
+    #[arg(long)]
+    pub save_every: Option<u64>,
+    /// An ImageFolder for zero-shot evaluation.
+    #[arg(long)]
+    pub zeroshot_data: Option<PathBuf>,
+    /// Class names for --zeroshot-data, one per line in folder order.
+    #[arg(long)]
+    pub zeroshot_classnames: Option<PathBuf>,
+    /// openai, simple, or a file of templates.
+    #[arg(long, default_value = "simple")]
+    pub zeroshot_templates: String,
+    /// Evaluate (zero-shot and retrieval) every this many steps, and at the end.
+    #[arg(long)]
+    pub zeroshot_frequency: Option<u64>,
+    /// Freeze the image tower (LiT).
+    #[arg(long)]
+    pub lock_image: bool,
+    /// Freeze the text tower.
+    #[arg(long)]
+    pub lock_text: bool,
+    /// Image size for a preset.
+    #[arg(long)]
+    pub image_size: Option<usize>,
+    /// Data-loading threads.
+    #[arg(long, default_value_t = 2)]
+    pub workers: usize,
+    /// Compute the SigLIP loss in blocks of this many texts.
+    #[arg(long)]
+    pub siglip_chunk: Option<usize>,
+    /// Stop if more than this fraction of samples is bad.
+    #[arg(long, default_value_t = 0.1)]
+    pub max_bad_fraction: f64,
+    /// Images kept for retrieval evaluation.
+    #[arg(long, default_value_t = 1000)]
+    pub val_samples: usize,
+    /// cpu, cuda, cuda:N or metal.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+pub fn run_train(args: TrainArgs) -> Result<()> {
+    if args.precision != "fp32" {
+        bail!(
+            "--precision {}: only fp32 training is available so far; use --precision fp32",
+            args.precision
+        );
+    }
+    if args.batch_size < 2 {
+        bail!("--batch-size must be at least 2 for a contrastive loss");
+    }
+    let device = zoo_models::device::parse_device(&args.device)?;
+    let (objective, default_model) = match args.objective {
+        Objective::Clip => (ScoreKind::Softmax, "clip-tiny"),
+        Objective::Siglip => (ScoreKind::Sigmoid, "siglip-tiny"),
+    };
+    let model_name = args
+        .model
+        .clone()
+        .unwrap_or_else(|| default_model.to_string());
+    let model = if PRESETS.split(", ").any(|p| p == model_name) {
+        ModelSpec::Preset(model_name)
+    } else {
+        ModelSpec::Pretrained(model_name)
+    };
+    let kind: DatasetType = args.dataset_type.parse().map_err(anyhow::Error::msg)?;
+    let spec = |path: &str| DataSpec {
+        path: path.to_string(),
+        kind,
+        csv_img_key: args.csv_img_key.clone(),
+        csv_caption_key: args.csv_caption_key.clone(),
+        csv_separator: args.csv_separator.map(|c| c as u8),
+        shuffle_buffer: 1000,
+    };
+    let train_spec = spec(&args.train_data);
+    let per_step = (args.batch_size * args.accum_freq.max(1)) as u64;
+    let (mut data, epoch_size) = if train_spec.resolved_kind() == DatasetType::Synthetic {
+        let n = args.train_num_samples.unwrap_or(10_000);
+        let size = args.image_size.unwrap_or(32) as u32;
+        (synthetic_data(args.seed, size, n, 0), Some(n))
+    } else {
+        let len = match train_spec.resolved_kind() {
+            DatasetType::WebDataset => args.train_num_samples,
+            _ => Some(
+                args.train_num_samples
+                    .unwrap_or(train_spec.open(0, 0, false)?.size_hint().0 as u64),
+            ),
+        };
+        let factory = train_spec.factory(args.seed)?;
+        (
+            RunData {
+                train: factory,
+                zeroshot: None,
+                retrieval: None,
+            },
+            len,
+        )
+    };
+    let steps = match (args.steps, args.epochs, epoch_size) {
+        (Some(s), _, _) => s,
+        (None, Some(e), Some(n)) => (e * n).div_ceil(per_step).max(1),
+        (None, Some(_), None) => bail!("--epochs with WebDataset shards needs --train-num-samples"),
+        (None, None, _) => bail!("give --steps or --epochs"),
+    };
+    // The synthetic held-out set is only for the demo; here zero-shot comes from --zeroshot-data.
+    data.zeroshot = None;
+    if let Some(root) = args.zeroshot_data.clone() {
+        let templates = parse_templates(&args.zeroshot_templates)?;
+        let classnames = args.zeroshot_classnames.clone();
+        let set = ZeroShotSet::image_folder(&root, classnames.as_deref(), templates)?;
+        data.zeroshot = Some(Box::new(move |_| Ok(set)));
+    }
+    if let Some(val) = &args.val_data {
+        let (pairs, skipped) = spec(val).load_pairs(args.val_samples)?;
+        if skipped.total() > 0 {
+            eprintln!("validation data: skipped {skipped}");
+        }
+        data.retrieval = Some(Box::new(move |m| {
+            RetrievalSet::from_pairs(pairs, &m.processor, &m.device)
+        }));
+    }
+    let config = RunConfig {
+        model,
+        objective,
+        train: TrainConfig {
+            steps,
+            lr: args.lr,
+            warmup: args.warmup.min(steps),
+            accum_freq: args.accum_freq.max(1),
+            grad_clip_norm: args.grad_clip_norm,
+            save_every: args.save_every,
+            eval_every: args.zeroshot_frequency,
+            output: args.output.clone(),
+            seed: args.seed,
+            progress: true,
+        },
+        batch_size: args.batch_size,
+        workers: args.workers,
+        optimizer: AdamWConfig {
+            beta1: args.beta1,
+            beta2: args.beta2,
+            eps: args.eps,
+            weight_decay: args.wd,
+        },
+        image_size: args.image_size,
+        lock_image: args.lock_image,
+        lock_text: args.lock_text,
+        siglip_chunk: args.siglip_chunk,
+        max_bad_fraction: args.max_bad_fraction,
+        resume: args.resume.clone(),
+        device,
+    };
+    let summary = run(config, data).context("training failed")?;
+    let last = summary.state.losses.last().copied().unwrap_or(f64::NAN);
+    println!("trained {} steps; final loss {last:.4}", summary.state.step);
+    if let Some(zs) = &summary.task.last_zeroshot {
+        println!(
+            "{}",
+            format_metrics(
+                summary.state.step,
+                &[
+                    ("zeroshot_top1".into(), zs.top1),
+                    ("zeroshot_top5".into(), zs.top5)
+                ]
+            )
+        );
+    }
+    println!("model: {}", summary.final_dir.display());
+    println!("metrics: {}", args.output.join("metrics.jsonl").display());
+    Ok(())
+}

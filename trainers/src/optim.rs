@@ -1,0 +1,303 @@
+//! AdamW with f32 state that can be saved and restored, open_clip's weight-decay exclusions,
+//! the cosine schedule with linear warmup, and gradient clipping by global norm.
+//!
+//! candle-nn's AdamW has no parameter groups, no clipping and private state (CANDLE_NOTES.md).
+
+use std::collections::HashMap;
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Result, Tensor, Var};
+
+/// Hyper-parameters, named as open_clip's flags.
+#[derive(Debug, Clone, Copy)]
+pub struct AdamWConfig {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWConfig {
+    /// open_clip's defaults for ViT models.
+    fn default() -> Self {
+        Self {
+            beta1: 0.9,
+            beta2: 0.98,
+            eps: 1e-6,
+            weight_decay: 0.2,
+        }
+    }
+}
+
+/// Whether a parameter is exempt from weight decay, as open_clip's `exclude`: anything of rank
+/// < 2 (biases, norm gains, class embeddings, `logit_scale`, `logit_bias`), and embedding tables.
+/// The patch embedding is a linear projection, so it keeps its decay.
+pub fn exempt_from_decay(name: &str, rank: usize) -> bool {
+    rank < 2
+        || name.contains("logit_")
+        || (name.contains("embedding") && !name.contains("patch_embedding"))
+}
+
+struct Param {
+    name: String,
+    var: Var,
+    decay: bool,
+    m: Tensor,
+    v: Tensor,
+}
+
+/// AdamW (Loshchilov & Hutter 2019) with decoupled weight decay, in PyTorch's formulation.
+pub struct AdamW {
+    params: Vec<Param>,
+    config: AdamWConfig,
+    step: u64,
+}
+
+impl AdamW {
+    /// Optimises `vars` (name → variable); state starts at zero.
+    pub fn new(vars: Vec<(String, Var)>, config: AdamWConfig) -> Result<Self> {
+        let params = vars
+            .into_iter()
+            .map(|(name, var)| {
+                let zeros = Tensor::zeros(var.shape(), DType::F32, var.device())?;
+                Ok(Param {
+                    decay: !exempt_from_decay(&name, var.rank()),
+                    name,
+                    m: zeros.clone(),
+                    v: zeros,
+                    var,
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            params,
+            config,
+            step: 0,
+        })
+    }
+
+    pub fn steps_taken(&self) -> u64 {
+        self.step
+    }
+
+    /// Names of the parameters that get weight decay.
+    pub fn decayed(&self) -> Vec<&str> {
+        self.params
+            .iter()
+            .filter(|p| p.decay)
+            .map(|p| p.name.as_str())
+            .collect()
+    }
+
+    /// One update with learning rate `lr` from (already clipped) gradients.
+    pub fn step(&mut self, grads: &HashMap<String, Tensor>, lr: f64) -> Result<()> {
+        self.step += 1;
+        let c = self.config;
+        let t = self.step as i32;
+        let bc1 = 1.0 - c.beta1.powi(t);
+        let bc2 = 1.0 - c.beta2.powi(t);
+        for p in &mut self.params {
+            let Some(g) = grads.get(&p.name) else {
+                continue;
+            };
+            let g = g.to_dtype(DType::F32)?;
+            p.m = ((&p.m * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
+            p.v = ((&p.v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
+            let update = ((&p.m / bc1)? / ((&p.v / bc2)?.sqrt()? + c.eps)?)?;
+            let mut w = p.var.as_tensor().to_dtype(DType::F32)?;
+            if p.decay && c.weight_decay > 0.0 {
+                w = (&w * (1.0 - lr * c.weight_decay))?;
+            }
+            let w = (w - (update * lr)?)?;
+            p.var.set(&w.to_dtype(p.var.dtype())?)?;
+        }
+        Ok(())
+    }
+
+    /// The moments and step count as named tensors, for a checkpoint.
+    pub fn state_tensors(&self) -> Result<HashMap<String, Tensor>> {
+        let mut out = HashMap::new();
+        for p in &self.params {
+            out.insert(format!("exp_avg.{}", p.name), p.m.clone());
+            out.insert(format!("exp_avg_sq.{}", p.name), p.v.clone());
+        }
+        out.insert(
+            "step".into(),
+            Tensor::new(
+                &[self.step as i64],
+                self.params
+                    .first()
+                    .map_or(&candle_core::Device::Cpu, |p| p.var.device()),
+            )?,
+        );
+        Ok(out)
+    }
+
+    /// Restores what [`state_tensors`](Self::state_tensors) saved.
+    pub fn load_state(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
+        for p in &mut self.params {
+            let get = |k: String| {
+                state
+                    .get(&k)
+                    .cloned()
+                    .ok_or_else(|| candle_core::Error::Msg(format!("optimizer state lacks `{k}`")))
+            };
+            let (m, v) = (
+                get(format!("exp_avg.{}", p.name))?,
+                get(format!("exp_avg_sq.{}", p.name))?,
+            );
+            if m.shape() != p.var.shape() {
+                candle_core::bail!(
+                    "optimizer state for `{}` has shape {:?}, the model {:?}",
+                    p.name,
+                    m.dims(),
+                    p.var.dims()
+                );
+            }
+            p.m = m.to_device(p.var.device())?;
+            p.v = v.to_device(p.var.device())?;
+        }
+        let step = state
+            .get("step")
+            .ok_or_else(|| candle_core::Error::Msg("optimizer state lacks `step`".into()))?;
+        self.step = step.flatten_all()?.to_vec1::<i64>()?[0] as u64;
+        Ok(())
+    }
+}
+
+/// Collects the gradients of `vars` from a backward pass, by name.
+pub fn named_grads(vars: &[(String, Var)], store: &GradStore) -> HashMap<String, Tensor> {
+    vars.iter()
+        .filter_map(|(n, v)| store.get(v.as_tensor()).map(|g| (n.clone(), g.clone())))
+        .collect()
+}
+
+/// Adds `more` into `acc` (gradient accumulation).
+pub fn accumulate(acc: &mut HashMap<String, Tensor>, more: HashMap<String, Tensor>) -> Result<()> {
+    for (k, g) in more {
+        let sum = match acc.remove(&k) {
+            Some(a) => (a + g)?,
+            None => g,
+        };
+        acc.insert(k, sum);
+    }
+    Ok(())
+}
+
+/// The global L2 norm of all gradients.
+pub fn global_norm(grads: &HashMap<String, Tensor>) -> Result<f64> {
+    let mut total = 0f64;
+    for g in grads.values() {
+        total += g
+            .to_dtype(DType::F64)?
+            .sqr()?
+            .sum_all()?
+            .to_scalar::<f64>()?;
+    }
+    Ok(total.sqrt())
+}
+
+/// Scales gradients so their global norm is at most `max_norm` (`clip_grad_norm_`). Returns the
+/// norm before clipping.
+pub fn clip_grad_norm(grads: &mut HashMap<String, Tensor>, max_norm: f64) -> Result<f64> {
+    let norm = global_norm(grads)?;
+    if norm > max_norm && norm.is_finite() {
+        let scale = max_norm / (norm + 1e-6);
+        for g in grads.values_mut() {
+            *g = (&*g * scale)?;
+        }
+    }
+    Ok(norm)
+}
+
+/// open_clip's `cosine_lr`: linear warmup from 0 to `base_lr` over `warmup` steps, then cosine
+/// decay to 0 at `total` steps.
+pub fn cosine_lr(step: u64, base_lr: f64, warmup: u64, total: u64) -> f64 {
+    if step < warmup {
+        return base_lr * (step + 1) as f64 / warmup as f64;
+    }
+    let e = (step - warmup) as f64;
+    let es = total.saturating_sub(warmup).max(1) as f64;
+    0.5 * (1.0 + (std::f64::consts::PI * e / es).cos()) * base_lr
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn decay_exclusions_follow_open_clip() {
+        assert!(exempt_from_decay(
+            "text_model.encoder.layers.0.mlp.fc1.bias",
+            1
+        ));
+        assert!(exempt_from_decay("logit_scale", 0));
+        assert!(exempt_from_decay(
+            "text_model.embeddings.token_embedding.weight",
+            2
+        ));
+        assert!(!exempt_from_decay(
+            "vision_model.embeddings.patch_embedding.weight",
+            4
+        ));
+        assert!(!exempt_from_decay("visual_projection.weight", 2));
+    }
+
+    #[test]
+    fn schedule_warms_up_then_decays_to_zero() {
+        assert!((cosine_lr(0, 1.0, 10, 100) - 0.1).abs() < 1e-12);
+        assert!((cosine_lr(9, 1.0, 10, 100) - 1.0).abs() < 1e-12);
+        assert!((cosine_lr(10, 1.0, 10, 100) - 1.0).abs() < 1e-12);
+        assert!((cosine_lr(55, 1.0, 10, 100) - 0.5).abs() < 1e-12);
+        assert!(cosine_lr(100, 1.0, 10, 100).abs() < 1e-12);
+    }
+
+    #[test]
+    fn adamw_matches_pytorch_on_one_parameter() {
+        // torch.optim.AdamW([p], lr=0.1, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.2),
+        // p = [1.0, -2.0], grads [0.5, -0.25] then [0.1, 0.3]:
+        // after step 1: [0.88, -1.86]; after step 2: [0.781_738, -1.837_082_5].
+        let var = Var::new(&[1.0f32, -2.0], &Device::Cpu).unwrap();
+        let mut opt = AdamW::new(
+            vec![("w.weight".into(), var.clone())],
+            AdamWConfig {
+                weight_decay: 0.2,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        // Rank-1 parameters are exempt from decay by name; force decay for this check.
+        opt.params[0].decay = true;
+        for (g, expected) in [
+            ([0.5f32, -0.25], [0.88f32, -1.86]),
+            ([0.1, 0.3], [0.781_738, -1.837_082_5]),
+        ] {
+            let grads = HashMap::from([(
+                "w.weight".to_string(),
+                Tensor::new(&g, &Device::Cpu).unwrap(),
+            )]);
+            opt.step(&grads, 0.1).unwrap();
+            let got: Vec<f32> = var.as_tensor().to_vec1().unwrap();
+            for (a, b) in got.iter().zip(expected) {
+                assert!((a - b).abs() < 1e-5, "{got:?} vs {expected:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn clipping_bounds_the_global_norm() {
+        let mut g = HashMap::from([
+            (
+                "a".to_string(),
+                Tensor::new(&[3.0f32], &Device::Cpu).unwrap(),
+            ),
+            (
+                "b".to_string(),
+                Tensor::new(&[4.0f32], &Device::Cpu).unwrap(),
+            ),
+        ]);
+        assert!((clip_grad_norm(&mut g, 1.0).unwrap() - 5.0).abs() < 1e-9);
+        assert!((global_norm(&g).unwrap() - 1.0).abs() < 1e-5);
+    }
+}
