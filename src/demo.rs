@@ -18,7 +18,7 @@ pub struct DemoArgs {
     /// clip-tiny or siglip-tiny.
     #[arg(long, default_value = "clip-tiny")]
     pub model: String,
-    #[arg(long, default_value_t = 500)]
+    #[arg(long, default_value_t = 400)]
     pub steps: u64,
     #[arg(long, default_value_t = 64)]
     pub batch_size: usize,
@@ -56,7 +56,7 @@ pub fn run_demo(args: DemoArgs) -> Result<()> {
         objective,
         train: TrainConfig {
             steps: args.steps,
-            lr: 2e-3,
+            lr: 3e-3,
             warmup: args.steps / 10,
             accum_freq: 1,
             grad_clip_norm: Some(1.0),

@@ -1,4 +1,5 @@
-//! `zoo train clip|siglip`: contrastive pretraining or fine-tuning, with open_clip's flags.
+//! `zoo train clip|siglip`: contrastive pretraining or fine-tuning, with open_clip's flags, and
+//! `--text-tower` for a pretrained BERT text tower (open_clip's HF text towers, LiT).
 
 use std::path::PathBuf;
 
@@ -30,6 +31,12 @@ pub struct TrainArgs {
     /// siglip-base-patch16-224), or an HF folder / hub id to fine-tune. Default: the tiny preset.
     #[arg(long)]
     pub model: Option<String>,
+    /// An HF BERT folder or hub id (config.json, safetensors, tokenizer.json), e.g.
+    /// sentence-transformers/all-MiniLM-L6-v2, as the text tower of the CLIP preset --model:
+    /// its weights and tokenizer, mean pooling, and a new linear projection. Saved as an HF
+    /// VisionTextDualEncoderModel.
+    #[arg(long)]
+    pub text_tower: Option<String>,
     /// Training pairs: a CSV/TSV, a JSONL file, WebDataset shards (`shard-{0000..0009}.tar`,
     /// a glob or a path), or `synthetic`.
     #[arg(long)]
@@ -106,7 +113,8 @@ pub struct TrainArgs {
     /// Freeze the image tower (LiT).
     #[arg(long)]
     pub lock_image: bool,
-    /// Freeze the text tower.
+    /// Freeze the text tower (with --text-tower, LiT-style: the BERT is frozen and its new
+    /// projection still trains).
     #[arg(long)]
     pub lock_text: bool,
     /// Image size for a preset.
@@ -148,10 +156,18 @@ pub fn run_train(args: TrainArgs) -> Result<()> {
         .model
         .clone()
         .unwrap_or_else(|| default_model.to_string());
-    let model = if PRESETS.split(", ").any(|p| p == model_name) {
-        ModelSpec::Preset(model_name)
-    } else {
-        ModelSpec::Pretrained(model_name)
+    let is_preset = PRESETS.split(", ").any(|p| p == model_name);
+    let model = match (args.text_tower.clone(), is_preset) {
+        (None, true) => ModelSpec::Preset(model_name),
+        (None, false) => ModelSpec::Pretrained(model_name),
+        (Some(text_tower), true) => ModelSpec::PresetWithTextTower {
+            preset: model_name,
+            text_tower,
+        },
+        (Some(_), false) => bail!(
+            "--text-tower replaces the text tower of a preset ({PRESETS}); `{model_name}` is not \
+             one (a checkpoint trained with --text-tower already has its BERT: pass it alone)"
+        ),
     };
     let kind: DatasetType = args.dataset_type.parse().map_err(anyhow::Error::msg)?;
     let spec = |path: &str| DataSpec {

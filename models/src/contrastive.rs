@@ -1,5 +1,5 @@
-//! Dual encoders (CLIP and SigLIP) behind one type: load by `model_type`, embed images and
-//! texts, score pairs as HF's `forward` does.
+//! Dual encoders (CLIP, SigLIP, and a CLIP image tower with a BERT text tower) behind one type:
+//! load by `model_type`, embed images and texts, score pairs as HF's `forward` does.
 
 use std::path::{Path, PathBuf};
 
@@ -7,6 +7,7 @@ use candle_core::{DType, Device, Tensor, D};
 use serde::Deserialize;
 
 use crate::clip::{ClipConfig, ClipModel};
+use crate::dual_bert::{VisionTextDualEncoderConfig, VisionTextDualEncoderModel};
 use crate::error::{CandleContext, Error, Result};
 use crate::hub::{read_json, ModelRepo};
 use crate::siglip::{SiglipConfig, SiglipModel};
@@ -15,20 +16,23 @@ use crate::weights::SafetensorsWeights;
 /// How image-text scores become probabilities.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ScoreKind {
-    /// CLIP: a softmax over the candidate texts.
+    /// CLIP (and the BERT-tower dual encoder): a softmax over the candidate texts.
     Softmax,
     /// SigLIP: an independent sigmoid per image-text pair.
     Sigmoid,
 }
 
-/// A CLIP or SigLIP checkpoint's `config.json`, told apart by `model_type`.
+/// A dual encoder checkpoint's `config.json`, told apart by `model_type`.
 #[derive(Debug, Clone)]
 pub enum DualEncoderConfig {
     Clip(ClipConfig),
     Siglip(SiglipConfig),
+    /// `vision-text-dual-encoder`: a CLIP image tower and a BERT text tower.
+    VisionText(VisionTextDualEncoderConfig),
 }
 
-const SUPPORTED: &str = "clip, siglip";
+const SUPPORTED: &str = "clip, siglip, vision-text-dual-encoder";
+const VISION_TEXT: &str = "vision-text-dual-encoder";
 
 #[derive(Deserialize)]
 struct ModelTypeOnly {
@@ -44,6 +48,9 @@ impl DualEncoderConfig {
         match head.model_type.as_deref() {
             Some("clip") => Ok(Self::Clip(read_json(path, "CLIP config")?)),
             Some("siglip") => Ok(Self::Siglip(read_json(path, "SigLIP config")?)),
+            Some(VISION_TEXT) => Ok(Self::VisionText(VisionTextDualEncoderConfig::from_file(
+                path,
+            )?)),
             other => Err(Error::UnknownModelType {
                 path: path.to_path_buf(),
                 model_type: other.unwrap_or("(missing)").to_string(),
@@ -56,6 +63,7 @@ impl DualEncoderConfig {
         match self {
             Self::Clip(_) => "clip",
             Self::Siglip(_) => "siglip",
+            Self::VisionText(_) => VISION_TEXT,
         }
     }
 
@@ -64,6 +72,7 @@ impl DualEncoderConfig {
         match self {
             Self::Clip(c) => c.vision_config.image_size,
             Self::Siglip(c) => c.vision_config.image_size,
+            Self::VisionText(c) => c.vision_config.image_size,
         }
     }
 
@@ -72,18 +81,19 @@ impl DualEncoderConfig {
         match self {
             Self::Clip(c) => c.text_config.max_position_embeddings,
             Self::Siglip(c) => c.text_config.max_position_embeddings,
+            Self::VisionText(c) => c.text_config.max_position_embeddings,
         }
     }
 
     /// SigLIP was trained on text padded to its maximum length, without an attention mask; CLIP
-    /// pads to the longest text in the batch and masks the padding.
+    /// and BERT pad to the longest text in the batch and mask the padding.
     pub fn pads_to_max_length(&self) -> bool {
         matches!(self, Self::Siglip(_))
     }
 
     pub fn score_kind(&self) -> ScoreKind {
         match self {
-            Self::Clip(_) => ScoreKind::Softmax,
+            Self::Clip(_) | Self::VisionText(_) => ScoreKind::Softmax,
             Self::Siglip(_) => ScoreKind::Sigmoid,
         }
     }
@@ -101,11 +111,12 @@ pub fn config_dtype(path: &Path) -> Result<Option<DType>> {
     })
 }
 
-/// A loaded CLIP or SigLIP model.
+/// A loaded dual encoder.
 #[derive(Debug, Clone)]
 pub enum DualEncoder {
     Clip(ClipModel),
     Siglip(SiglipModel),
+    VisionText(VisionTextDualEncoderModel),
 }
 
 /// Image and text embeddings (L2-normalised) and HF's `logits_per_image`.
@@ -121,6 +132,9 @@ impl DualEncoder {
         Ok(match config {
             DualEncoderConfig::Clip(c) => Self::Clip(ClipModel::new(c, vb)?),
             DualEncoderConfig::Siglip(c) => Self::Siglip(SiglipModel::new(c, vb)?),
+            DualEncoderConfig::VisionText(c) => {
+                Self::VisionText(VisionTextDualEncoderModel::new(c, vb)?)
+            }
         })
     }
 
@@ -129,6 +143,7 @@ impl DualEncoder {
         match self {
             Self::Clip(m) => m.get_image_features(pixel_values),
             Self::Siglip(m) => m.get_image_features(pixel_values),
+            Self::VisionText(m) => m.get_image_features(pixel_values),
         }
     }
 
@@ -141,6 +156,7 @@ impl DualEncoder {
         match self {
             Self::Clip(m) => m.get_text_features(input_ids, attention_mask),
             Self::Siglip(m) => m.get_text_features(input_ids, attention_mask),
+            Self::VisionText(m) => m.get_text_features(input_ids, attention_mask),
         }
     }
 
@@ -156,6 +172,7 @@ impl DualEncoder {
         let (scale, bias) = match self {
             Self::Clip(m) => (m.logit_scale(), None),
             Self::Siglip(m) => (m.logit_scale(), Some(m.logit_bias())),
+            Self::VisionText(m) => (m.logit_scale(), None),
         };
         let logits = sims.broadcast_mul(&scale.to_dtype(dtype)?.exp()?)?;
         match bias {
@@ -195,7 +212,7 @@ pub struct LoadedDualEncoder {
     pub config_path: PathBuf,
 }
 
-/// Loads a CLIP or SigLIP checkpoint from `repo` in `dtype` (default: the checkpoint's own, or
+/// Loads a dual encoder checkpoint from `repo` in `dtype` (default: the checkpoint's own, or
 /// f32 where the device cannot compute in it) on `device`.
 pub fn load_dual_encoder(
     repo: &ModelRepo,
@@ -224,18 +241,38 @@ pub fn load_dual_encoder(
 }
 
 impl DualEncoderConfig {
-    /// The HF `config.json` for this model, loadable by `CLIPModel` / `SiglipModel`.
+    /// The HF `config.json` for this model, loadable by `CLIPModel` / `SiglipModel` /
+    /// `VisionTextDualEncoderModel` (which ignores `text_pooling`; see [`crate::dual_bert`]).
     pub fn to_hf_json(&self) -> serde_json::Value {
-        let (v, kind, arch) = match self {
-            Self::Clip(c) => (serde_json::to_value(c), "clip", "CLIPModel"),
-            Self::Siglip(c) => (serde_json::to_value(c), "siglip", "SiglipModel"),
+        let (v, kind, arch, text, vision) = match self {
+            Self::Clip(c) => (
+                serde_json::to_value(c),
+                "clip",
+                "CLIPModel",
+                "clip_text_model",
+                "clip_vision_model",
+            ),
+            Self::Siglip(c) => (
+                serde_json::to_value(c),
+                "siglip",
+                "SiglipModel",
+                "siglip_text_model",
+                "siglip_vision_model",
+            ),
+            Self::VisionText(c) => (
+                serde_json::to_value(c),
+                VISION_TEXT,
+                "VisionTextDualEncoderModel",
+                "bert",
+                "clip_vision_model",
+            ),
         };
         let mut v = v.unwrap_or_default();
         v["model_type"] = kind.into();
         v["architectures"] = serde_json::json!([arch]);
         v["torch_dtype"] = "float32".into();
-        v["text_config"]["model_type"] = format!("{kind}_text_model").into();
-        v["vision_config"]["model_type"] = format!("{kind}_vision_model").into();
+        v["text_config"]["model_type"] = text.into();
+        v["vision_config"]["model_type"] = vision.into();
         v
     }
 
@@ -244,6 +281,7 @@ impl DualEncoderConfig {
         match self {
             Self::Clip(c) => c.vision_config.image_size = size,
             Self::Siglip(c) => c.vision_config.image_size = size,
+            Self::VisionText(c) => c.vision_config.image_size = size,
         }
     }
 }

@@ -5,7 +5,10 @@
 //! - [`clip`], [`siglip`]: the dual encoders, with HF `config.json` types and HF tensor names.
 //! - [`bert`]: the BERT encoder (Devlin et al. 2019), with cross-attention and a causal mode, and
 //!   sentence-transformers' mean pooling; a text tower for CLIP-style models and BLIP.
-//! - [`contrastive`]: CLIP and SigLIP behind one [`contrastive::DualEncoder`], and loading.
+//! - [`dual_bert`]: a CLIP image tower with a BERT text tower (HF `VisionTextDualEncoderModel`),
+//!   mean-pooled as open_clip's HF text towers are.
+//! - [`contrastive`]: CLIP, SigLIP and the BERT-tower model behind one
+//!   [`contrastive::DualEncoder`], and loading.
 //! - [`hub`], [`weights`]: finding checkpoint files (local folder or hub id) and reading
 //!   memory-mapped, possibly sharded, safetensors.
 //! - [`device`]: `--device` / `--dtype` parsing.
@@ -16,6 +19,7 @@ pub mod bert;
 pub mod clip;
 pub mod contrastive;
 pub mod device;
+pub mod dual_bert;
 pub mod error;
 pub mod hub;
 pub mod layers;

@@ -1,4 +1,4 @@
-//! Contrastive training of CLIP and SigLIP: the [`Task`] that plugs the dual encoder, its data
+//! Contrastive training of CLIP, SigLIP and BERT-tower dual encoders: the [`Task`] that plugs the dual encoder, its data
 //! and its loss into the training loop, and [`run`], which sets up a whole run from a
 //! [`RunConfig`] (what `zoo train clip|siglip` and `zoo demo` call).
 
@@ -217,7 +217,7 @@ pub fn parse_templates(spec: &str) -> Result<Vec<String>> {
     Ok(list)
 }
 
-/// CLIP or SigLIP training on contrastive batches.
+/// Dual encoder training on contrastive batches.
 pub struct ContrastiveTask {
     pub model: TrainableDualEncoder,
     loader: BatchLoader,
@@ -251,15 +251,15 @@ impl Task for ContrastiveTask {
     fn loss(&mut self, batch: &ContrastiveBatch) -> Result<Tensor> {
         let model = &self.model.model;
         let mut img = l2_normalize(&model.image_features(&batch.pixel_values)?)?;
-        let mut txt =
-            l2_normalize(&model.text_features(&batch.input_ids, batch.attention_mask.as_ref())?)?;
         // A locked tower needs no backward pass.
         if self.lock_image {
             img = img.detach();
         }
-        if self.lock_text {
-            txt = txt.detach();
-        }
+        let txt = l2_normalize(&self.model.text_features_for_loss(
+            &batch.input_ids,
+            batch.attention_mask.as_ref(),
+            self.lock_text,
+        )?)?;
         let (scale, bias) = self.model.logit_vars();
         Ok(match (self.model.config.score_kind(), bias) {
             (ScoreKind::Softmax, _) => clip_loss(&img, &txt, scale.as_tensor())?,
@@ -325,6 +325,12 @@ impl Task for ContrastiveTask {
 #[derive(Debug, Clone)]
 pub enum ModelSpec {
     Preset(String),
+    /// A CLIP preset's image tower with a pretrained BERT text tower (an HF folder or hub id);
+    /// see [`TrainableDualEncoder::from_preset_with_text_tower`].
+    PresetWithTextTower {
+        preset: String,
+        text_tower: String,
+    },
     /// An HF folder or hub id to fine-tune.
     Pretrained(String),
 }
@@ -383,6 +389,15 @@ pub fn run(config: RunConfig, data: RunData) -> Result<RunSummary> {
             config.train.seed,
             &config.device,
         )?,
+        (None, ModelSpec::PresetWithTextTower { preset, text_tower }) => {
+            TrainableDualEncoder::from_preset_with_text_tower(
+                preset,
+                text_tower,
+                config.image_size,
+                config.train.seed,
+                &config.device,
+            )?
+        }
         (None, ModelSpec::Pretrained(spec)) => {
             TrainableDualEncoder::from_pretrained(spec, config.image_size, &config.device)?
         }

@@ -1,5 +1,6 @@
 //! Trainable dual encoders: every weight a `Var` in a `VarMap` named as in the HF checkpoint,
-//! built from a preset (from scratch, seeded) or from an HF folder / hub id (fine-tuning), and
+//! built from a preset (from scratch, seeded), from a CLIP preset with a pretrained BERT text
+//! tower (open_clip's HF text towers, LiT), or from an HF folder / hub id (fine-tuning), and
 //! saved back in HF layout.
 
 use std::path::Path;
@@ -10,9 +11,11 @@ use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{VarBuilder, VarMap};
 use serde_json::{json, Value};
 use zoo_datasets::preprocess::{ImageProcessor, ImageProcessorConfig};
-use zoo_datasets::tokenize::{TextTokenizer, CLIP_TOKENIZER_CONFIG_JSON, CLIP_TOKENIZER_JSON};
+use zoo_datasets::tokenize::TextTokenizer;
+use zoo_models::bert::BertConfig;
 use zoo_models::clip::{ClipConfig, ClipTextConfig, ClipVisionConfig};
 use zoo_models::contrastive::{DualEncoder, DualEncoderConfig};
+use zoo_models::dual_bert::{BertTextPooling, VisionTextDualEncoderConfig};
 use zoo_models::hub::ModelRepo;
 use zoo_models::layers::Activation;
 use zoo_models::siglip::{SiglipConfig, SiglipTextConfig, SiglipVisionConfig};
@@ -122,7 +125,7 @@ pub fn preset_config(name: &str, image_size: Option<usize>) -> Result<DualEncode
 fn preset_processor(cfg: &DualEncoderConfig) -> Value {
     let s = cfg.image_size();
     match cfg {
-        DualEncoderConfig::Clip(_) => json!({
+        DualEncoderConfig::Clip(_) | DualEncoderConfig::VisionText(_) => json!({
             "image_processor_type": "CLIPImageProcessor",
             "do_resize": true, "size": {"shortest_edge": s}, "resample": 3,
             "do_center_crop": true, "crop_size": {"height": s, "width": s},
@@ -160,22 +163,79 @@ impl TrainableDualEncoder {
         device: &Device,
     ) -> Result<Self> {
         let config = preset_config(name, image_size)?;
-        let specs = parameter_shapes(&config, device)?;
-        let mut rng = Rng::new(seed);
-        let varmap = VarMap::new();
-        {
-            let mut data = varmap
-                .data()
-                .lock()
-                .map_err(|_| Error::Input("poisoned varmap".into()))?;
-            for (name, shape) in specs {
-                let t = initial_value(&config, &name, &shape, &mut rng, device)?;
-                data.insert(name, Var::from_tensor(&t)?);
-            }
+        let varmap = initialised_varmap(&config, seed, device, |_, _| None)?;
+        let processor_json = preset_processor(&config);
+        Self::assemble(
+            config,
+            varmap,
+            TextTokenizer::clip()?,
+            processor_json,
+            device,
+        )
+    }
+
+    /// A CLIP preset's image tower (initialised from `seed`) with the pretrained BERT of
+    /// `text_tower` (an HF folder or hub id with `config.json`, safetensors weights and
+    /// `tokenizer.json`) as its text tower: open_clip's HF text tower, mean-pooled over the
+    /// attention mask and projected by a new bias-free `text_projection` initialised
+    /// N(0, hidden^-1/2) into the preset's `projection_dim`. The tokenizer is the BERT's.
+    pub fn from_preset_with_text_tower(
+        preset: &str,
+        text_tower: &str,
+        image_size: Option<usize>,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Self> {
+        let DualEncoderConfig::Clip(clip) = preset_config(preset, image_size)? else {
+            return Err(Error::Input(format!(
+                "a BERT text tower goes with a CLIP image tower and loss; `{preset}` is not a CLIP \
+                 preset (use clip-tiny or clip-vit-b-32 with `zoo train clip`)"
+            )));
+        };
+        let repo = ModelRepo::open(text_tower)?;
+        let text_config = BertConfig::from_file(&repo.get("config.json")?)?;
+        let tokenizer = TextTokenizer::from_files(
+            &repo.get("tokenizer.json")?,
+            repo.get_optional("tokenizer_config.json")?.as_deref(),
+        )?;
+        if tokenizer.vocab_size() > text_config.vocab_size {
+            return Err(Error::Input(format!(
+                "the tokenizer of {} has {} tokens but its BERT's vocab_size is {}",
+                repo.describe(),
+                tokenizer.vocab_size(),
+                text_config.vocab_size
+            )));
         }
-        let tokenizer_config: Value = serde_json::from_str(CLIP_TOKENIZER_CONFIG_JSON)
-            .map_err(|e| Error::Input(format!("bundled tokenizer config: {e}")))?;
-        let tokenizer = TextTokenizer::from_bytes(CLIP_TOKENIZER_JSON, &tokenizer_config)?;
+        let config = DualEncoderConfig::VisionText(VisionTextDualEncoderConfig {
+            vision_config: clip.vision_config,
+            text_config,
+            projection_dim: clip.projection_dim,
+            logit_scale_init_value: clip.logit_scale_init_value,
+            text_pooling: BertTextPooling::Mean,
+        });
+        let weights = SafetensorsWeights::open(&repo.weight_files()?)?;
+        // sentence-transformers and `BertModel.save_pretrained` store unprefixed names; task
+        // models (`BertForMaskedLM`, ...) put the encoder under `bert.`.
+        let prefix = if weights
+            .names()
+            .iter()
+            .any(|n| n == "embeddings.word_embeddings.weight")
+        {
+            ""
+        } else {
+            "bert."
+        };
+        let bert = weights.into_var_builder(DType::F32, device);
+        let varmap = initialised_varmap(&config, seed, device, |name, shape| {
+            let inner = name.strip_prefix("text_model.")?;
+            Some(bert.get(shape.clone(), &format!("{prefix}{inner}")))
+        })
+        .map_err(|e| {
+            Error::Input(format!(
+                "cannot use {} as a BERT text tower: {e}",
+                repo.describe()
+            ))
+        })?;
         let processor_json = preset_processor(&config);
         Self::assemble(config, varmap, tokenizer, processor_json, device)
     }
@@ -261,21 +321,55 @@ impl TrainableDualEncoder {
     }
 
     /// The variables to optimise, sorted by name; `--lock-image` / `--lock-text` freeze a tower
-    /// (LiT-style), including its projection.
+    /// (LiT-style), including its projection, except for a BERT text tower's projection (see
+    /// [`lock_text_keeps_projection`](Self::lock_text_keeps_projection)).
     pub fn trainable_vars(&self, lock_image: bool, lock_text: bool) -> Vec<(String, Var)> {
+        let keep_text_projection = self.lock_text_keeps_projection();
         let data = self.varmap.data().lock().expect("varmap lock");
         let mut vars: Vec<(String, Var)> = data
             .iter()
             .filter(|(name, _)| {
                 let image =
                     name.starts_with("vision_model.") || name.starts_with("visual_projection.");
-                let text = name.starts_with("text_model.") || name.starts_with("text_projection.");
+                let text = name.starts_with("text_model.")
+                    || !keep_text_projection && name.starts_with("text_projection.");
                 !(lock_image && image || lock_text && text)
             })
             .map(|(n, v)| (n.clone(), v.clone()))
             .collect();
         vars.sort_by(|a, b| a.0.cmp(&b.0));
         vars
+    }
+
+    /// Whether `--lock-text` leaves `text_projection` trainable: yes for a BERT text tower, no for
+    /// CLIP and SigLIP. Their projection was trained together with their text tower, so locking
+    /// the tower locks it too. A BERT tower (open_clip's HF text towers) comes from a sentence
+    /// encoder trained on its own, and its projection into the joint space is new; frozen, it
+    /// would pin the locked tower's embeddings to a random map. LiT (Zhai et al. 2022) locks the
+    /// pretrained tower and learns everything after it, as open_clip's `HFTextEncoder.lock`
+    /// freezes the transformer but not `proj`. The rule is per kind, not per origin, so a run
+    /// resumed from its checkpoint trains the same variables.
+    pub fn lock_text_keeps_projection(&self) -> bool {
+        matches!(self.config, DualEncoderConfig::VisionText(_))
+    }
+
+    /// Projected text features `[B, P]` for the loss. Under `lock_text` nothing before the
+    /// trainable variables needs a backward pass, so the graph is cut where the locked part
+    /// ends: after the projection for CLIP and SigLIP, between a BERT tower and its projection
+    /// (see [`lock_text_keeps_projection`](Self::lock_text_keeps_projection)).
+    pub fn text_features_for_loss(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        lock_text: bool,
+    ) -> Result<Tensor> {
+        Ok(match (&self.model, lock_text) {
+            (model, false) => model.text_features(input_ids, attention_mask)?,
+            (DualEncoder::VisionText(m), true) => {
+                m.project_text(&m.text_pooled_output(input_ids, attention_mask)?.detach())?
+            }
+            (model, true) => model.text_features(input_ids, attention_mask)?.detach(),
+        })
     }
 
     /// `logit_scale` (and SigLIP's `logit_bias`) as variables.
@@ -373,6 +467,32 @@ fn write_json(path: &Path, value: &Value) -> Result<()> {
         .map_err(|e| Error::Input(format!("cannot write {}: {e}", path.display())))
 }
 
+/// A `VarMap` holding every parameter of `config`: the tensor `pretrained` gives for a name, or
+/// else [`initial_value`] drawn from an RNG seeded with `seed`.
+fn initialised_varmap(
+    config: &DualEncoderConfig,
+    seed: u64,
+    device: &Device,
+    pretrained: impl Fn(&str, &Shape) -> Option<candle_core::Result<Tensor>>,
+) -> Result<VarMap> {
+    let mut rng = Rng::new(seed);
+    let varmap = VarMap::new();
+    {
+        let mut data = varmap
+            .data()
+            .lock()
+            .map_err(|_| Error::Input("poisoned varmap".into()))?;
+        for (name, shape) in parameter_shapes(config, device)? {
+            let t = match pretrained(&name, &shape) {
+                Some(t) => t?,
+                None => initial_value(config, &name, &shape, &mut rng, device)?,
+            };
+            data.insert(name, Var::from_tensor(&t)?);
+        }
+    }
+    Ok(varmap)
+}
+
 /// The name and shape of every parameter the model reads, found by building it once against a
 /// recording backend.
 fn parameter_shapes(config: &DualEncoderConfig, device: &Device) -> Result<Vec<(String, Shape)>> {
@@ -433,7 +553,7 @@ pub fn initial_value(
         .any(|k| name.contains(k));
     let t = if name == "logit_scale" {
         let v = match config {
-            DualEncoderConfig::Clip(_) => init::CLIP_LOGIT_SCALE,
+            DualEncoderConfig::Clip(_) | DualEncoderConfig::VisionText(_) => init::CLIP_LOGIT_SCALE,
             DualEncoderConfig::Siglip(_) => init::SIGLIP_LOGIT_SCALE,
         };
         constant(v)?

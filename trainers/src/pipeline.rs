@@ -24,7 +24,8 @@ pub struct TextInputs {
     pub attention_mask: Option<Tensor>,
 }
 
-/// A loaded CLIP or SigLIP model with its preprocessing.
+/// A loaded dual encoder (CLIP, SigLIP, or a CLIP image tower with a BERT text tower) with its
+/// preprocessing.
 pub struct DualEncoderPipeline {
     pub model: DualEncoder,
     pub config: DualEncoderConfig,
@@ -74,8 +75,8 @@ impl DualEncoderPipeline {
             .map_or(model, |t| t.min(model))
     }
 
-    /// Tokenizes as HF's processor would for this model: CLIP pads to the longest text and
-    /// passes the mask; SigLIP pads to the maximum length and passes none.
+    /// Tokenizes as HF's processor would for this model: CLIP and BERT pad to the longest text
+    /// and pass the mask; SigLIP pads to the maximum length and passes none.
     pub fn tokenize(&self, texts: &[&str]) -> Result<TextInputs> {
         let max_len = self.max_text_len();
         let pad_max = self.config.pads_to_max_length();

@@ -57,10 +57,15 @@ fn line(img: &mut RgbImage, (x0, y0): (f64, f64), (x1, y1): (f64, f64), c: Rgb<u
 }
 
 fn format_tick(v: f64) -> String {
+    let a = v.abs();
     if v == 0.0 {
         "0".into()
-    } else if v.abs() >= 1000.0 || v.abs() < 0.01 {
+    } else if !(0.01..1e5).contains(&a) {
         format!("{v:.1e}")
+    } else if a >= 100.0 {
+        format!("{v:.0}")
+    } else if a >= 1.0 {
+        format!("{v:.2}")
     } else {
         format!("{v:.3}")
     }
@@ -179,7 +184,11 @@ pub fn confusion_png(
     let n = labels.len().max(1);
     let cell = (360 / n).clamp(8, 40) as u32;
     let label_w = 8 * labels.iter().map(|l| l.len()).max().unwrap_or(4).min(24) as u32 + 16;
-    let (w, h) = (label_w + cell * n as u32 + 20, 60 + cell * n as u32 + 30);
+    let title_w = 16 * title.len() as u32 + 24;
+    let (w, h) = (
+        (label_w + cell * n as u32 + 20).max(title_w),
+        60 + cell * n as u32 + 30,
+    );
     let mut img = RgbImage::from_pixel(w, h, WHITE);
     draw_text(&mut img, title, 8, 14, 2, BLACK);
     draw_text(
