@@ -89,16 +89,6 @@ pub fn classify(
         .collect())
 }
 
-/// Top-k accuracy helper: whether `target` is among the `k` highest logits of each row.
-pub fn top_k_hits(logits: &Tensor, targets: &[usize], k: usize) -> Result<Vec<bool>> {
-    let rows = logits.to_vec2::<f32>()?;
-    Ok(rows
-        .iter()
-        .zip(targets)
-        .map(|(row, &t)| row.iter().filter(|&&v| v > row[t]).count() < k)
-        .collect())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -110,16 +100,5 @@ mod tests {
             "a photo of a cat."
         );
         assert_eq!(fill_template("a photo of", "cat"), "a photo of cat");
-    }
-
-    #[test]
-    fn top_k_counts_strictly_greater_logits() {
-        let logits = Tensor::new(
-            &[[0.1f32, 0.9, 0.5], [0.3, 0.2, 0.1]],
-            &candle_core::Device::Cpu,
-        )
-        .unwrap();
-        assert_eq!(top_k_hits(&logits, &[2, 0], 1).unwrap(), vec![false, true]);
-        assert_eq!(top_k_hits(&logits, &[2, 2], 2).unwrap(), vec![true, false]);
     }
 }

@@ -198,3 +198,73 @@ fn resuming_from_a_checkpoint_reproduces_the_uninterrupted_losses() {
     assert_eq!(s.state.step, 6);
     assert_eq!(s.state.losses, uninterrupted, "losses after resume differ");
 }
+
+#[test]
+fn presets_start_at_the_papers_temperatures() {
+    let clip = TrainableDualEncoder::from_preset("clip-tiny", None, 0, &Device::Cpu).unwrap();
+    let (scale, bias) = clip.logit_vars();
+    assert!((scale.as_tensor().to_scalar::<f32>().unwrap() - (1.0f32 / 0.07).ln()).abs() < 1e-5);
+    assert!(bias.is_none());
+    let siglip = TrainableDualEncoder::from_preset("siglip-tiny", None, 0, &Device::Cpu).unwrap();
+    let (scale, bias) = siglip.logit_vars();
+    assert!((scale.as_tensor().to_vec1::<f32>().unwrap()[0] - 10f32.ln()).abs() < 1e-5);
+    assert_eq!(
+        bias.unwrap().as_tensor().to_vec1::<f32>().unwrap(),
+        vec![-10.0]
+    );
+}
+
+#[test]
+fn a_diverging_run_stops_with_a_message_and_saves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config("clip-tiny", dir.path(), 4, 1e30, 0);
+    cfg.train.grad_clip_norm = None;
+    cfg.train.warmup = 0;
+    let err = match run(cfg, fixed_pairs(8)) {
+        Ok(_) => panic!("a learning rate of 1e30 must diverge"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("became") && err.contains("stopping"), "{err}");
+    assert!(
+        !dir.path().join("final").exists(),
+        "nothing is saved after divergence"
+    );
+}
+
+#[test]
+fn too_many_bad_samples_stop_the_run_with_an_example() {
+    use zoo_datasets::sources::{SkipReason, Skipped};
+    let shapes = Shapes::with_diagonal_held_out(32, 1);
+    // Every other record is an undecodable image.
+    let data = RunData {
+        train: Arc::new(move |_| {
+            let shapes = shapes.clone();
+            Ok(Box::new(
+                SyntheticStream::new(shapes, Split::Train, 0)
+                    .enumerate()
+                    .map(|(i, r)| {
+                        if i % 2 == 0 {
+                            Err(Skipped {
+                                key: format!("bad-{i}.jpg"),
+                                reason: SkipReason::Undecodable,
+                                message: "not a JPEG".into(),
+                            })
+                        } else {
+                            r
+                        }
+                    }),
+            ) as RecordStream)
+        }),
+        zeroshot: None,
+        retrieval: None,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let err = match run(config("clip-tiny", dir.path(), 50, 1e-3, 0), data) {
+        Ok(_) => panic!("half the data is bad"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("were bad") && err.contains("not a JPEG") && err.contains("10%"),
+        "{err}"
+    );
+}
