@@ -168,6 +168,17 @@ impl BertEmbeddings {
     /// `[B, L, D]` for `input_ids` `[B, L]`. Missing `token_type_ids` mean segment 0 everywhere,
     /// as in HF.
     pub fn forward(&self, input_ids: &Tensor, token_type_ids: Option<&Tensor>) -> Result<Tensor> {
+        self.forward_at(input_ids, token_type_ids, 0)
+    }
+
+    /// As [`Self::forward`] for tokens that start at position `offset`, as in incremental
+    /// decoding (HF's `past_key_values_length`).
+    pub fn forward_at(
+        &self,
+        input_ids: &Tensor,
+        token_type_ids: Option<&Tensor>,
+        offset: usize,
+    ) -> Result<Tensor> {
         let (_, l) = input_ids.dims2()?;
         let x = self.word_embeddings.forward(input_ids)?;
         let x = match (&self.token_type_embeddings, token_type_ids) {
@@ -178,7 +189,7 @@ impl BertEmbeddings {
             }
             (None, None) => x,
         };
-        let x = x.broadcast_add(&self.position_embeddings.forward(l, 0)?)?;
+        let x = x.broadcast_add(&self.position_embeddings.forward(l, offset)?)?;
         self.layer_norm.forward(&x)
     }
 }
@@ -233,6 +244,24 @@ impl BertAttention {
     ) -> Result<Tensor> {
         let h = self.attention.forward_cross(x, keys_values, mask)?;
         self.output.forward(&h, x)
+    }
+
+    /// As [`Self::forward`] over keys and values already projected (and possibly cached) by
+    /// [`MultiHeadAttention::key_values`].
+    pub fn forward_kv(
+        &self,
+        x: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let h = self.attention.attend(x, k, v, mask)?;
+        self.output.forward(&h, x)
+    }
+
+    /// Projected keys and values `[B, H, L, d]` of the attended states.
+    pub fn key_values(&self, keys_values: &Tensor) -> Result<(Tensor, Tensor)> {
+        self.attention.key_values(keys_values)
     }
 }
 
@@ -290,8 +319,80 @@ impl BertLayer {
             ),
             (_, None) => x,
         };
-        let h = self.act.forward(&self.intermediate.forward(&x)?)?;
-        self.output.forward(&h, &x)
+        self.feed_forward(&x)
+    }
+
+    /// [`Self::forward`] for the next tokens of a decoder: the self-attention keys and values
+    /// of `x` are appended to `cache`, and those of `encoder_hidden_states` are computed on the
+    /// first call and reused after it. `mask` covers all cached keys plus `x`'s.
+    pub fn forward_cached(
+        &self,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        encoder_hidden_states: Option<&Tensor>,
+        cache: &mut LayerKvCache,
+    ) -> Result<Tensor> {
+        let (k, v) = self.attention.key_values(x)?;
+        let (k, v) = match cache.self_kv.take() {
+            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+            None => (k, v),
+        };
+        let x = self.attention.forward_kv(x, &k, &v, mask)?;
+        cache.self_kv = Some((k, v));
+        let x = match (&self.crossattention, encoder_hidden_states) {
+            (Some(cross), Some(enc)) => {
+                let (k, v) = match &cache.cross_kv {
+                    Some(kv) => kv.clone(),
+                    None => cross.key_values(enc)?,
+                };
+                let out = cross.forward_kv(&x, &k, &v, None)?;
+                cache.cross_kv = Some((k, v));
+                out
+            }
+            (None, Some(_)) => candle_core::bail!(
+                "encoder_hidden_states were given but the model has no cross-attention \
+                 (add_cross_attention is false)"
+            ),
+            (_, None) => x,
+        };
+        self.feed_forward(&x)
+    }
+
+    /// `output(act(intermediate(x)), x)`.
+    fn feed_forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = self.act.forward(&self.intermediate.forward(x)?)?;
+        self.output.forward(&h, x)
+    }
+}
+
+/// One layer's cached keys and values `[B, H, L, d]` (see [`BertLayer::forward_cached`]).
+#[derive(Debug, Clone, Default)]
+pub struct LayerKvCache {
+    self_kv: Option<(Tensor, Tensor)>,
+    cross_kv: Option<(Tensor, Tensor)>,
+}
+
+/// The key/value cache of a whole [`BertModel`] decoder, for incremental decoding with
+/// [`BertModel::forward_cached`] (HF's `EncoderDecoderCache`: self-attention keys grow by the
+/// new tokens at each step, cross-attention keys are computed once).
+#[derive(Debug, Clone, Default)]
+pub struct BertKvCache {
+    layers: Vec<LayerKvCache>,
+    len: usize,
+}
+
+impl BertKvCache {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Number of tokens already processed.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
     }
 }
 
@@ -406,6 +507,41 @@ impl BertModel {
             encoder_hidden_states,
             encoder_mask.as_ref(),
         )
+    }
+
+    /// Hidden states `[B, L, D]` of the next `input_ids` `[B, L]` of a decoder, given the tokens
+    /// already in `cache` (which this call extends). With an empty cache and the whole sequence
+    /// this equals [`Self::forward`] without padding; then feeding one token per call gives the
+    /// same states as re-running the whole prefix. Causal when `config.is_decoder`; every
+    /// cached token is attended (no padding mask), and the encoder states are all attended.
+    pub fn forward_cached(
+        &self,
+        input_ids: &Tensor,
+        cache: &mut BertKvCache,
+        encoder_hidden_states: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let offset = cache.len;
+        let x = self.embeddings.forward_at(input_ids, None, offset)?;
+        let l = x.dim(1)?;
+        let mask = if self.config.is_decoder && l > 1 {
+            Some(causal_mask(l, offset + l, offset, x.dtype(), x.device())?)
+        } else {
+            None
+        };
+        cache
+            .layers
+            .resize_with(self.encoder.layers.len(), LayerKvCache::default);
+        let mut h = x;
+        for (layer, layer_cache) in self.encoder.layers.iter().zip(cache.layers.iter_mut()) {
+            h = layer.forward_cached(&h, mask.as_ref(), encoder_hidden_states, layer_cache)?;
+        }
+        cache.len += l;
+        Ok(h)
+    }
+
+    /// The word embedding table `[vocab_size, D]`, which LM heads tie their output weight to.
+    pub fn word_embeddings(&self) -> &Tensor {
+        self.embeddings.word_embeddings.embeddings()
     }
 
     /// The pooler, when the model was built `with_pooler`.

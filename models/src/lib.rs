@@ -5,6 +5,8 @@
 //! - [`clip`], [`siglip`]: the dual encoders, with HF `config.json` types and HF tensor names.
 //! - [`bert`]: the BERT encoder (Devlin et al. 2019), with cross-attention and a causal mode, and
 //!   sentence-transformers' mean pooling; a text tower for CLIP-style models and BLIP.
+//! - [`blip`]: BLIP's ViT and BERT text models: captioning (`BlipForConditionalGeneration`,
+//!   greedy decoding with a KV cache) and image-text matching (`BlipForImageTextRetrieval`).
 //! - [`dual_bert`]: a CLIP image tower with a BERT text tower (HF `VisionTextDualEncoderModel`),
 //!   mean-pooled as open_clip's HF text towers are.
 //! - [`contrastive`]: CLIP, SigLIP and the BERT-tower model behind one
@@ -16,6 +18,7 @@
 //! Loading errors ([`Error`]) name the file and the problem.
 
 pub mod bert;
+pub mod blip;
 pub mod clip;
 pub mod contrastive;
 pub mod device;

@@ -142,10 +142,30 @@ impl MultiHeadAttention {
         keys_values: &Tensor,
         mask: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let q = self.split_heads(&self.q.forward(queries)?)?;
+        let (k, v) = self.key_values(keys_values)?;
+        self.attend(queries, &k, &v, mask)
+    }
+
+    /// The projected keys and values of `keys_values` `[B, Lk, Dkv]`, each split into heads
+    /// `[B, H, Lk, d]`. A decoder caches these: its past tokens' for self-attention, the
+    /// encoder's once for cross-attention.
+    pub fn key_values(&self, keys_values: &Tensor) -> Result<(Tensor, Tensor)> {
         let k = self.split_heads(&self.k.forward(keys_values)?)?;
         let v = self.split_heads(&self.v.forward(keys_values)?)?;
-        let ctx = scaled_dot_product_attention(&q, &k, &v, self.scale, mask)?;
+        Ok((k, v))
+    }
+
+    /// Attention of `queries` `[B, Lq, D]` over keys and values already projected by
+    /// [`Self::key_values`] (possibly concatenated along the sequence axis with cached ones).
+    pub fn attend(
+        &self,
+        queries: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let q = self.split_heads(&self.q.forward(queries)?)?;
+        let ctx = scaled_dot_product_attention(&q, k, v, self.scale, mask)?;
         let (b, _, lq, _) = ctx.dims4()?;
         let ctx = ctx
             .transpose(1, 2)?
