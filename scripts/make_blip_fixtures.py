@@ -10,11 +10,18 @@ Run from the repository root (CI never runs this; the outputs are committed):
 Writes under tests/fixtures/:
   blip-tiny-caption/  BlipForConditionalGeneration with random weights: the vision tower's
                       `last_hidden_state` (after post_layernorm), decoder logits and LM loss
-                      (plain and with label smoothing 0.1) for given input_ids, and greedy `generate` outputs with and without a prompt
+                      (plain and with label smoothing 0.1) for given input_ids; `generate`
+                      outputs: greedy, beam search (3 beams, with and without a prompt, and with a
+                      length penalty), and greedy with a repetition penalty
   blip-tiny-itm/      BlipForImageTextRetrieval with random weights: ITM logits
                       (`use_itm_head=True`) and ITC scores (`use_itm_head=False`) for a padded
                       batch of texts
-      each with config.json, model.safetensors and reference.safetensors
+      each with config.json, model.safetensors and reference.safetensors, a WordPiece tokenizer
+      laid out as Salesforce/blip-image-captioning-base's (tokenizer.json, tokenizer_config.json,
+      special_tokens_map.json, vocab.txt: [PAD] 0, [UNK] 100, [CLS] 101, [SEP] 102, [MASK] 103,
+      bos [DEC] 110, [ENC] 111) and a BlipImageProcessor preprocessor_config.json; and
+      cli_reference.json: what `zoo caption` / `zoo match` must print for images from
+      tests/fixtures/images, run through HF's BlipProcessor
 """
 
 import json
@@ -30,10 +37,14 @@ PINNED_TRANSFORMERS = "4.57.1"
 if transformers.__version__ != PINNED_TRANSFORMERS:
     sys.exit(f"transformers {transformers.__version__} found; the fixtures are pinned to {PINNED_TRANSFORMERS}")
 
+from PIL import Image  # noqa: E402
 from transformers import (  # noqa: E402
+    BertTokenizerFast,
     BlipConfig,
     BlipForConditionalGeneration,
     BlipForImageTextRetrieval,
+    BlipImageProcessor,
+    BlipProcessor,
 )
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
@@ -62,6 +73,49 @@ VISION = dict(
     patch_size=8,
 )
 CLS, SEP = 101, 102
+IMAGES = ["astronaut.png", "chelsea.png", "gray.png"]
+PROMPT = "A picture of"
+
+# The 120-token WordPiece vocabulary: BERT's special tokens at BERT's ids, BLIP's [DEC] at the
+# config's bos id and [ENC] after it (as salesforce/BLIP's `init_tokenizer` adds them), and
+# words plus single letters so that any lowercase ASCII text has a tokenization.
+WORDS = (
+    "a picture of the an in on with and is are two cat dog man woman person sitting standing "
+    "on top red blue green white black small large photo image street car table room water "
+    "grass sky tree house people group near next to holding front field white "
+    "astronaut space suit flag"
+).split()
+
+
+def vocab():
+    tokens = ["[PAD]"]
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    pool = list(dict.fromkeys(letters + ["##" + c for c in letters] + WORDS + [".", ",", "'", "-"]))
+    specials = {100: "[UNK]", 101: "[CLS]", 102: "[SEP]", 103: "[MASK]", 110: "[DEC]", 111: "[ENC]"}
+    pool = iter(pool)
+    for i in range(1, TEXT["vocab_size"]):
+        tokens.append(specials[i] if i in specials else next(pool, f"[unused{i}]"))
+    return tokens
+
+
+def processor(path):
+    """Saves a BlipProcessor (tokenizer + image processor) into `path`, as the hub repos have it."""
+    vocab_file = os.path.join(path, "vocab.txt")
+    with open(vocab_file, "w") as f:
+        f.write("\n".join(vocab()) + "\n")
+    tok = BertTokenizerFast(vocab_file=vocab_file, do_lower_case=True, model_max_length=TEXT["max_position_embeddings"])
+    tok.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
+    assert tok.convert_tokens_to_ids(["[PAD]", "[CLS]", "[SEP]", "[DEC]"]) == [0, CLS, SEP, TEXT["bos_token_id"]]
+    assert len(tok) == TEXT["vocab_size"], len(tok)
+    images = BlipImageProcessor(size={"height": VISION["image_size"], "width": VISION["image_size"]})
+    proc = BlipProcessor(image_processor=images, tokenizer=tok)
+    proc.save_pretrained(path)
+    return BlipProcessor.from_pretrained(path)
+
+
+def load_images():
+    root = os.path.join(OUT, "images")
+    return [Image.open(os.path.join(root, name)) for name in IMAGES]
 
 
 def config():
@@ -84,7 +138,6 @@ def randomise(model, seed):
 
 def save(model, name, tensors):
     path = os.path.join(OUT, name)
-    shutil.rmtree(path, ignore_errors=True)
     model.save_pretrained(path, safe_serialization=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(path, "reference.safetensors"))
     size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
@@ -126,9 +179,31 @@ def make_caption():
             pixel_values=pixel_values, input_ids=prompt_ids.repeat(2, 1).clone(), **gen
         )
         free = model.generate(pixel_values=pixel_values, do_sample=False, num_beams=1, max_new_tokens=12)
-    print("generated", generated.tolist())
-    print("prompted", prompted.tolist())
-    print("free", free.tolist())
+        beam = dict(do_sample=False, num_beams=3, max_new_tokens=10, min_new_tokens=2)
+        beams = model.generate(pixel_values=pixel_values, **beam)
+        beams_prompted = model.generate(pixel_values=pixel_values, input_ids=prompt_ids.repeat(2, 1).clone(), **beam)
+        beams_long = model.generate(
+            pixel_values=pixel_values, do_sample=False, num_beams=4, max_new_tokens=14, length_penalty=2.0
+        )
+        beams_short = model.generate(
+            pixel_values=pixel_values, do_sample=False, num_beams=3, max_new_tokens=14, length_penalty=-1.0
+        )
+        repetition = model.generate(pixel_values=pixel_values, do_sample=False, max_new_tokens=12, repetition_penalty=1.8)
+        beams_repetition = model.generate(
+            pixel_values=pixel_values, do_sample=False, num_beams=3, max_new_tokens=12, repetition_penalty=1.8
+        )
+    for k, v in dict(
+        generated=generated, prompted=prompted, free=free, beams=beams, beams_prompted=beams_prompted,
+        beams_long=beams_long, beams_short=beams_short, repetition=repetition, beams_repetition=beams_repetition,
+    ).items():
+        print(k, v.tolist())
+    path = os.path.join(OUT, "blip-tiny-caption")
+    shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(path)
+    proc = processor(path)
+    cli = caption_cli_reference(model, proc)
+    with open(os.path.join(path, "cli_reference.json"), "w") as f:
+        json.dump(cli, f, indent=1)
     save(
         model,
         "blip-tiny-caption",
@@ -144,8 +219,41 @@ def make_caption():
             "generated": generated,
             "generated_with_prompt": prompted,
             "generated_no_min": free,
+            "beams": beams,
+            "beams_with_prompt": beams_prompted,
+            "beams_length_penalty_2": beams_long,
+            "beams_length_penalty_neg": beams_short,
+            "repetition_penalty": repetition,
+            "beams_repetition_penalty": beams_repetition,
         },
     )
+
+
+def caption_cli_reference(model, proc):
+    """HF's captions of real image files, as `zoo caption --json` must print them."""
+    images = load_images()
+    pixel_values = proc(images=images, return_tensors="pt").pixel_values
+    prompt_ids = proc(text=[PROMPT] * len(images), return_tensors="pt").input_ids
+    runs = {
+        "greedy": dict(num_beams=1, max_new_tokens=8),
+        "greedy_prompt": dict(num_beams=1, max_new_tokens=8, prompt=True),
+        "beams": dict(num_beams=3, max_new_tokens=8, min_new_tokens=2),
+        "beams_prompt": dict(num_beams=3, max_new_tokens=8, min_new_tokens=2, prompt=True),
+    }
+    out = {"images": IMAGES, "prompt": PROMPT}
+    with torch.no_grad():
+        for name, kw in runs.items():
+            kw = dict(kw)
+            prompted = kw.pop("prompt", False)
+            ids = prompt_ids.clone() if prompted else None
+            seqs = model.generate(pixel_values=pixel_values, input_ids=ids, do_sample=False, **kw)
+            texts = proc.batch_decode(seqs, skip_special_tokens=True)
+            if prompted:
+                prompt_text = proc.decode(prompt_ids[0], skip_special_tokens=True)
+                assert all(t.startswith(prompt_text) for t in texts), texts
+                texts = [t[len(prompt_text):].strip() for t in texts]
+            out[name] = {"options": kw, "token_ids": seqs.tolist(), "captions": texts}
+    return out
 
 
 def make_itm():
@@ -165,6 +273,12 @@ def make_itm():
         itc = model(
             input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, use_itm_head=False
         ).itm_score
+    path = os.path.join(OUT, "blip-tiny-itm")
+    shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(path)
+    proc = processor(path)
+    with open(os.path.join(path, "cli_reference.json"), "w") as f:
+        json.dump(match_cli_reference(model, proc), f, indent=1)
     save(
         model,
         "blip-tiny-itm",
@@ -177,6 +291,32 @@ def make_itm():
             "itc_scores": itc,
         },
     )
+
+
+MATCH_TEXTS = ["a man in a space suit", "a cat sitting on a red table", "two dogs"]
+
+
+def match_cli_reference(model, proc):
+    """HF's ITM probability and ITC score of every (image, text) pair, as `zoo match --json`."""
+    images = load_images()
+    pixel_values = proc(images=images, return_tensors="pt").pixel_values
+    text = proc(text=MATCH_TEXTS, padding=True, return_tensors="pt")
+    pairs = []
+    with torch.no_grad():
+        itc = model(
+            input_ids=text.input_ids, pixel_values=pixel_values, attention_mask=text.attention_mask, use_itm_head=False
+        ).itm_score
+        for i, image in enumerate(IMAGES):
+            for j, caption in enumerate(MATCH_TEXTS):
+                itm = model(
+                    input_ids=text.input_ids[j : j + 1],
+                    pixel_values=pixel_values[i : i + 1],
+                    attention_mask=text.attention_mask[j : j + 1],
+                    use_itm_head=True,
+                ).itm_score
+                prob = torch.softmax(itm, dim=1)[0, 1].item()
+                pairs.append({"image": image, "text": caption, "itm_prob": prob, "itc_score": itc[i, j].item()})
+    return {"images": IMAGES, "texts": MATCH_TEXTS, "pairs": pairs}
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-//! `zoo eval zeroshot` and `zoo eval retrieval`.
+//! `zoo eval zeroshot`, `zoo eval retrieval` and `zoo eval caption`.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::{Args, Subcommand};
 use serde_json::json;
+use zoo_trainers::caption_metrics::evaluate_files;
 use zoo_trainers::contrastive::{parse_templates, RetrievalSet, ZeroShotSet};
 use zoo_trainers::data::DataSpec;
 use zoo_trainers::eval::{retrieval_report, RECALL_AT};
@@ -19,6 +20,8 @@ pub enum EvalCommand {
     Zeroshot(ZeroshotArgs),
     /// Image-text retrieval recall@1/5/10 in both directions on paired data.
     Retrieval(RetrievalArgs),
+    /// BLEU-1..4 and CIDEr-D of predicted captions against references, as pycocoevalcap.
+    Caption(CaptionArgs),
 }
 
 #[derive(Args, Debug)]
@@ -58,10 +61,25 @@ pub struct RetrievalArgs {
     pub json: bool,
 }
 
+#[derive(Args, Debug)]
+pub struct CaptionArgs {
+    /// Predicted captions: JSON as `zoo caption --json` prints it, COCO results JSON
+    /// (`[{"image_id", "caption"}]`), or CSV with `image` and `caption` columns.
+    #[arg(long)]
+    pub predictions: PathBuf,
+    /// Reference captions: COCO captions JSON (`images` + `annotations`), or CSV with
+    /// `image` and `caption` columns and one row per caption.
+    #[arg(long)]
+    pub references: PathBuf,
+    #[arg(long)]
+    pub json: bool,
+}
+
 pub fn run(cmd: EvalCommand) -> Result<()> {
     match cmd {
         EvalCommand::Zeroshot(a) => zeroshot(a),
         EvalCommand::Retrieval(a) => retrieval(a),
+        EvalCommand::Caption(a) => caption(a),
     }
 }
 
@@ -141,5 +159,27 @@ fn retrieval(args: RetrievalArgs) -> Result<()> {
             t2i * 100.0
         );
     }
+    Ok(())
+}
+
+fn caption(args: CaptionArgs) -> Result<()> {
+    let scores = evaluate_files(&args.predictions, &args.references)?;
+    let [bleu1, bleu2, bleu3, bleu4] = scores.bleu;
+    if args.json {
+        let value = json!({"bleu1": bleu1, "bleu2": bleu2, "bleu3": bleu3, "bleu4": bleu4,
+            "cider": scores.cider, "n": scores.n});
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(());
+    }
+    println!(
+        "captions in {} against {} ({} images)",
+        args.predictions.display(),
+        args.references.display(),
+        scores.n
+    );
+    for (k, b) in scores.bleu.iter().enumerate() {
+        println!("  BLEU-{}  {b:.4}", k + 1);
+    }
+    println!("  CIDEr-D {:.4}", scores.cider);
     Ok(())
 }

@@ -5,11 +5,13 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod caption;
 mod classify;
 mod common;
 mod demo;
 mod embed;
 mod eval;
+mod matching;
 mod train;
 
 #[derive(Parser)]
@@ -29,9 +31,13 @@ enum Command {
     Embed(embed::EmbedArgs),
     /// Zero-shot image classification over a set of labels.
     Classify(classify::ClassifyArgs),
+    /// Caption images with BLIP: greedy, beam search or nucleus sampling.
+    Caption(caption::CaptionArgs),
+    /// Score image-text pairs with BLIP: ITM probability and ITC cosine.
+    Match(matching::MatchArgs),
     /// Train a model: `zoo train clip|siglip`.
     Train(Box<train::TrainArgs>),
-    /// Evaluate a model: `zoo eval zeroshot|retrieval`.
+    /// Evaluate a model: `zoo eval zeroshot|retrieval|caption`.
     #[command(subcommand)]
     Eval(eval::EvalCommand),
     /// Train a tiny CLIP on synthetic shapes and evaluate it zero-shot, offline.
@@ -43,6 +49,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Embed(args) => embed::run(args),
         Command::Classify(args) => classify::run(args),
+        Command::Caption(args) => caption::run(args),
+        Command::Match(args) => matching::run(args),
         Command::Train(args) => train::run_train(*args),
         Command::Eval(cmd) => eval::run(cmd),
         Command::Demo(args) => demo::run_demo(args),

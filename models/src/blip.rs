@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::bert::{BertConfig, BertKvCache, BertModel, PositionEmbeddingType};
 use crate::contrastive::l2_normalize;
 use crate::error::CandleContext;
+use crate::generation::{self, GenerationConfig, StepModel, Strategy};
 use crate::hub::{read_json, ModelRepo};
 use crate::layers::{
     Activation, AttentionConfig, ClassToken, Encoder, EncoderConfig, LayerNorm, Linear,
@@ -269,29 +270,6 @@ impl BlipTextLmHead {
     }
 }
 
-/// Options of greedy caption decoding (HF `generate` with `num_beams=1, do_sample=False`).
-/// Set `max_new_tokens` explicitly for parity: HF's own default is a total `max_length` of 20
-/// including `[DEC]` and the prompt, whereas the default here is 20 new tokens.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct GreedyOptions {
-    pub max_new_tokens: usize,
-    /// `[SEP]` cannot end the caption before this many new tokens (HF's
-    /// `MinNewTokensLengthLogitsProcessor`).
-    pub min_new_tokens: usize,
-    /// Decode with the KV cache (one token per step) rather than re-running the whole prefix.
-    pub use_cache: bool,
-}
-
-impl Default for GreedyOptions {
-    fn default() -> Self {
-        Self {
-            max_new_tokens: 20,
-            min_new_tokens: 0,
-            use_cache: true,
-        }
-    }
-}
-
 /// HF `BlipForConditionalGeneration`: image captioning with a causal BERT decoder
 /// (`text_decoder.bert`) that cross-attends to the image tokens, and its LM head
 /// (`text_decoder.cls.predictions`).
@@ -330,6 +308,11 @@ impl BlipForConditionalGeneration {
                 repo.describe()
             )
         })
+    }
+
+    /// The dtype the weights were loaded in, which `pixel_values` must have.
+    pub fn dtype(&self) -> DType {
+        self.text_decoder.word_embeddings().dtype()
     }
 
     /// Decoder logits `[B, L, vocab]` for every position of `input_ids` `[B, L]` (which start
@@ -422,68 +405,138 @@ impl BlipForConditionalGeneration {
         Ok(rows)
     }
 
-    /// Greedy captioning of `pixel_values` `[B, 3, H, W]`, optionally continuing a prompt.
+    /// The generation settings HF's `BlipForConditionalGeneration.generate` starts from: stop
+    /// at `[SEP]` (not `eos_token_id`), pad finished rows with `pad_token_id`, greedy, 20 new
+    /// tokens.
+    pub fn generation_defaults(&self) -> GenerationConfig {
+        let t = &self.config.text_config;
+        GenerationConfig {
+            stop_tokens: vec![t.sep_token_id],
+            pad_token: t.pad_token_id,
+            ..GenerationConfig::default()
+        }
+    }
+
+    /// Captions `pixel_values` `[B, 3, H, W]`, optionally continuing a prompt, with a KV cache.
     /// Returns each row as HF `generate` does: `[DEC]`, the prompt, the new tokens up to and
-    /// including `[SEP]`, and `pad_token_id` after a row has finished while others go on.
-    pub fn generate_greedy(
+    /// including `[SEP]`, then padding while other rows go on. As HF does, the stop token and
+    /// pad id are always BLIP's `[SEP]` and `pad_token_id`, whatever `cfg` says.
+    pub fn generate(
         &self,
         pixel_values: &Tensor,
         prompt_ids: Option<&Tensor>,
-        opts: &GreedyOptions,
+        cfg: &GenerationConfig,
+    ) -> Result<Vec<Vec<u32>>> {
+        self.decode(pixel_values, prompt_ids, cfg, true)
+    }
+
+    /// [`Self::generate`] without the KV cache: every step re-runs the whole prefix. The
+    /// reference the cached path is checked against.
+    pub fn generate_uncached(
+        &self,
+        pixel_values: &Tensor,
+        prompt_ids: Option<&Tensor>,
+        cfg: &GenerationConfig,
+    ) -> Result<Vec<Vec<u32>>> {
+        self.decode(pixel_values, prompt_ids, cfg, false)
+    }
+
+    fn decode(
+        &self,
+        pixel_values: &Tensor,
+        prompt_ids: Option<&Tensor>,
+        cfg: &GenerationConfig,
+        use_cache: bool,
     ) -> Result<Vec<Vec<u32>>> {
         let t = &self.config.text_config;
+        let cfg = GenerationConfig {
+            stop_tokens: vec![t.sep_token_id],
+            pad_token: t.pad_token_id,
+            ..cfg.clone()
+        };
         let image_embeds = self.vision_model.forward(pixel_values)?;
-        let batch = image_embeds.dim(0)?;
-        let dev = image_embeds.device().clone();
-        let mut rows = self.start_ids(batch, prompt_ids)?;
-        let mut done = vec![false; batch];
-        let mut cache = BertKvCache::new();
-        let mut next: Vec<Vec<u32>> = rows.clone();
-        for step in 0..opts.max_new_tokens {
-            let hidden = if opts.use_cache {
-                let ids = Tensor::new(next, &dev)?;
-                self.text_decoder
-                    .forward_cached(&ids, &mut cache, Some(&image_embeds))?
-            } else {
-                let ids = Tensor::new(rows.clone(), &dev)?;
-                self.text_decoder
-                    .forward(&ids, None, None, Some(&image_embeds), None)?
-            };
-            let last = hidden.narrow(1, hidden.dim(1)? - 1, 1)?.squeeze(1)?;
-            let logits = self.lm_head.forward(&last)?.to_dtype(DType::F32)?;
-            let mut logits = logits.to_vec2::<f32>()?;
-            if step < opts.min_new_tokens {
-                for row in logits.iter_mut() {
-                    row[t.sep_token_id as usize] = f32::NEG_INFINITY;
-                }
-            }
-            let mut step_ids = Vec::with_capacity(batch);
-            for (i, row) in logits.iter().enumerate() {
-                let token = if done[i] { t.pad_token_id } else { argmax(row) };
-                if token == t.sep_token_id {
-                    done[i] = true;
-                }
-                rows[i].push(token);
-                step_ids.push(vec![token]);
-            }
-            if done.iter().all(|&d| d) {
-                break;
-            }
-            next = step_ids;
-        }
-        Ok(rows)
+        let starts = self.start_ids(image_embeds.dim(0)?, prompt_ids)?;
+        let beams = matches!(cfg.strategy, Strategy::Beam(b) if b.num_beams > 1);
+        let cache = match (use_cache, beams) {
+            (false, _) => DecoderCache::Uncached,
+            (true, false) => DecoderCache::Batched(BertKvCache::new()),
+            (true, true) => DecoderCache::PerRow(Vec::new()),
+        };
+        let mut step = CaptionStep {
+            model: self,
+            image_embeds,
+            cache,
+        };
+        generation::generate(&mut step, starts, &cfg)
     }
 }
 
-/// The first index of the largest value, as `torch.argmax`.
-fn argmax(row: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &x) in row.iter().enumerate() {
-        if x > row[best] {
-            best = i;
-        }
+/// How [`CaptionStep`] keeps the decoder's keys and values.
+enum DecoderCache {
+    /// Re-run the whole prefix each step.
+    Uncached,
+    /// One cache for the whole batch; rows never move (greedy, sampling).
+    Batched(BertKvCache),
+    /// One cache per row, so beam search can rearrange rows by cloning; rows are decoded one at
+    /// a time.
+    PerRow(Vec<BertKvCache>),
+}
+
+/// The captioning decoder as a [`StepModel`]: the image tokens of every row, and the cache.
+struct CaptionStep<'a> {
+    model: &'a BlipForConditionalGeneration,
+    image_embeds: Tensor,
+    cache: DecoderCache,
+}
+
+impl StepModel for CaptionStep<'_> {
+    fn next_logits(&mut self, rows: &[Vec<u32>], new: usize) -> Result<Tensor> {
+        let dev = self.image_embeds.device().clone();
+        let decoder = &self.model.text_decoder;
+        let tail = |row: &Vec<u32>| row[row.len() - new..].to_vec();
+        let hidden = match &mut self.cache {
+            DecoderCache::Uncached => {
+                let ids = Tensor::new(rows.to_vec(), &dev)?;
+                decoder.forward(&ids, None, None, Some(&self.image_embeds), None)?
+            }
+            DecoderCache::Batched(cache) => {
+                let ids = Tensor::new(rows.iter().map(tail).collect::<Vec<_>>(), &dev)?;
+                decoder.forward_cached(&ids, cache, Some(&self.image_embeds))?
+            }
+            DecoderCache::PerRow(caches) => {
+                caches.resize_with(rows.len(), BertKvCache::new);
+                let mut parts = Vec::with_capacity(rows.len());
+                for (i, (row, cache)) in rows.iter().zip(caches.iter_mut()).enumerate() {
+                    let ids = Tensor::new(vec![tail(row)], &dev)?;
+                    let image = self.image_embeds.narrow(0, i, 1)?;
+                    parts.push(decoder.forward_cached(&ids, cache, Some(&image))?);
+                }
+                Tensor::cat(&parts, 0)?
+            }
+        };
+        let last = hidden.narrow(1, hidden.dim(1)? - 1, 1)?.squeeze(1)?;
+        self.model.lm_head.forward(&last)
     }
-    best as u32
+
+    fn reorder(&mut self, indices: &[usize]) -> Result<()> {
+        let idx: Vec<u32> = indices.iter().map(|&i| i as u32).collect();
+        let idx = Tensor::new(idx, self.image_embeds.device())?;
+        self.image_embeds = self.image_embeds.index_select(&idx, 0)?;
+        match &mut self.cache {
+            DecoderCache::Uncached => {}
+            DecoderCache::Batched(cache) => {
+                if !cache.is_empty() {
+                    candle_core::bail!("a batched decoder cache cannot be reordered");
+                }
+            }
+            DecoderCache::PerRow(caches) => {
+                if !caches.is_empty() {
+                    *caches = indices.iter().map(|&i| caches[i].clone()).collect();
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// HF `BlipForImageTextRetrieval`: a bidirectional BERT text encoder (`text_encoder`) that
@@ -522,6 +575,11 @@ impl BlipForImageTextRetrieval {
                 repo.describe()
             )
         })
+    }
+
+    /// The dtype the weights were loaded in, which `pixel_values` must have.
+    pub fn dtype(&self) -> DType {
+        self.text_encoder.word_embeddings().dtype()
     }
 
     /// ITM logits `[B, 2]` (index 1: "matched") for the pairs `(image b, text b)`: HF
@@ -673,11 +731,5 @@ mod tests {
         assert_eq!(c.text_config.bert(true).encoder_width, Some(1024));
         let err = parse(r#"{"model_type": "clip"}"#).unwrap_err().to_string();
         assert!(err.contains("unknown model_type `clip`"), "{err}");
-    }
-
-    #[test]
-    fn argmax_takes_the_first_maximum() {
-        assert_eq!(argmax(&[1.0, 3.0, 3.0, -1.0]), 1);
-        assert_eq!(argmax(&[f32::NEG_INFINITY, -5.0]), 1);
     }
 }

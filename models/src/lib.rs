@@ -6,7 +6,11 @@
 //! - [`bert`]: the BERT encoder (Devlin et al. 2019), with cross-attention and a causal mode, and
 //!   sentence-transformers' mean pooling; a text tower for CLIP-style models and BLIP.
 //! - [`blip`]: BLIP's ViT and BERT text models: captioning (`BlipForConditionalGeneration`,
-//!   greedy decoding with a KV cache) and image-text matching (`BlipForImageTextRetrieval`).
+//!   KV-cached greedy, beam and nucleus decoding) and image-text matching
+//!   (`BlipForImageTextRetrieval`).
+//! - [`generation`]: model-agnostic decoding as HF `generate` does it: greedy, beam search,
+//!   nucleus sampling, repetition penalty, min/max new tokens, stop tokens, driven by a
+//!   [`generation::StepModel`].
 //! - [`dual_bert`]: a CLIP image tower with a BERT text tower (HF `VisionTextDualEncoderModel`),
 //!   mean-pooled as open_clip's HF text towers are.
 //! - [`contrastive`]: CLIP, SigLIP and the BERT-tower model behind one
@@ -24,6 +28,7 @@ pub mod contrastive;
 pub mod device;
 pub mod dual_bert;
 pub mod error;
+pub mod generation;
 pub mod hub;
 pub mod layers;
 pub mod siglip;

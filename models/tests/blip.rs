@@ -1,6 +1,7 @@
 //! HF parity of BLIP on tiny random checkpoints made by `scripts/make_blip_fixtures.py` with
-//! transformers 4.57.1: vision tokens, decoder logits and LM loss, greedy `generate` (token for
-//! token, with and without a prompt, cached and uncached), ITM logits and ITC scores; and
+//! transformers 4.57.1: vision tokens, decoder logits and LM loss, `generate` token for token
+//! (greedy and 3-beam search, with and without a prompt, length penalties, repetition penalty,
+//! cached and uncached), ITM logits and ITC scores; nucleus sampling's determinism; and
 //! gradient flow to every parameter of the captioning model.
 
 use std::collections::HashMap;
@@ -8,9 +9,8 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
-use zoo_models::blip::{
-    BlipConfig, BlipForConditionalGeneration, BlipForImageTextRetrieval, GreedyOptions,
-};
+use zoo_models::blip::{BlipConfig, BlipForConditionalGeneration, BlipForImageTextRetrieval};
+use zoo_models::generation::{BeamOptions, GenerationConfig, SamplingOptions, Strategy};
 use zoo_models::hub::ModelRepo;
 
 fn fixture(name: &str) -> PathBuf {
@@ -91,27 +91,41 @@ fn lm_loss_matches_hf_with_and_without_label_smoothing() {
     }
 }
 
+fn options(max_new_tokens: usize, min_new_tokens: usize, strategy: Strategy) -> GenerationConfig {
+    GenerationConfig {
+        max_new_tokens,
+        min_new_tokens,
+        strategy,
+        ..captioner().generation_defaults()
+    }
+}
+
+fn beams(num_beams: usize, length_penalty: f32) -> Strategy {
+    Strategy::Beam(BeamOptions {
+        num_beams,
+        length_penalty,
+        ..Default::default()
+    })
+}
+
+#[test]
+fn generation_defaults_stop_at_sep_and_pad_with_pad_id() {
+    let cfg = captioner().generation_defaults();
+    assert_eq!((cfg.stop_tokens, cfg.pad_token), (vec![102], 0));
+    assert_eq!((cfg.max_new_tokens, cfg.strategy), (20, Strategy::Greedy));
+}
+
 #[test]
 fn greedy_captions_are_token_identical_to_hf_generate() {
     let model = captioner();
     let r = reference("blip-tiny-caption");
-    let opts = GreedyOptions {
-        max_new_tokens: 10,
-        min_new_tokens: 3,
-        use_cache: true,
-    };
+    let pv = &r["pixel_values"];
     let out = model
-        .generate_greedy(&r["pixel_values"], None, &opts)
+        .generate(pv, None, &options(10, 3, Strategy::Greedy))
         .unwrap();
     assert_eq!(out, rows(&r["generated"]));
-
-    let free = GreedyOptions {
-        max_new_tokens: 12,
-        min_new_tokens: 0,
-        use_cache: true,
-    };
     let out = model
-        .generate_greedy(&r["pixel_values"], None, &free)
+        .generate(pv, None, &options(12, 0, Strategy::Greedy))
         .unwrap();
     assert_eq!(out, rows(&r["generated_no_min"]));
 }
@@ -120,37 +134,119 @@ fn greedy_captions_are_token_identical_to_hf_generate() {
 fn prompted_captions_match_hf_including_stop_at_sep_and_padding() {
     let model = captioner();
     let r = reference("blip-tiny-caption");
-    let opts = GreedyOptions {
-        max_new_tokens: 10,
-        min_new_tokens: 3,
-        use_cache: true,
-    };
     let expected = rows(&r["generated_with_prompt"]);
     // The fixture has one row that ends at [SEP] and is then padded.
     assert!(expected[0].contains(&102) && expected[0].ends_with(&[0]));
     let out = model
-        .generate_greedy(&r["pixel_values"], Some(&r["prompt_ids"]), &opts)
+        .generate(
+            &r["pixel_values"],
+            Some(&r["prompt_ids"]),
+            &options(10, 3, Strategy::Greedy),
+        )
         .unwrap();
     assert_eq!(out, expected);
+}
+
+#[test]
+fn beam_captions_are_token_identical_to_hf_generate_with_and_without_a_prompt() {
+    let model = captioner();
+    let r = reference("blip-tiny-caption");
+    let pv = &r["pixel_values"];
+    let cfg = options(10, 2, beams(3, 1.0));
+    assert_eq!(model.generate(pv, None, &cfg).unwrap(), rows(&r["beams"]));
+    let expected = rows(&r["beams_with_prompt"]);
+    // HF fills a beam row that ended early with `pad_token_id or eos_token_id`: 0 is falsy, so
+    // [SEP].
+    assert!(expected[0].ends_with(&[102, 102]), "{expected:?}");
+    assert_eq!(
+        model.generate(pv, Some(&r["prompt_ids"]), &cfg).unwrap(),
+        expected
+    );
+}
+
+#[test]
+fn beam_length_penalties_match_hf() {
+    let model = captioner();
+    let r = reference("blip-tiny-caption");
+    let pv = &r["pixel_values"];
+    let long = model
+        .generate(pv, None, &options(14, 0, beams(4, 2.0)))
+        .unwrap();
+    assert_eq!(long, rows(&r["beams_length_penalty_2"]));
+    let short = model
+        .generate(pv, None, &options(14, 0, beams(3, -1.0)))
+        .unwrap();
+    assert_eq!(short, rows(&r["beams_length_penalty_neg"]));
+}
+
+#[test]
+fn repetition_penalty_matches_hf_for_greedy_and_beams() {
+    let model = captioner();
+    let r = reference("blip-tiny-caption");
+    let pv = &r["pixel_values"];
+    let mut cfg = options(12, 0, Strategy::Greedy);
+    cfg.repetition_penalty = 1.8;
+    assert_eq!(
+        model.generate(pv, None, &cfg).unwrap(),
+        rows(&r["repetition_penalty"])
+    );
+    cfg.strategy = beams(3, 1.0);
+    assert_eq!(
+        model.generate(pv, None, &cfg).unwrap(),
+        rows(&r["beams_repetition_penalty"])
+    );
 }
 
 #[test]
 fn cached_and_uncached_decoding_give_identical_tokens() {
     let model = captioner();
     let r = reference("blip-tiny-caption");
+    let pv = &r["pixel_values"];
     for prompt in [None, Some(&r["prompt_ids"])] {
-        let run = |use_cache| {
-            let opts = GreedyOptions {
-                max_new_tokens: 15,
-                min_new_tokens: 5,
-                use_cache,
-            };
-            model
-                .generate_greedy(&r["pixel_values"], prompt, &opts)
-                .unwrap()
-        };
-        assert_eq!(run(true), run(false));
+        for strategy in [Strategy::Greedy, beams(3, 1.0)] {
+            let cfg = options(15, 5, strategy);
+            assert_eq!(
+                model.generate(pv, prompt, &cfg).unwrap(),
+                model.generate_uncached(pv, prompt, &cfg).unwrap()
+            );
+        }
     }
+}
+
+#[test]
+fn nucleus_sampling_is_reproducible_per_seed_and_respects_max_new_tokens() {
+    let model = captioner();
+    let r = reference("blip-tiny-caption");
+    let pv = &r["pixel_values"];
+    let sample = |seed| {
+        let s = Strategy::Sample(SamplingOptions {
+            top_p: 0.9,
+            temperature: 0.8,
+            seed,
+            ..Default::default()
+        });
+        model.generate(pv, None, &options(12, 0, s)).unwrap()
+    };
+    let a = sample(3);
+    assert_eq!(a, sample(3));
+    assert!(a.iter().all(|row| row.len() <= 13 && row[0] == 110));
+    assert!(
+        (4..12).any(|seed| sample(seed) != a),
+        "seeds change samples"
+    );
+    // A tiny nucleus keeps only the most likely token: sampling becomes greedy.
+    let greedy = model
+        .generate(pv, None, &options(12, 0, Strategy::Greedy))
+        .unwrap();
+    let narrow = Strategy::Sample(SamplingOptions {
+        top_p: 1e-6,
+        seed: 9,
+        ..Default::default()
+    });
+    assert_eq!(
+        model.generate(pv, None, &options(12, 0, narrow)).unwrap(),
+        greedy
+    );
 }
 
 #[test]

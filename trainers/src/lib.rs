@@ -4,7 +4,10 @@
 //! - [`pipeline::DualEncoderPipeline`]: a CLIP/SigLIP model with its tokenizer and image
 //!   processor, embedding texts and images as HF's processors + model would.
 //! - [`zeroshot`]: prompt-ensemble zero-shot classifiers and top-k scoring.
+//! - [`caption_metrics`]: BLEU-1..4 and CIDEr-D with pycocoevalcap's PTB tokenization, and the
+//!   prediction/reference files `zoo eval caption` reads.
 
+pub mod caption_metrics;
 pub mod checkpoint;
 pub mod contrastive;
 pub mod data;

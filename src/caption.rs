@@ -1,0 +1,190 @@
+//! `zoo caption`: image captioning with BLIP (HF `BlipForConditionalGeneration.generate`).
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use candle_core::Tensor;
+use clap::Args;
+use serde_json::json;
+use zoo_datasets::preprocess::ImageProcessor;
+use zoo_datasets::tokenize::TextTokenizer;
+use zoo_models::blip::BlipForConditionalGeneration;
+use zoo_models::generation::{
+    BeamOptions, GenerationConfig, HfGenerationConfig, SamplingOptions, Strategy,
+};
+use zoo_models::hub::ModelRepo;
+
+use crate::common::{progress, ModelArgs};
+
+#[derive(Args, Debug)]
+pub struct CaptionArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Text the caption continues, e.g. "a picture of" (left out of the printed caption).
+    #[arg(long)]
+    pub prompt: Option<String>,
+    /// Most new tokens per caption. Default: the checkpoint's generation_config.json, else HF's
+    /// `max_length` of 20 tokens including [DEC] and the prompt.
+    #[arg(long)]
+    pub max_new_tokens: Option<usize>,
+    /// [SEP] cannot end a caption before this many new tokens.
+    #[arg(long)]
+    pub min_new_tokens: Option<usize>,
+    /// Beam search with this many beams (1: greedy).
+    #[arg(long)]
+    pub beams: Option<usize>,
+    /// Beam search: finished captions score sum(log p) / length^P.
+    #[arg(long)]
+    pub length_penalty: Option<f32>,
+    /// Nucleus sampling: keep the most likely tokens up to this probability mass.
+    #[arg(long)]
+    pub top_p: Option<f32>,
+    /// Sampling temperature (turns sampling on).
+    #[arg(long)]
+    pub temperature: Option<f32>,
+    /// Sampling: keep only the k most likely tokens (0: all), HF's default 50.
+    #[arg(long, default_value_t = 50)]
+    pub top_k: usize,
+    /// Seed of the sampling random stream.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// HF's repetition penalty (1: off).
+    #[arg(long)]
+    pub repetition_penalty: Option<f32>,
+    /// Images captioned per forward pass.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Print JSON: a list of {"image", "caption", "token_ids"}.
+    #[arg(long)]
+    pub json: bool,
+    /// Images to caption.
+    #[arg(required = true)]
+    pub images: Vec<PathBuf>,
+}
+
+/// The decoding settings: the flags, else the checkpoint's generation config, else HF's.
+fn generation_config(
+    args: &CaptionArgs,
+    model: &BlipForConditionalGeneration,
+    hf: &HfGenerationConfig,
+    start_len: usize,
+) -> Result<GenerationConfig> {
+    let sampling = args.top_p.is_some() || args.temperature.is_some();
+    let num_beams = args.beams.or(hf.num_beams).unwrap_or(1);
+    if num_beams == 0 {
+        bail!("--beams must be at least 1");
+    }
+    if sampling && args.beams.is_some_and(|b| b > 1) {
+        bail!("--beams and sampling (--top-p/--temperature) cannot be combined");
+    }
+    let strategy = if sampling {
+        Strategy::Sample(SamplingOptions {
+            temperature: args.temperature.unwrap_or(1.0),
+            top_k: args.top_k,
+            top_p: args.top_p.unwrap_or(1.0),
+            seed: args.seed,
+        })
+    } else if num_beams > 1 {
+        Strategy::Beam(BeamOptions {
+            num_beams,
+            length_penalty: args.length_penalty.or(hf.length_penalty).unwrap_or(1.0),
+            ..BeamOptions::default()
+        })
+    } else {
+        Strategy::Greedy
+    };
+    Ok(GenerationConfig {
+        max_new_tokens: args
+            .max_new_tokens
+            .unwrap_or_else(|| hf.max_new_tokens(start_len)),
+        min_new_tokens: args
+            .min_new_tokens
+            .unwrap_or_else(|| hf.min_new_tokens(start_len)),
+        repetition_penalty: args
+            .repetition_penalty
+            .or(hf.repetition_penalty)
+            .unwrap_or(1.0),
+        strategy,
+        ..model.generation_defaults()
+    })
+}
+
+/// HF's `decode(skip_special_tokens=True)`.
+fn decode(tokenizer: &TextTokenizer, ids: &[u32]) -> Result<String> {
+    tokenizer
+        .inner()
+        .decode(ids, true)
+        .map_err(|e| anyhow::anyhow!("cannot decode token ids: {e}"))
+}
+
+pub fn run(args: CaptionArgs) -> Result<()> {
+    if args.batch_size == 0 {
+        bail!("--batch-size must be at least 1");
+    }
+    let device = args.model.device()?;
+    let repo = ModelRepo::open(&args.model.model)?;
+    let model = BlipForConditionalGeneration::load(&repo, args.model.dtype()?, &device)?;
+    let tokenizer = TextTokenizer::from_files(
+        &repo.get("tokenizer.json")?,
+        repo.get_optional("tokenizer_config.json")?.as_deref(),
+    )?;
+    let processor = ImageProcessor::from_file(&repo.get("preprocessor_config.json")?)?;
+    let hf = match repo.get_optional("generation_config.json")? {
+        Some(path) => HfGenerationConfig::from_file(&path)?,
+        None => HfGenerationConfig::default(),
+    };
+
+    // The tokenizer's "[CLS] prompt [SEP]"; generation starts from "[DEC] prompt".
+    let prompt_ids = args
+        .prompt
+        .as_deref()
+        .map(|p| tokenizer.encode(p))
+        .transpose()?;
+    let start_len = prompt_ids.as_ref().map_or(1, |ids| ids.len().max(2) - 1);
+    let prompt_text = prompt_ids
+        .as_ref()
+        .map(|ids| decode(&tokenizer, ids))
+        .transpose()?;
+    let prompt = prompt_ids
+        .map(|ids| {
+            let n = ids.len();
+            Tensor::from_vec(ids, (1, n), &device)
+        })
+        .transpose()?;
+    let cfg = generation_config(&args, &model, &hf, start_len)?;
+
+    let bar = progress(args.images.len(), "images");
+    let mut results = Vec::with_capacity(args.images.len());
+    for chunk in args.images.chunks(args.batch_size) {
+        let pixels = processor
+            .load_batch(chunk, &device)?
+            .to_dtype(model.dtype())?;
+        let rows = model
+            .generate(&pixels, prompt.as_ref(), &cfg)
+            .with_context(|| format!("captioning {}", chunk[0].display()))?;
+        for (image, ids) in chunk.iter().zip(rows) {
+            let text = decode(&tokenizer, &ids)?;
+            let caption = match &prompt_text {
+                Some(p) => text.strip_prefix(p.as_str()).unwrap_or(&text).trim(),
+                None => text.trim(),
+            }
+            .to_string();
+            results.push((image, caption, ids));
+        }
+        bar.inc(chunk.len() as u64);
+    }
+    bar.finish_and_clear();
+
+    if args.json {
+        let value: Vec<_> = results
+            .iter()
+            .map(|(image, caption, ids)| json!({"image": image, "caption": caption, "token_ids": ids}))
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&value)?);
+    } else {
+        for (image, caption, _) in &results {
+            println!("{}\t{caption}", image.display());
+        }
+    }
+    Ok(())
+}
