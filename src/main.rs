@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod capfilt;
 mod caption;
 mod classify;
 mod common;
@@ -40,6 +41,8 @@ enum Command {
     /// Evaluate a model: `zoo eval zeroshot|retrieval|caption`.
     #[command(subcommand)]
     Eval(eval::EvalCommand),
+    /// Bootstrap noisy web pairs with BLIP's CapFilt: synthetic captions, then an ITM filter.
+    Capfilt(Box<capfilt::CapfiltArgs>),
     /// Train a tiny CLIP on synthetic shapes and evaluate it zero-shot, offline.
     Demo(demo::DemoArgs),
 }
@@ -53,6 +56,7 @@ fn main() -> ExitCode {
         Command::Match(args) => matching::run(args),
         Command::Train(args) => train::run_train(*args),
         Command::Eval(cmd) => eval::run(cmd),
+        Command::Capfilt(args) => capfilt::run_capfilt(*args),
         Command::Demo(args) => demo::run_demo(args),
     };
     match result {

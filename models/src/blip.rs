@@ -351,14 +351,35 @@ impl BlipForConditionalGeneration {
         attention_mask: &Tensor,
         label_smoothing: f64,
     ) -> Result<Tensor> {
+        self.caption_loss(pixel_values, input_ids, attention_mask, 0, label_smoothing)
+    }
+
+    /// salesforce/BLIP's `BLIP_Decoder.forward` loss: [`Self::lm_loss`] with the first
+    /// `prompt_length` tokens of every row (`[DEC]` and the prompt) also ignored as targets, as
+    /// `decoder_targets[:, :prompt_length] = -100` does, so only the caption and its `[SEP]` are
+    /// learned. `prompt_length` 0 or 1 is HF's loss.
+    pub fn caption_loss(
+        &self,
+        pixel_values: &Tensor,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        prompt_length: usize,
+        label_smoothing: f64,
+    ) -> Result<Tensor> {
         let logits = self.forward(pixel_values, input_ids, Some(attention_mask))?;
         let (b, l, v) = logits.dims3()?;
         let logits = logits.narrow(1, 0, l - 1)?.reshape((b * (l - 1), v))?;
         let targets = input_ids.narrow(1, 1, l - 1)?.flatten_all()?;
+        // Target j is token j + 1; tokens before `prompt_length` are not learned.
+        let after_prompt: Vec<f32> = (1..l)
+            .map(|j| if j < prompt_length { 0.0 } else { 1.0 })
+            .collect();
+        let after_prompt = Tensor::from_vec(after_prompt, (1, l - 1), input_ids.device())?;
         let keep = attention_mask
             .narrow(1, 1, l - 1)?
-            .flatten_all()?
-            .to_dtype(DType::F32)?;
+            .to_dtype(DType::F32)?
+            .broadcast_mul(&after_prompt)?
+            .flatten_all()?;
         let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
         let nll = logp
             .gather(&targets.to_dtype(DType::U32)?.unsqueeze(1)?, 1)?

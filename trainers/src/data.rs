@@ -29,6 +29,11 @@ pub type RecordStream = Box<dyn Iterator<Item = Record> + Send>;
 /// Opens the record stream of an epoch (each epoch may shuffle differently).
 pub type StreamFactory = Arc<dyn Fn(u64) -> Result<RecordStream> + Send + Sync>;
 
+/// Turns a caption into the token ids of one sample, on a worker thread. The default is the
+/// tokenizer with its special tokens, truncated to `max_text_len`; captioning adds a prompt and
+/// `[DEC]` (see `blip_caption`).
+pub type TextEncoder = Arc<dyn Fn(&str) -> Result<Vec<u32>> + Send + Sync>;
+
 /// Where in the data a run is: resuming restarts exactly here.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DataPosition {
@@ -55,7 +60,8 @@ pub struct LoaderConfig {
     pub use_attention_mask: bool,
 }
 
-/// One training batch.
+/// One training batch: images and their padded caption ids (for captioning, the decoder's
+/// input ids).
 pub struct ContrastiveBatch {
     pub pixel_values: Tensor,
     pub input_ids: Tensor,
@@ -114,6 +120,32 @@ impl BatchLoader {
         config: LoaderConfig,
         device: &Device,
     ) -> Result<Self> {
+        let max_len = config.max_text_len;
+        let encoder = {
+            let tokenizer = tokenizer.clone();
+            Arc::new(move |caption: &str| -> Result<Vec<u32>> {
+                Ok(tokenizer
+                    .encode_batch(&[caption], Padding::Longest, max_len)?
+                    .input_ids
+                    .remove(0))
+            }) as TextEncoder
+        };
+        Self::start_with_encoder(
+            factory, start, processor, &tokenizer, encoder, config, device,
+        )
+    }
+
+    /// [`start`](Self::start) with captions turned into ids by `encoder`; `tokenizer` gives
+    /// the pad id.
+    pub fn start_with_encoder(
+        factory: StreamFactory,
+        start: DataPosition,
+        processor: ImageProcessor,
+        tokenizer: &TextTokenizer,
+        encoder: TextEncoder,
+        config: LoaderConfig,
+        device: &Device,
+    ) -> Result<Self> {
         let pad_id = tokenizer
             .pad_id()
             .ok_or_else(|| Error::Input("the tokenizer has no pad token".into()))?;
@@ -131,8 +163,7 @@ impl BatchLoader {
         }));
         for _ in 0..config.workers.max(1) {
             let (job_rx, out_tx) = (job_rx.clone(), out_tx.clone());
-            let (processor, tokenizer, cfg) =
-                (processor.clone(), tokenizer.clone(), config.clone());
+            let (processor, encoder, cfg) = (processor.clone(), encoder.clone(), config.clone());
             threads.push(std::thread::spawn(move || loop {
                 let job = match job_rx.lock() {
                     Ok(rx) => match rx.recv() {
@@ -141,7 +172,7 @@ impl BatchLoader {
                     },
                     Err(_) => return,
                 };
-                let msg = match prepare(job, &processor, &tokenizer, &cfg) {
+                let msg = match prepare(job, &processor, &encoder, &cfg) {
                     Ok(p) => Message::Sample(p),
                     Err(e) => Message::Fatal(e.to_string()),
                 };
@@ -301,7 +332,7 @@ fn produce(factory: &StreamFactory, start: DataPosition, jobs: &SyncSender<Job>)
 fn prepare(
     job: Job,
     processor: &ImageProcessor,
-    tokenizer: &TextTokenizer,
+    encoder: &TextEncoder,
     cfg: &LoaderConfig,
 ) -> Result<Prepared> {
     let (pixels, h, w) = if cfg.augment {
@@ -315,14 +346,7 @@ fn prepare(
     } else {
         processor.preprocess(&job.pair.image)
     };
-    let ids = tokenizer
-        .encode_batch(
-            &[job.pair.caption.as_str()],
-            Padding::Longest,
-            cfg.max_text_len,
-        )?
-        .input_ids
-        .remove(0);
+    let ids = encoder(&job.pair.caption)?;
     Ok(Prepared {
         index: job.index,
         pixels,
@@ -381,10 +405,13 @@ pub fn synthetic_factory(shapes: Shapes, epoch_size: u64) -> StreamFactory {
 /// The kinds of training data `--dataset-type` names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DatasetType {
-    /// Chosen from the path: `.csv`/`.tsv`, `.jsonl`, `.tar` or a shard pattern, `synthetic`.
+    /// Chosen from the path: `.csv`/`.tsv`, `.jsonl`, `.json` (COCO), `.tar` or a shard
+    /// pattern, `synthetic`.
     Auto,
     Csv,
     Jsonl,
+    /// A COCO captions JSON (`images` plus `annotations`), images beside the file.
+    Coco,
     WebDataset,
     Synthetic,
 }
@@ -396,9 +423,10 @@ impl std::str::FromStr for DatasetType {
             "auto" => Self::Auto,
             "csv" => Self::Csv,
             "jsonl" => Self::Jsonl,
+            "coco" => Self::Coco,
             "webdataset" | "wds" => Self::WebDataset,
             "synthetic" => Self::Synthetic,
-            other => return Err(format!("unknown dataset type `{other}`: expected auto, csv, jsonl, webdataset or synthetic")),
+            other => return Err(format!("unknown dataset type `{other}`: expected auto, csv, jsonl, coco, webdataset or synthetic")),
         })
     }
 }
@@ -427,6 +455,8 @@ impl DataSpec {
             DatasetType::Synthetic
         } else if p.ends_with(".jsonl") {
             DatasetType::Jsonl
+        } else if p.ends_with(".json") {
+            DatasetType::Coco
         } else if p.ends_with(".tar") || p.contains('{') || p.contains('*') {
             DatasetType::WebDataset
         } else {
@@ -447,7 +477,8 @@ impl DataSpec {
     /// reordered and streamed through a shuffle buffer); `shuffle: false` keeps file order.
     pub fn open(&self, seed: u64, epoch: u64, shuffle: bool) -> Result<RecordStream> {
         use zoo_datasets::sources::{
-            expand_shards, shuffle_shards, CsvSource, JsonlSource, ShuffleBuffer, TarSource,
+            expand_shards, shuffle_shards, CocoSource, CsvSource, JsonlSource, ShuffleBuffer,
+            TarSource,
         };
         Ok(match self.resolved_kind() {
             DatasetType::Csv | DatasetType::Auto => {
@@ -464,6 +495,13 @@ impl DataSpec {
             }
             DatasetType::Jsonl => {
                 let mut s = JsonlSource::open(&self.path)?;
+                if shuffle {
+                    s.shuffle(seed, epoch);
+                }
+                Box::new(s)
+            }
+            DatasetType::Coco => {
+                let mut s = CocoSource::open(&self.path, None)?;
                 if shuffle {
                     s.shuffle(seed, epoch);
                 }

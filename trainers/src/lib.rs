@@ -7,6 +7,8 @@
 //! - [`caption_metrics`]: BLEU-1..4 and CIDEr-D with pycocoevalcap's PTB tokenization, and the
 //!   prediction/reference files `zoo eval caption` reads.
 
+pub mod blip_caption;
+pub mod capfilt;
 pub mod caption_metrics;
 pub mod checkpoint;
 pub mod contrastive;

@@ -4,6 +4,8 @@
 //! - [`CsvSource`]: a CSV/TSV index of image paths and captions (`--dataset-type csv`,
 //!   `--csv-img-key`, `--csv-caption-key`, `--csv-separator`).
 //! - [`JsonlSource`]: one `{"image": ..., "caption": ...}` object per line.
+//! - [`CocoSource`]: the COCO captions JSON (`images` plus `annotations`), one pair per
+//!   annotation (`--dataset-type coco`).
 //! - [`TarSource`]: WebDataset tar shards (`--dataset-type webdataset`), streamed member by
 //!   member; [`expand_shards`] turns open_clip's `--train-data` spec (brace ranges, globs,
 //!   `::` lists) into shard paths.
@@ -28,12 +30,14 @@ use image::DynamicImage;
 
 use crate::Error;
 
+mod coco;
 mod image_folder;
 mod listed;
 mod shuffle;
 mod tar_reader;
 mod webdataset;
 
+pub use coco::CocoSource;
 pub use image_folder::ImageFolder;
 pub use listed::{
     Csv, CsvSource, IndexSource, Jsonl, JsonlSource, DEFAULT_CSV_CAPTION_KEY, DEFAULT_CSV_IMG_KEY,
