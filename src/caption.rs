@@ -3,16 +3,14 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use candle_core::Tensor;
 use clap::Args;
 use serde_json::json;
-use zoo_datasets::preprocess::ImageProcessor;
-use zoo_datasets::tokenize::TextTokenizer;
 use zoo_models::blip::BlipForConditionalGeneration;
 use zoo_models::generation::{
     BeamOptions, GenerationConfig, HfGenerationConfig, SamplingOptions, Strategy,
 };
 use zoo_models::hub::ModelRepo;
+use zoo_trainers::capfilt::Captioner;
 
 use crate::common::{progress, ModelArgs};
 
@@ -109,66 +107,29 @@ fn generation_config(
     })
 }
 
-/// HF's `decode(skip_special_tokens=True)`.
-fn decode(tokenizer: &TextTokenizer, ids: &[u32]) -> Result<String> {
-    tokenizer
-        .inner()
-        .decode(ids, true)
-        .map_err(|e| anyhow::anyhow!("cannot decode token ids: {e}"))
-}
-
 pub fn run(args: CaptionArgs) -> Result<()> {
     if args.batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
     let device = args.model.device()?;
     let repo = ModelRepo::open(&args.model.model)?;
-    let model = BlipForConditionalGeneration::load(&repo, args.model.dtype()?, &device)?;
-    let tokenizer = TextTokenizer::from_files(
-        &repo.get("tokenizer.json")?,
-        repo.get_optional("tokenizer_config.json")?.as_deref(),
-    )?;
-    let processor = ImageProcessor::from_file(&repo.get("preprocessor_config.json")?)?;
+    let captioner = Captioner::load(&repo, args.model.dtype()?, &device)?;
     let hf = match repo.get_optional("generation_config.json")? {
         Some(path) => HfGenerationConfig::from_file(&path)?,
         None => HfGenerationConfig::default(),
     };
-
-    // The tokenizer's "[CLS] prompt [SEP]"; generation starts from "[DEC] prompt".
-    let prompt_ids = args
-        .prompt
-        .as_deref()
-        .map(|p| tokenizer.encode(p))
-        .transpose()?;
-    let start_len = prompt_ids.as_ref().map_or(1, |ids| ids.len().max(2) - 1);
-    let prompt_text = prompt_ids
-        .as_ref()
-        .map(|ids| decode(&tokenizer, ids))
-        .transpose()?;
-    let prompt = prompt_ids
-        .map(|ids| {
-            let n = ids.len();
-            Tensor::from_vec(ids, (1, n), &device)
-        })
-        .transpose()?;
-    let cfg = generation_config(&args, &model, &hf, start_len)?;
+    let prompt = captioner.prompt(args.prompt.as_deref())?;
+    let start_len = prompt.as_ref().map_or(1, |p| p.start_len);
+    let cfg = generation_config(&args, &captioner.model, &hf, start_len)?;
 
     let bar = progress(args.images.len(), "images");
     let mut results = Vec::with_capacity(args.images.len());
     for chunk in args.images.chunks(args.batch_size) {
-        let pixels = processor
-            .load_batch(chunk, &device)?
-            .to_dtype(model.dtype())?;
-        let rows = model
+        let pixels = captioner.processor.load_batch(chunk, &device)?;
+        let rows = captioner
             .generate(&pixels, prompt.as_ref(), &cfg)
             .with_context(|| format!("captioning {}", chunk[0].display()))?;
-        for (image, ids) in chunk.iter().zip(rows) {
-            let text = decode(&tokenizer, &ids)?;
-            let caption = match &prompt_text {
-                Some(p) => text.strip_prefix(p.as_str()).unwrap_or(&text).trim(),
-                None => text.trim(),
-            }
-            .to_string();
+        for (image, (ids, caption)) in chunk.iter().zip(rows) {
             results.push((image, caption, ids));
         }
         bar.inc(chunk.len() as u64);

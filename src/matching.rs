@@ -4,13 +4,11 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
-use candle_core::{DType, Tensor, D};
+use candle_core::DType;
 use clap::Args;
 use serde_json::json;
-use zoo_datasets::preprocess::ImageProcessor;
-use zoo_datasets::tokenize::{Padding, TextTokenizer};
-use zoo_models::blip::BlipForImageTextRetrieval;
 use zoo_models::hub::ModelRepo;
+use zoo_trainers::capfilt::ItmFilter;
 
 use crate::common::{progress, ModelArgs};
 
@@ -46,29 +44,18 @@ pub fn run(args: MatchArgs) -> Result<()> {
     }
     let device = args.model.device()?;
     let repo = ModelRepo::open(&args.model.model)?;
-    let model = BlipForImageTextRetrieval::load(&repo, args.model.dtype()?, &device)?;
-    let tokenizer = TextTokenizer::from_files(
-        &repo.get("tokenizer.json")?,
-        repo.get_optional("tokenizer_config.json")?.as_deref(),
-    )?;
-    let processor = ImageProcessor::from_file(&repo.get("preprocessor_config.json")?)?;
-
-    // As HF's BlipProcessor: "[CLS] text [SEP]", padded to the longest, with the mask.
-    let max_len = model.config.text_config.max_position_embeddings;
-    let max_len = tokenizer
-        .model_max_length()
-        .map_or(max_len, |m| m.min(max_len));
+    let filter = ItmFilter::load(&repo, args.model.dtype()?, &device)?;
+    let model = &filter.model;
     let texts: Vec<&str> = args.texts.iter().map(String::as_str).collect();
-    let (input_ids, mask) = tokenizer
-        .encode_batch(&texts, Padding::Longest, max_len)?
-        .to_tensors(&device)?;
+    let (input_ids, mask) = filter.tokenize(&texts)?;
     let text_features = model.text_features(&input_ids, Some(&mask))?;
     let n_texts = texts.len();
 
     let bar = progress(args.images.len(), "images");
     let mut pairs = Vec::with_capacity(args.images.len() * n_texts);
     for (c, chunk) in args.images.chunks(IMAGE_CHUNK).enumerate() {
-        let pixels = processor
+        let pixels = filter
+            .processor
             .load_batch(chunk, &device)?
             .to_dtype(model.dtype())?;
         let image_embeds = model.vision_model.forward(&pixels)?;
@@ -80,15 +67,12 @@ pub fn run(args: MatchArgs) -> Result<()> {
         for (i, itc_row) in itc.iter().enumerate() {
             // Each image against every text at once.
             let image = image_embeds.narrow(0, i, 1)?;
-            let (_, n, d) = image.dims3()?;
-            let image = image.broadcast_as((n_texts, n, d))?.contiguous()?;
-            let logits = model.itm_logits(&image, &input_ids, Some(&mask))?;
-            let probs = softmax_rows(&logits.to_dtype(DType::F32)?)?;
-            for (t, &itc_score) in itc_row.iter().enumerate() {
+            let probs = filter.itm_probs_of_tokens(&image, &input_ids, &mask)?;
+            for (t, (&itc_score, &itm_prob)) in itc_row.iter().zip(&probs).enumerate() {
                 pairs.push(Pair {
                     image: c * IMAGE_CHUNK + i,
                     text: t,
-                    itm_prob: probs[t][1],
+                    itm_prob,
                     itc_score,
                 });
             }
@@ -124,12 +108,4 @@ pub fn run(args: MatchArgs) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// Softmax over the two ITM classes of each row.
-fn softmax_rows(logits: &Tensor) -> Result<Vec<Vec<f32>>> {
-    let max = logits.max_keepdim(D::Minus1)?;
-    let e = logits.broadcast_sub(&max)?.exp()?;
-    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?
-        .to_vec2::<f32>()?)
 }

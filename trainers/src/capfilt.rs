@@ -73,6 +73,16 @@ fn pixel_batch(
     Ok(Tensor::from_vec(data, (images.len(), 3, h, w), device)?.to_dtype(dtype)?)
 }
 
+/// A tokenized caption prompt.
+pub struct Prompt {
+    /// "[CLS] prompt [SEP]" `[1, L]`.
+    pub ids: Tensor,
+    /// The prompt as decoded text.
+    pub text: String,
+    /// Tokens generation starts from: "[DEC] prompt".
+    pub start_len: usize,
+}
+
 /// A BLIP captioner (HF `BlipForConditionalGeneration`) with its tokenizer and processor.
 pub struct Captioner {
     pub model: BlipForConditionalGeneration,
@@ -92,9 +102,46 @@ impl Captioner {
         })
     }
 
-    /// Captions each image, continuing `prompt` if given; the captions are the decoded text
-    /// without special tokens and without the prompt (as salesforce/BLIP's
-    /// `caption[len(prompt):]`).
+    /// The tokenizer's "[CLS] prompt [SEP]" as a `[1, L]` tensor (generation starts from
+    /// "[DEC] prompt"), with its decoded text, which captions are stripped of.
+    pub fn prompt(&self, prompt: Option<&str>) -> Result<Option<Prompt>> {
+        let Some(p) = prompt else { return Ok(None) };
+        let ids = self.tokenizer.encode(p)?;
+        let text = self.decode(&ids)?;
+        let n = ids.len();
+        let device = self.model.text_decoder.word_embeddings().device().clone();
+        Ok(Some(Prompt {
+            ids: Tensor::from_vec(ids, (1, n), &device)?,
+            text,
+            start_len: n.max(2) - 1,
+        }))
+    }
+
+    /// Generates for preprocessed `pixels` `[N, 3, H, W]`: per image the full token sequence as
+    /// HF `generate` returns it, and the caption, decoded without special tokens and without
+    /// the prompt (as salesforce/BLIP's `caption[len(prompt):]`).
+    pub fn generate(
+        &self,
+        pixels: &Tensor,
+        prompt: Option<&Prompt>,
+        cfg: &GenerationConfig,
+    ) -> Result<Vec<(Vec<u32>, String)>> {
+        let pixels = pixels.to_dtype(self.model.dtype())?;
+        let rows = self.model.generate(&pixels, prompt.map(|p| &p.ids), cfg)?;
+        rows.into_iter()
+            .map(|ids| {
+                let text = self.decode(&ids)?;
+                let caption = match prompt {
+                    Some(p) => text.strip_prefix(p.text.as_str()).unwrap_or(&text).trim(),
+                    None => text.trim(),
+                }
+                .to_string();
+                Ok((ids, caption))
+            })
+            .collect()
+    }
+
+    /// Captions decoded images (see [`generate`](Self::generate)); `keys` name them in errors.
     pub fn caption(
         &self,
         images: &[&DynamicImage],
@@ -104,29 +151,12 @@ impl Captioner {
     ) -> Result<Vec<String>> {
         let device = self.model.text_decoder.word_embeddings().device().clone();
         let pixels = pixel_batch(&self.processor, images, keys, self.model.dtype(), &device)?;
-        // The tokenizer's "[CLS] prompt [SEP]"; generation starts from "[DEC] prompt".
-        let prompt_ids = prompt.map(|p| self.tokenizer.encode(p)).transpose()?;
-        let prompt_text = prompt_ids
-            .as_ref()
-            .map(|ids| self.decode(ids))
-            .transpose()?;
-        let prompt = prompt_ids
-            .map(|ids| {
-                let n = ids.len();
-                Tensor::from_vec(ids, (1, n), &device)
-            })
-            .transpose()?;
-        let rows = self.model.generate(&pixels, prompt.as_ref(), cfg)?;
-        rows.iter()
-            .map(|ids| {
-                let text = self.decode(ids)?;
-                Ok(match &prompt_text {
-                    Some(p) => text.strip_prefix(p.as_str()).unwrap_or(&text).trim(),
-                    None => text.trim(),
-                }
-                .to_string())
-            })
-            .collect()
+        let prompt = self.prompt(prompt)?;
+        Ok(self
+            .generate(&pixels, prompt.as_ref(), cfg)?
+            .into_iter()
+            .map(|(_, caption)| caption)
+            .collect())
     }
 
     /// HF's `decode(skip_special_tokens=True)`.
@@ -174,31 +204,47 @@ impl ItmFilter {
         Ok(self.model.vision_model.forward(&pixels)?)
     }
 
-    /// `itm_prob = softmax(itm_score)[1]` of one image (its `[1, T, D]` embeds) with each text;
-    /// the texts are tokenized as HF's BlipProcessor does ("[CLS] text [SEP]", padded to the
-    /// longest, with the mask), exactly as `zoo match` scores them.
-    pub fn itm_probs(&self, image_embeds: &Tensor, texts: &[&str]) -> Result<Vec<f32>> {
+    /// Tokenizes as HF's BlipProcessor does: "[CLS] text [SEP]", padded to the longest, with
+    /// the mask.
+    pub fn tokenize(&self, texts: &[&str]) -> Result<(Tensor, Tensor)> {
         let max_len = self.model.config.text_config.max_position_embeddings;
         let max_len = self
             .tokenizer
             .model_max_length()
             .map_or(max_len, |m| m.min(max_len));
-        let (input_ids, mask) = self
+        Ok(self
             .tokenizer
             .encode_batch(texts, Padding::Longest, max_len)?
-            .to_tensors(&self.device())?;
+            .to_tensors(&self.device())?)
+    }
+
+    /// `itm_prob = softmax(itm_score)[1]` of one image (its `[1, T, D]` embeds) with each of the
+    /// tokenized texts.
+    pub fn itm_probs_of_tokens(
+        &self,
+        image_embeds: &Tensor,
+        input_ids: &Tensor,
+        mask: &Tensor,
+    ) -> Result<Vec<f32>> {
         let (_, n, d) = image_embeds.dims3()?;
         let image = image_embeds
-            .broadcast_as((texts.len(), n, d))?
+            .broadcast_as((input_ids.dim(0)?, n, d))?
             .contiguous()?;
         let logits = self
             .model
-            .itm_logits(&image, &input_ids, Some(&mask))?
+            .itm_logits(&image, input_ids, Some(mask))?
             .to_dtype(DType::F32)?;
         let max = logits.max_keepdim(D::Minus1)?;
         let e = logits.broadcast_sub(&max)?.exp()?;
         let probs = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
         Ok(probs.narrow(1, 1, 1)?.squeeze(1)?.to_vec1::<f32>()?)
+    }
+
+    /// [`itm_probs_of_tokens`](Self::itm_probs_of_tokens) for texts, exactly as `zoo match`
+    /// scores them.
+    pub fn itm_probs(&self, image_embeds: &Tensor, texts: &[&str]) -> Result<Vec<f32>> {
+        let (input_ids, mask) = self.tokenize(texts)?;
+        self.itm_probs_of_tokens(image_embeds, &input_ids, &mask)
     }
 }
 
