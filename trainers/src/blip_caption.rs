@@ -30,6 +30,7 @@ use crate::data::{
 };
 use crate::error::{Error, Result};
 use crate::metrics::MetricsLog;
+use crate::model::save_hf_folder;
 use crate::optim::{AdamW, AdamWConfig};
 use crate::rng::Rng;
 use crate::train::{train, Task, TrainConfig, TrainState};
@@ -330,29 +331,14 @@ impl TrainableBlipCaptioner {
     /// `config.json`, `model.safetensors`, `tokenizer.json`, `tokenizer_config.json`,
     /// `preprocessor_config.json`. Fails, writing nothing, if any weight is not finite.
     pub fn save_hf(&self, dir: &Path) -> Result<()> {
-        let tensors: HashMap<String, Tensor> = lock(&self.varmap)?
-            .iter()
-            .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
-            .collect();
-        for (name, t) in &tensors {
-            let finite = t
-                .flatten_all()?
-                .to_vec1::<f32>()?
-                .iter()
-                .all(|v| v.is_finite());
-            if !finite {
-                return Err(Error::Input(format!(
-                    "refusing to save: `{name}` holds non-finite values"
-                )));
-            }
-        }
-        std::fs::create_dir_all(dir)
-            .map_err(|e| Error::Input(format!("cannot create {}: {e}", dir.display())))?;
-        zoo_models::weights::save_safetensors_atomic(&tensors, &dir.join("model.safetensors"))?;
-        write_json(&dir.join("config.json"), &self.hf_config())?;
-        write_json(&dir.join("preprocessor_config.json"), &self.processor_json)?;
-        self.tokenizer.save(dir, None)?;
-        Ok(())
+        save_hf_folder(
+            &self.varmap,
+            dir,
+            &self.hf_config(),
+            &self.processor_json,
+            &self.tokenizer,
+            None,
+        )
     }
 }
 
@@ -361,12 +347,6 @@ fn lock(varmap: &VarMap) -> Result<std::sync::MutexGuard<'_, HashMap<String, Var
         .data()
         .lock()
         .map_err(|_| Error::Input("poisoned varmap".into()))
-}
-
-fn write_json(path: &Path, value: &Value) -> Result<()> {
-    let text = serde_json::to_string_pretty(value).unwrap_or_default();
-    std::fs::write(path, text)
-        .map_err(|e| Error::Input(format!("cannot write {}: {e}", path.display())))
 }
 
 /// The name and shape of every parameter the captioner reads, sorted by name: the variables

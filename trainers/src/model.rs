@@ -411,36 +411,14 @@ impl TrainableDualEncoder {
     /// `tokenizer.json`, `tokenizer_config.json`, `preprocessor_config.json`. Fails, writing
     /// nothing, if any weight is not finite.
     pub fn save_hf(&self, dir: &Path) -> Result<()> {
-        let tensors: std::collections::HashMap<String, Tensor> = {
-            let data = self
-                .varmap
-                .data()
-                .lock()
-                .map_err(|_| Error::Input("poisoned varmap".into()))?;
-            data.iter()
-                .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
-                .collect()
-        };
-        for (name, t) in &tensors {
-            let finite = t
-                .to_dtype(DType::F32)?
-                .flatten_all()?
-                .to_vec1::<f32>()?
-                .iter()
-                .all(|v| v.is_finite());
-            if !finite {
-                return Err(Error::Input(format!(
-                    "refusing to save: `{name}` holds non-finite values"
-                )));
-            }
-        }
-        std::fs::create_dir_all(dir)
-            .map_err(|e| Error::Input(format!("cannot create {}: {e}", dir.display())))?;
-        zoo_models::weights::save_safetensors_atomic(&tensors, &dir.join("model.safetensors"))?;
-        write_json(&dir.join("config.json"), &self.config.to_hf_json())?;
-        write_json(&dir.join("preprocessor_config.json"), &self.processor_json)?;
-        self.tokenizer.save(dir, Some(self.max_text_len()))?;
-        Ok(())
+        save_hf_folder(
+            &self.varmap,
+            dir,
+            &self.config.to_hf_json(),
+            &self.processor_json,
+            &self.tokenizer,
+            Some(self.max_text_len()),
+        )
     }
 
     /// Replaces the weights with those of an HF checkpoint folder written by [`save_hf`].
@@ -459,6 +437,49 @@ impl TrainableDualEncoder {
         }
         Ok(())
     }
+}
+
+/// Writes a `VarMap`'s weights as an HF-layout folder: `model.safetensors` (atomically),
+/// `config.json`, `preprocessor_config.json`, `tokenizer.json` and `tokenizer_config.json`
+/// (with `model_max_length` = `max_text_len` when given). Fails, writing nothing, if any weight
+/// is not finite. Shared by every trainable model.
+pub(crate) fn save_hf_folder(
+    varmap: &VarMap,
+    dir: &Path,
+    config: &Value,
+    processor: &Value,
+    tokenizer: &TextTokenizer,
+    max_text_len: Option<usize>,
+) -> Result<()> {
+    let tensors: std::collections::HashMap<String, Tensor> = {
+        let data = varmap
+            .data()
+            .lock()
+            .map_err(|_| Error::Input("poisoned varmap".into()))?;
+        data.iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+            .collect()
+    };
+    for (name, t) in &tensors {
+        let finite = t
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?
+            .iter()
+            .all(|v| v.is_finite());
+        if !finite {
+            return Err(Error::Input(format!(
+                "refusing to save: `{name}` holds non-finite values"
+            )));
+        }
+    }
+    std::fs::create_dir_all(dir)
+        .map_err(|e| Error::Input(format!("cannot create {}: {e}", dir.display())))?;
+    zoo_models::weights::save_safetensors_atomic(&tensors, &dir.join("model.safetensors"))?;
+    write_json(&dir.join("config.json"), config)?;
+    write_json(&dir.join("preprocessor_config.json"), processor)?;
+    tokenizer.save(dir, max_text_len)?;
+    Ok(())
 }
 
 fn write_json(path: &Path, value: &Value) -> Result<()> {
