@@ -10,6 +10,7 @@ use clap::{Args, ValueEnum};
 use zoo_datasets::synthetic::Shapes;
 use zoo_models::contrastive::ScoreKind;
 use zoo_trainers::blip_caption;
+use zoo_trainers::blip_pretrain;
 use zoo_trainers::contrastive::{
     parse_templates, run, ModelSpec, RetrievalSet, RunConfig, RunData, ZeroShotSet,
 };
@@ -33,7 +34,8 @@ pub enum Objective {
 pub enum BlipObjective {
     /// The captioning LM loss of salesforce/BLIP's `BLIP_Decoder`.
     Caption,
-    /// ITC + ITM + LM pretraining (not implemented yet).
+    /// salesforce/BLIP's pretraining: ITC (momentum encoders, queues, momentum distillation)
+    /// + ITM (hard negatives) + LM.
     Pretrain,
 }
 
@@ -57,6 +59,19 @@ pub struct TrainArgs {
     /// BLIP caption training: label smoothing of the LM loss.
     #[arg(long, default_value_t = blip_caption::DEFAULT_LABEL_SMOOTHING)]
     pub label_smoothing: f64,
+    /// BLIP pretraining: momentum features kept as extra ITC negatives (0: in-batch only).
+    #[arg(long, default_value_t = blip_pretrain::DEFAULT_QUEUE_SIZE)]
+    pub queue_size: usize,
+    /// BLIP pretraining: EMA coefficient of the momentum encoders.
+    #[arg(long, default_value_t = blip_pretrain::DEFAULT_MOMENTUM)]
+    pub momentum: f64,
+    /// BLIP pretraining: weight of the momentum encoders' soft ITC targets.
+    #[arg(long, default_value_t = blip_pretrain::DEFAULT_ALPHA)]
+    pub alpha: f64,
+    /// BLIP pretraining: alpha rises linearly from 0 over this many steps (BLIP: the first
+    /// epoch). Default: --warmup.
+    #[arg(long)]
+    pub alpha_ramp_steps: Option<u64>,
     /// An HF BERT folder or hub id (config.json, safetensors, tokenizer.json), e.g.
     /// sentence-transformers/all-MiniLM-L6-v2, as the text tower of the CLIP preset --model:
     /// its weights and tokenizer, mean pooling, and a new linear projection. Saved as an HF
@@ -327,18 +342,11 @@ fn optimizer_config(args: &TrainArgs) -> AdamWConfig {
     }
 }
 
-/// `zoo train blip --objective caption`.
+/// `zoo train blip --objective caption|pretrain`.
 fn run_blip(args: TrainArgs) -> Result<()> {
-    match args.objective {
-        Some(BlipObjective::Caption) => {}
-        Some(BlipObjective::Pretrain) => bail!(
-            "`zoo train blip --objective pretrain` (ITC + ITM + LM) is not implemented yet; \
-             `--objective caption` (the captioning LM loss) is"
-        ),
-        None => {
-            bail!("`zoo train blip` needs --objective caption (pretrain is not implemented yet)")
-        }
-    }
+    let Some(objective) = args.objective else {
+        bail!("`zoo train blip` needs --objective caption or --objective pretrain");
+    };
     let contrastive_only = [
         (args.text_tower.is_some(), "--text-tower"),
         (args.lock_image, "--lock-image"),
@@ -347,24 +355,14 @@ fn run_blip(args: TrainArgs) -> Result<()> {
         (args.zeroshot_data.is_some(), "--zeroshot-data"),
     ];
     if let Some((_, flag)) = contrastive_only.iter().find(|(given, _)| *given) {
-        bail!("{flag} is for `zoo train clip|siglip`, not `zoo train blip --objective caption`");
+        bail!("{flag} is for `zoo train clip|siglip`, not `zoo train blip`");
     }
     if args.batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
-    if !(0.0..1.0).contains(&args.label_smoothing) {
-        bail!(
-            "--label-smoothing {} must be in [0, 1)",
-            args.label_smoothing
-        );
-    }
     let device = zoo_models::device::parse_device(&args.device)?;
     let model_name = args.model.clone().unwrap_or_else(|| "blip-tiny".into());
-    let model = if blip_caption::PRESETS.split(", ").any(|p| p == model_name) {
-        blip_caption::ModelSpec::Preset(model_name)
-    } else {
-        blip_caption::ModelSpec::Pretrained(model_name)
-    };
+    let is_preset = blip_caption::PRESETS.split(", ").any(|p| p == model_name);
     let (train, steps) = train_stream(&args)?;
     let val = match &args.val_data {
         Some(path) => {
@@ -376,25 +374,86 @@ fn run_blip(args: TrainArgs) -> Result<()> {
         }
         None => None,
     };
-    let config = blip_caption::RunConfig {
-        model,
-        prompt: args.prompt.clone(),
-        label_smoothing: args.label_smoothing,
-        train: train_config(&args, steps),
-        batch_size: args.batch_size,
-        workers: args.workers,
-        optimizer: optimizer_config(&args),
-        image_size: args.image_size,
-        augment: true,
-        max_bad_fraction: args.max_bad_fraction,
-        resume: args.resume.clone(),
-        device,
+    let final_dir = match objective {
+        BlipObjective::Caption => {
+            if !(0.0..1.0).contains(&args.label_smoothing) {
+                bail!(
+                    "--label-smoothing {} must be in [0, 1)",
+                    args.label_smoothing
+                );
+            }
+            let config = blip_caption::RunConfig {
+                model: if is_preset {
+                    blip_caption::ModelSpec::Preset(model_name)
+                } else {
+                    blip_caption::ModelSpec::Pretrained(model_name)
+                },
+                prompt: args.prompt.clone(),
+                label_smoothing: args.label_smoothing,
+                train: train_config(&args, steps),
+                batch_size: args.batch_size,
+                workers: args.workers,
+                optimizer: optimizer_config(&args),
+                image_size: args.image_size,
+                augment: true,
+                max_bad_fraction: args.max_bad_fraction,
+                resume: args.resume.clone(),
+                device,
+            };
+            let summary = blip_caption::run(config, blip_caption::RunData { train, val })
+                .context("training failed")?;
+            report(&summary.state.losses, summary.state.step);
+            summary.final_dir
+        }
+        BlipObjective::Pretrain => {
+            if !(0.0..=1.0).contains(&args.alpha) {
+                bail!("--alpha {} must be in [0, 1]", args.alpha);
+            }
+            if !(0.0..1.0).contains(&args.momentum) {
+                bail!("--momentum {} must be in [0, 1)", args.momentum);
+            }
+            if args.queue_size > 0 && args.queue_size < args.batch_size {
+                bail!(
+                    "--queue-size {} must be 0 or at least --batch-size {}",
+                    args.queue_size,
+                    args.batch_size
+                );
+            }
+            let train_config = train_config(&args, steps);
+            let config = blip_pretrain::RunConfig {
+                model: if is_preset {
+                    blip_pretrain::ModelSpec::Preset(model_name)
+                } else {
+                    blip_pretrain::ModelSpec::Pretrained(model_name)
+                },
+                settings: blip_pretrain::PretrainSettings {
+                    queue_size: args.queue_size,
+                    momentum: args.momentum,
+                    alpha: args.alpha,
+                    alpha_ramp_steps: args.alpha_ramp_steps.unwrap_or(train_config.warmup),
+                },
+                train: train_config,
+                batch_size: args.batch_size,
+                workers: args.workers,
+                optimizer: optimizer_config(&args),
+                image_size: args.image_size,
+                augment: true,
+                max_bad_fraction: args.max_bad_fraction,
+                resume: args.resume.clone(),
+                device,
+            };
+            let summary = blip_pretrain::run(config, blip_pretrain::RunData { train, val })
+                .context("training failed")?;
+            report(&summary.state.losses, summary.state.step);
+            summary.final_dir
+        }
     };
-    let summary = blip_caption::run(config, blip_caption::RunData { train, val })
-        .context("training failed")?;
-    let last = summary.state.losses.last().copied().unwrap_or(f64::NAN);
-    println!("trained {} steps; final loss {last:.4}", summary.state.step);
-    println!("model: {}", summary.final_dir.display());
+    println!("model: {}", final_dir.display());
     println!("metrics: {}", args.output.join("metrics.jsonl").display());
     Ok(())
+}
+
+fn report(losses: &[f64], step: u64) {
+    let last = losses.last().copied().unwrap_or(f64::NAN);
+    println!("trained {step} steps; final loss {last:.4}");
 }

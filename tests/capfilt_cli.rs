@@ -1,8 +1,9 @@
 //! End-to-end tests of `zoo capfilt` on the tiny BLIP fixtures (captioner
 //! `blip-tiny-caption`, filter `blip-tiny-itm`) over web pairs of real fixture images: the
 //! output format, the report's counts, `itm_prob` equal to `zoo match`'s, the threshold, and
-//! resuming. The tiny filter is random, so these tests check the bookkeeping, not that it tells
-//! right captions from wrong ones.
+//! resuming. The tiny filter is random, so these tests check the bookkeeping; that CapFilt with
+//! a trained filter tells right captions from wrong ones is tested in
+//! `trainers/tests/blip_pretrain.rs`.
 
 use std::fs;
 use std::path::{Path, PathBuf};

@@ -366,7 +366,26 @@ impl BlipForConditionalGeneration {
         prompt_length: usize,
         label_smoothing: f64,
     ) -> Result<Tensor> {
-        let logits = self.forward(pixel_values, input_ids, Some(attention_mask))?;
+        let image_embeds = self.vision_model.forward(pixel_values)?;
+        self.caption_loss_on(
+            &image_embeds,
+            input_ids,
+            attention_mask,
+            prompt_length,
+            label_smoothing,
+        )
+    }
+
+    /// [`Self::caption_loss`] from precomputed `image_embeds` `[B, N, Dv]`.
+    pub fn caption_loss_on(
+        &self,
+        image_embeds: &Tensor,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        prompt_length: usize,
+        label_smoothing: f64,
+    ) -> Result<Tensor> {
+        let logits = self.logits(image_embeds, input_ids, Some(attention_mask))?;
         let (b, l, v) = logits.dims3()?;
         let logits = logits.narrow(1, 0, l - 1)?.reshape((b * (l - 1), v))?;
         let targets = input_ids.narrow(1, 1, l - 1)?.flatten_all()?;

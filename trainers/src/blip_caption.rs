@@ -30,7 +30,7 @@ use crate::data::{
 };
 use crate::error::{Error, Result};
 use crate::metrics::MetricsLog;
-use crate::model::save_hf_folder;
+use crate::model::{save_hf_folder, varmap_tensors};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::rng::Rng;
 use crate::train::{train, Task, TrainConfig, TrainState};
@@ -94,7 +94,7 @@ pub fn preset_config(name: &str, image_size: Option<usize>) -> Result<BlipConfig
 }
 
 /// HF `BlipImageProcessor` at `size`: bicubic resize to a square, OpenAI CLIP's mean and std.
-fn preset_processor(size: usize) -> Value {
+pub(crate) fn preset_processor(size: usize) -> Value {
     json!({
         "image_processor_type": "BlipImageProcessor",
         "processor_class": "BlipProcessor",
@@ -258,63 +258,25 @@ impl TrainableBlipCaptioner {
         })
     }
 
-    /// Greedy captions of `pixel_values` `[B, 3, H, W]` continuing `prompt` (empty: none):
-    /// the generated token ids after `[DEC]` and the prompt, without the final `[SEP]`, and
-    /// their decoded text.
+    /// Greedy captions of `pixel_values` (see [`greedy_captions`]).
     pub fn caption(
         &self,
         pixel_values: &Tensor,
         prompt: &str,
         max_new_tokens: usize,
     ) -> Result<Vec<(Vec<u32>, String)>> {
-        let prompt_ids = if prompt.is_empty() {
-            None
-        } else {
-            let ids = self.tokenizer.encode(prompt)?;
-            Some(Tensor::new(vec![ids], &self.device)?)
-        };
-        // Rows start with `[DEC]` and the prompt's tokens.
-        let start = self.prompt_length(prompt)?.max(1);
-        let cfg = GenerationConfig {
+        greedy_captions(
+            &self.model,
+            &self.tokenizer,
+            pixel_values,
+            prompt,
             max_new_tokens,
-            ..self.model.generation_defaults()
-        };
-        let sep = self.config.text_config.sep_token_id;
-        let pad = self.config.text_config.pad_token_id;
-        let rows = self
-            .model
-            .generate(pixel_values, prompt_ids.as_ref(), &cfg)?;
-        rows.into_iter()
-            .map(|row| {
-                let new: Vec<u32> = row[start.min(row.len())..]
-                    .iter()
-                    .copied()
-                    .take_while(|&t| t != sep && t != pad)
-                    .collect();
-                let text = self
-                    .tokenizer
-                    .inner()
-                    .decode(&new, true)
-                    .map_err(|e| Error::Input(format!("cannot decode a caption: {e}")))?;
-                Ok((new, text))
-            })
-            .collect()
+        )
     }
 
     /// Pixel values `[N, 3, H, W]` of images, with HF's preprocessing (no augmentation).
     pub fn pixel_values(&self, images: &[&image::DynamicImage]) -> Result<Tensor> {
-        let mut pixels = Vec::new();
-        let mut dims = (0, 0);
-        for image in images {
-            let (values, h, w) = self.processor.preprocess(image);
-            dims = (h, w);
-            pixels.extend(values);
-        }
-        Ok(Tensor::from_vec(
-            pixels,
-            (images.len(), 3, dims.0, dims.1),
-            &self.device,
-        )?)
+        pixel_values(&self.processor, images, &self.device)
     }
 
     /// HF's `config.json` of the model: `model_type` blip, `BlipForConditionalGeneration`.
@@ -332,7 +294,7 @@ impl TrainableBlipCaptioner {
     /// `preprocessor_config.json`. Fails, writing nothing, if any weight is not finite.
     pub fn save_hf(&self, dir: &Path) -> Result<()> {
         save_hf_folder(
-            &self.varmap,
+            &varmap_tensors(&self.varmap)?,
             dir,
             &self.hf_config(),
             &self.processor_json,
@@ -379,6 +341,67 @@ pub fn initial_value(name: &str, shape: &Shape, rng: &mut Rng, device: &Device) 
     })
 }
 
+/// Greedy captions of `pixel_values` `[B, 3, H, W]` continuing `prompt` (empty: none): the
+/// generated token ids after `[DEC]` and the prompt, without the final `[SEP]`, and their
+/// decoded text.
+pub fn greedy_captions(
+    model: &BlipForConditionalGeneration,
+    tokenizer: &TextTokenizer,
+    pixel_values: &Tensor,
+    prompt: &str,
+    max_new_tokens: usize,
+) -> Result<Vec<(Vec<u32>, String)>> {
+    let prompt_ids = if prompt.is_empty() {
+        None
+    } else {
+        let ids = tokenizer.encode(prompt)?;
+        Some(Tensor::new(vec![ids], pixel_values.device())?)
+    };
+    // Rows start with `[DEC]` and the prompt's tokens.
+    let start = tokenizer.encode(prompt)?.len().saturating_sub(1).max(1);
+    let cfg = GenerationConfig {
+        max_new_tokens,
+        ..model.generation_defaults()
+    };
+    let sep = model.config.text_config.sep_token_id;
+    let pad = model.config.text_config.pad_token_id;
+    let rows = model.generate(pixel_values, prompt_ids.as_ref(), &cfg)?;
+    rows.into_iter()
+        .map(|row| {
+            let new: Vec<u32> = row[start.min(row.len())..]
+                .iter()
+                .copied()
+                .take_while(|&t| t != sep && t != pad)
+                .collect();
+            let text = tokenizer
+                .inner()
+                .decode(&new, true)
+                .map_err(|e| Error::Input(format!("cannot decode a caption: {e}")))?;
+            Ok((new, text))
+        })
+        .collect()
+}
+
+/// Pixel values `[N, 3, H, W]` of images, with HF's preprocessing (no augmentation).
+pub fn pixel_values(
+    processor: &ImageProcessor,
+    images: &[&image::DynamicImage],
+    device: &Device,
+) -> Result<Tensor> {
+    let mut pixels = Vec::new();
+    let mut dims = (0, 0);
+    for image in images {
+        let (values, h, w) = processor.preprocess(image);
+        dims = (h, w);
+        pixels.extend(values);
+    }
+    Ok(Tensor::from_vec(
+        pixels,
+        (images.len(), 3, dims.0, dims.1),
+        device,
+    )?)
+}
+
 /// Held-out pairs whose greedy captions are scored (BLEU-4, CIDEr-D) at each evaluation.
 pub struct CaptionEvalSet {
     pub pixel_values: Vec<Tensor>,
@@ -390,15 +413,42 @@ const EVAL_CHUNK: usize = 32;
 
 impl CaptionEvalSet {
     /// Preprocesses `pairs` (no augmentation) for repeated evaluation.
-    pub fn from_pairs(pairs: &[Pair], model: &TrainableBlipCaptioner) -> Result<Self> {
+    pub fn from_pairs(pairs: &[Pair], processor: &ImageProcessor, device: &Device) -> Result<Self> {
         let pixel_values = pairs
             .chunks(EVAL_CHUNK)
-            .map(|c| model.pixel_values(&c.iter().map(|p| &p.image).collect::<Vec<_>>()))
+            .map(|c| {
+                pixel_values(
+                    processor,
+                    &c.iter().map(|p| &p.image).collect::<Vec<_>>(),
+                    device,
+                )
+            })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             pixel_values,
             captions: pairs.iter().map(|p| p.caption.clone()).collect(),
         })
+    }
+
+    /// BLEU-4 and CIDEr-D (`val_bleu4`, `val_cider`) of `model`'s greedy captions continuing
+    /// `prompt`, against the true captions.
+    pub fn score(
+        &self,
+        model: &BlipForConditionalGeneration,
+        tokenizer: &TextTokenizer,
+        prompt: &str,
+    ) -> Result<Vec<(String, f64)>> {
+        let mut predictions = Vec::with_capacity(self.captions.len());
+        for pixels in &self.pixel_values {
+            let captions = greedy_captions(model, tokenizer, pixels, prompt, MAX_CAPTION_TOKENS)?;
+            predictions.extend(captions.into_iter().map(|(_, text)| text));
+        }
+        let references: Vec<Vec<&str>> = self.captions.iter().map(|c| vec![c.as_str()]).collect();
+        let scores = score_captions(&predictions, &references)?;
+        Ok(vec![
+            ("val_bleu4".into(), scores.bleu[3]),
+            ("val_cider".into(), scores.cider),
+        ])
     }
 }
 
@@ -452,22 +502,10 @@ impl Task for CaptionTask {
     }
 
     fn evaluate(&mut self, _output: &Path, _step: u64) -> Result<Vec<(String, f64)>> {
-        let Some(set) = &self.eval else {
-            return Ok(Vec::new());
-        };
-        let mut predictions = Vec::with_capacity(set.captions.len());
-        for pixels in &set.pixel_values {
-            let captions = self
-                .model
-                .caption(pixels, &self.prompt, MAX_CAPTION_TOKENS)?;
-            predictions.extend(captions.into_iter().map(|(_, text)| text));
+        match &self.eval {
+            Some(set) => set.score(&self.model.model, &self.model.tokenizer, &self.prompt),
+            None => Ok(Vec::new()),
         }
-        let references: Vec<Vec<&str>> = set.captions.iter().map(|c| vec![c.as_str()]).collect();
-        let scores = score_captions(&predictions, &references)?;
-        Ok(vec![
-            ("val_bleu4".into(), scores.bleu[3]),
-            ("val_cider".into(), scores.cider),
-        ])
     }
 
     fn save_model(&self, dir: &Path) -> Result<()> {
@@ -581,7 +619,7 @@ pub fn run(config: RunConfig, data: RunData) -> Result<RunSummary> {
     )?;
     let eval = data
         .val
-        .map(|pairs| CaptionEvalSet::from_pairs(&pairs, &model))
+        .map(|pairs| CaptionEvalSet::from_pairs(&pairs, &model.processor, &model.device))
         .transpose()?;
     let prompt_length = model.prompt_length(&config.prompt)?;
     let mut task = CaptionTask {

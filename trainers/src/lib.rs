@@ -8,6 +8,7 @@
 //!   prediction/reference files `zoo eval caption` reads.
 
 pub mod blip_caption;
+pub mod blip_pretrain;
 pub mod capfilt;
 pub mod caption_metrics;
 pub mod checkpoint;

@@ -412,7 +412,7 @@ impl TrainableDualEncoder {
     /// nothing, if any weight is not finite.
     pub fn save_hf(&self, dir: &Path) -> Result<()> {
         save_hf_folder(
-            &self.varmap,
+            &varmap_tensors(&self.varmap)?,
             dir,
             &self.config.to_hf_json(),
             &self.processor_json,
@@ -439,28 +439,31 @@ impl TrainableDualEncoder {
     }
 }
 
-/// Writes a `VarMap`'s weights as an HF-layout folder: `model.safetensors` (atomically),
-/// `config.json`, `preprocessor_config.json`, `tokenizer.json` and `tokenizer_config.json`
-/// (with `model_max_length` = `max_text_len` when given). Fails, writing nothing, if any weight
-/// is not finite. Shared by every trainable model.
+/// The current value of every variable of `varmap`, detached, by name.
+pub(crate) fn varmap_tensors(varmap: &VarMap) -> Result<std::collections::HashMap<String, Tensor>> {
+    let data = varmap
+        .data()
+        .lock()
+        .map_err(|_| Error::Input("poisoned varmap".into()))?;
+    Ok(data
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+        .collect())
+}
+
+/// Writes weights as an HF-layout folder: `model.safetensors` (atomically), `config.json`,
+/// `preprocessor_config.json`, `tokenizer.json` and `tokenizer_config.json` (with
+/// `model_max_length` = `max_text_len` when given). Fails, writing nothing, if any weight is not
+/// finite. Shared by every trainable model.
 pub(crate) fn save_hf_folder(
-    varmap: &VarMap,
+    tensors: &std::collections::HashMap<String, Tensor>,
     dir: &Path,
     config: &Value,
     processor: &Value,
     tokenizer: &TextTokenizer,
     max_text_len: Option<usize>,
 ) -> Result<()> {
-    let tensors: std::collections::HashMap<String, Tensor> = {
-        let data = varmap
-            .data()
-            .lock()
-            .map_err(|_| Error::Input("poisoned varmap".into()))?;
-        data.iter()
-            .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
-            .collect()
-    };
-    for (name, t) in &tensors {
+    for (name, t) in tensors {
         let finite = t
             .to_dtype(DType::F32)?
             .flatten_all()?
@@ -475,7 +478,7 @@ pub(crate) fn save_hf_folder(
     }
     std::fs::create_dir_all(dir)
         .map_err(|e| Error::Input(format!("cannot create {}: {e}", dir.display())))?;
-    zoo_models::weights::save_safetensors_atomic(&tensors, &dir.join("model.safetensors"))?;
+    zoo_models::weights::save_safetensors_atomic(tensors, &dir.join("model.safetensors"))?;
     write_json(&dir.join("config.json"), config)?;
     write_json(&dir.join("preprocessor_config.json"), processor)?;
     tokenizer.save(dir, max_text_len)?;
