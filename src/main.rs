@@ -36,18 +36,39 @@ enum Command {
     Caption(caption::CaptionArgs),
     /// Score image-text pairs with BLIP: ITM probability and ITC cosine.
     Match(matching::MatchArgs),
-    /// Train a model: `zoo train clip|siglip`.
+    /// Train a model: `zoo train clip|siglip|blip`.
     Train(Box<train::TrainArgs>),
     /// Evaluate a model: `zoo eval zeroshot|retrieval|caption`.
     #[command(subcommand)]
     Eval(eval::EvalCommand),
     /// Bootstrap noisy web pairs with BLIP's CapFilt: synthetic captions, then an ITM filter.
     Capfilt(Box<capfilt::CapfiltArgs>),
-    /// Train a tiny CLIP on synthetic shapes and evaluate it zero-shot, offline.
+    /// Train a tiny CLIP on synthetic shapes and evaluate it zero-shot, offline; `zoo demo
+    /// caption`: train a tiny BLIP captioner and score its captions of held-out images.
     Demo(demo::DemoArgs),
 }
 
+/// mimalloc instead of the system allocator. glibc serves every allocation above its mmap
+/// threshold (at most 32 MiB by default) with a fresh `mmap`, so a large activation, such as
+/// BLIP's `[32, 16, 30524]` logits, is page-faulted in anew at every training step; with glibc,
+/// `zoo demo caption` spent more time in the kernel than computing.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// `mi_option_purge_delay` in mimalloc.h's `mi_option_e` (v2 and v3).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// Keeps freed memory for reuse instead of returning it to the OS after 10 ms (mimalloc's
+/// default), so the same large buffers serve every step instead of being faulted in again. The
+/// process holds on to its peak memory until it exits. Measured on `zoo demo caption --steps
+/// 40` (2 cores): glibc 29 s wall (25 s in the kernel), mimalloc 17 s, this 13-15 s.
+fn tune_allocator() {
+    // SAFETY: sets a process-wide mimalloc option; no memory is touched.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+}
+
 fn main() -> ExitCode {
+    tune_allocator();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Embed(args) => embed::run(args),

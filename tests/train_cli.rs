@@ -1,6 +1,6 @@
 //! End-to-end training through the `zoo` binary and the library: file datasets with bad
 //! samples, checkpoints in HF layout that `zoo embed` reloads exactly, evaluation commands, and
-//! the demo.
+//! the demos, and BLIP pretraining through the CLI.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -20,6 +20,10 @@ fn zoo(args: &[&str]) -> Output {
         .args(args)
         .output()
         .expect("zoo runs")
+}
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
 fn ok(out: &Output) -> String {
@@ -283,6 +287,118 @@ fn zoo_demo_trains_evaluates_and_writes_plots() {
     assert_eq!(v["held_out_classes"].as_array().unwrap().len(), 5);
     for png in ["loss.png", "confusion.png"] {
         assert!(out.join(png).is_file(), "no {png}");
+    }
+}
+
+#[test]
+fn zoo_demo_caption_trains_captions_held_out_images_and_scores_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("demo-caption");
+    let v: Value = serde_json::from_str(&ok(&zoo(&[
+        "demo",
+        "caption",
+        "--steps",
+        "3",
+        "--batch-size",
+        "8",
+        "--eval-samples",
+        "8",
+        "--output",
+        out.to_str().unwrap(),
+        "--json",
+    ])))
+    .unwrap();
+    assert_eq!(v["n"], 8);
+    assert_eq!(v["steps"], 3);
+    let (bleu4, cider) = (v["bleu4"].as_f64().unwrap(), v["cider"].as_f64().unwrap());
+    assert!((0.0..=1.0).contains(&bleu4) && cider >= 0.0 && cider.is_finite());
+    let examples = v["examples"].as_array().unwrap();
+    assert_eq!(examples.len(), 8);
+    assert!(examples
+        .iter()
+        .all(|e| e["truth"].as_str().unwrap().starts_with("a ")));
+    assert!(out.join("loss.png").is_file());
+    assert!(out.join("final/model.safetensors").is_file());
+}
+
+#[test]
+fn zoo_train_blip_pretrain_writes_a_folder_zoo_match_and_zoo_caption_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("pretrain");
+    let stdout = ok(&zoo(&[
+        "train",
+        "blip",
+        "--objective",
+        "pretrain",
+        "--train-data",
+        "synthetic",
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--queue-size",
+        "8",
+        "--workers",
+        "1",
+        "--output",
+        out.to_str().unwrap(),
+    ]));
+    assert!(stdout.contains("trained 2 steps"), "{stdout}");
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let last: Value = serde_json::from_str(metrics.lines().last().unwrap()).unwrap();
+    for k in ["loss_itc", "loss_itm", "loss_lm", "temp", "alpha"] {
+        assert!(last[k].is_number(), "metrics lack {k}: {last}");
+    }
+    let model = out.join("final");
+    assert!(model.join("blip_pretrain_state.safetensors").is_file());
+    let image = fixtures().join("images/astronaut.png");
+    let matched: Value = serde_json::from_str(&ok(&zoo(&[
+        "match",
+        "--model",
+        model.to_str().unwrap(),
+        "--image",
+        image.to_str().unwrap(),
+        "--text",
+        "a small red circle on the left",
+        "--json",
+    ])))
+    .unwrap();
+    let p = matched[0]["itm_prob"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&p), "{matched}");
+    let captions: Value = serde_json::from_str(&ok(&zoo(&[
+        "caption",
+        "--model",
+        model.to_str().unwrap(),
+        "--max-new-tokens",
+        "5",
+        "--json",
+        image.to_str().unwrap(),
+    ])))
+    .unwrap();
+    assert_eq!(captions[0]["token_ids"][0], 30522, "starts with [DEC]");
+
+    // Pretraining needs negatives from the batch, and a queue at least a batch long.
+    for (flags, needle) in [
+        (["--batch-size", "1", "--queue-size", "8"], "at least 2"),
+        (["--batch-size", "4", "--queue-size", "3"], "--queue-size 3"),
+    ] {
+        let mut args = vec![
+            "train",
+            "blip",
+            "--objective",
+            "pretrain",
+            "--train-data",
+            "synthetic",
+            "--steps",
+            "1",
+            "--output",
+            dir.path().to_str().unwrap(),
+        ];
+        args.extend(flags);
+        let bad = zoo(&args);
+        let err = String::from_utf8_lossy(&bad.stderr);
+        assert_eq!(bad.status.code(), Some(2), "{err}");
+        assert!(err.contains(needle) && !err.contains("panicked"), "{err}");
     }
 }
 
