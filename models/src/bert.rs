@@ -394,6 +394,22 @@ impl BertKvCache {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+
+    /// Rearranges the cached rows: row `i` becomes the old row `indices[i]` (u32 `[N]`), as
+    /// beam search keeps, drops and duplicates beams (HF's `Cache.reorder_cache`).
+    pub fn reorder(&mut self, indices: &Tensor) -> Result<()> {
+        let select = |kv: &mut Option<(Tensor, Tensor)>| -> Result<()> {
+            if let Some((k, v)) = kv.take() {
+                *kv = Some((k.index_select(indices, 0)?, v.index_select(indices, 0)?));
+            }
+            Ok(())
+        };
+        for layer in &mut self.layers {
+            select(&mut layer.self_kv)?;
+            select(&mut layer.cross_kv)?;
+        }
+        Ok(())
+    }
 }
 
 /// HF `BertEncoder`: the layers under `layer.{i}` (singular, as HF names them).

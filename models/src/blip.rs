@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::bert::{BertConfig, BertKvCache, BertModel, PositionEmbeddingType};
 use crate::contrastive::l2_normalize;
 use crate::error::CandleContext;
-use crate::generation::{self, GenerationConfig, StepModel, Strategy};
+use crate::generation::{self, GenerationConfig, StepModel};
 use crate::hub::{read_json, ModelRepo};
 use crate::layers::{
     Activation, AttentionConfig, ClassToken, Encoder, EncoderConfig, LayerNorm, Linear,
@@ -496,11 +496,10 @@ impl BlipForConditionalGeneration {
         };
         let image_embeds = self.vision_model.forward(pixel_values)?;
         let starts = self.start_ids(image_embeds.dim(0)?, prompt_ids)?;
-        let beams = matches!(cfg.strategy, Strategy::Beam(b) if b.num_beams > 1);
-        let cache = match (use_cache, beams) {
-            (false, _) => DecoderCache::Uncached,
-            (true, false) => DecoderCache::Batched(BertKvCache::new()),
-            (true, true) => DecoderCache::PerRow(Vec::new()),
+        let cache = if use_cache {
+            DecoderCache::Batched(BertKvCache::new())
+        } else {
+            DecoderCache::Uncached
         };
         let mut step = CaptionStep {
             model: self,
@@ -515,11 +514,8 @@ impl BlipForConditionalGeneration {
 enum DecoderCache {
     /// Re-run the whole prefix each step.
     Uncached,
-    /// One cache for the whole batch; rows never move (greedy, sampling).
+    /// One cache for the whole batch; beam search reorders its rows.
     Batched(BertKvCache),
-    /// One cache per row, so beam search can rearrange rows by cloning; rows are decoded one at
-    /// a time.
-    PerRow(Vec<BertKvCache>),
 }
 
 /// The captioning decoder as a [`StepModel`]: the image tokens of every row, and the cache.
@@ -543,16 +539,6 @@ impl StepModel for CaptionStep<'_> {
                 let ids = Tensor::new(rows.iter().map(tail).collect::<Vec<_>>(), &dev)?;
                 decoder.forward_cached(&ids, cache, Some(&self.image_embeds))?
             }
-            DecoderCache::PerRow(caches) => {
-                caches.resize_with(rows.len(), BertKvCache::new);
-                let mut parts = Vec::with_capacity(rows.len());
-                for (i, (row, cache)) in rows.iter().zip(caches.iter_mut()).enumerate() {
-                    let ids = Tensor::new(vec![tail(row)], &dev)?;
-                    let image = self.image_embeds.narrow(0, i, 1)?;
-                    parts.push(decoder.forward_cached(&ids, cache, Some(&image))?);
-                }
-                Tensor::cat(&parts, 0)?
-            }
         };
         let last = hidden.narrow(1, hidden.dim(1)? - 1, 1)?.squeeze(1)?;
         self.model.lm_head.forward(&last)
@@ -564,16 +550,7 @@ impl StepModel for CaptionStep<'_> {
         self.image_embeds = self.image_embeds.index_select(&idx, 0)?;
         match &mut self.cache {
             DecoderCache::Uncached => {}
-            DecoderCache::Batched(cache) => {
-                if !cache.is_empty() {
-                    candle_core::bail!("a batched decoder cache cannot be reordered");
-                }
-            }
-            DecoderCache::PerRow(caches) => {
-                if !caches.is_empty() {
-                    *caches = indices.iter().map(|&i| caches[i].clone()).collect();
-                }
-            }
+            DecoderCache::Batched(cache) => cache.reorder(&idx)?,
         }
         Ok(())
     }
