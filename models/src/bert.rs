@@ -104,18 +104,18 @@ impl BertConfig {
     /// Multi-head attention as BERT stores it: `self.{query,key,value}` with biases, and the
     /// output projection in the sibling `output.dense` (so `out_proj: None`).
     fn attention(&self, kv_dim: usize) -> AttentionConfig {
-        AttentionConfig {
-            embed_dim: self.hidden_size,
+        AttentionConfig::multi_head(
+            self.hidden_size,
             kv_dim,
-            num_heads: self.num_attention_heads,
-            bias: true,
-            layout: QkvLayout::Separate {
+            self.num_attention_heads,
+            true,
+            QkvLayout::Separate {
                 q: "query",
                 k: "key",
                 v: "value",
             },
-            out_proj: None,
-        }
+            None,
+        )
     }
 
     fn check_supported(&self) -> Result<()> {

@@ -199,14 +199,14 @@ impl BlipVisionModel {
             position_table: PositionTable::Parameter,
         };
         let enc = EncoderConfig {
-            attention: AttentionConfig {
-                embed_dim: d,
-                kv_dim: d,
-                num_heads: cfg.num_attention_heads,
-                bias: true,
-                layout: QkvLayout::Fused("qkv"),
-                out_proj: Some("projection"),
-            },
+            attention: AttentionConfig::multi_head(
+                d,
+                d,
+                cfg.num_attention_heads,
+                true,
+                QkvLayout::Fused("qkv"),
+                Some("projection"),
+            ),
             intermediate_size: cfg.intermediate_size,
             activation: cfg.hidden_act,
             layer_norm_eps: cfg.layer_norm_eps,

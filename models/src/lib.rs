@@ -31,6 +31,7 @@ pub mod error;
 pub mod generation;
 pub mod hub;
 pub mod layers;
+pub mod llm;
 pub mod siglip;
 pub mod weights;
 

@@ -36,33 +36,64 @@ impl QkvLayout {
 /// Shape and naming of one attention module.
 #[derive(Debug, Clone)]
 pub struct AttentionConfig {
-    /// Width of the queries and of the output.
+    /// Width of the queries' input and of the output.
     pub embed_dim: usize,
     /// Width of the keys/values input; differs from `embed_dim` in cross-attention.
     pub kv_dim: usize,
     pub num_heads: usize,
+    /// Key/value heads; fewer than `num_heads` is grouped-query attention (Ainslie et al.
+    /// 2023), each key/value head serving `num_heads / num_kv_heads` query heads.
+    pub num_kv_heads: usize,
+    /// Width of one head; `embed_dim / num_heads` except where a config sets `head_dim`.
+    pub head_dim: usize,
+    /// Biases of the q, k and v projections.
     pub bias: bool,
+    /// Bias of the output projection.
+    pub out_bias: bool,
     pub layout: QkvLayout,
-    /// The output projection's module name (`out_proj`, `projection`), or `None` when the
-    /// checkpoint keeps it elsewhere (BERT's `attention.output.dense`).
+    /// The output projection's module name (`out_proj`, `projection`, `o_proj`), or `None` when
+    /// the checkpoint keeps it elsewhere (BERT's `attention.output.dense`).
     pub out_proj: Option<&'static str>,
 }
 
 impl AttentionConfig {
-    /// Self-attention with CLIP/SigLIP naming: `{q,k,v,out}_proj` with biases.
-    pub fn clip_style(embed_dim: usize, num_heads: usize) -> Self {
+    /// Multi-head attention with as many key/value heads as query heads, heads of
+    /// `embed_dim / num_heads`, and biases everywhere or nowhere.
+    pub fn multi_head(
+        embed_dim: usize,
+        kv_dim: usize,
+        num_heads: usize,
+        bias: bool,
+        layout: QkvLayout,
+        out_proj: Option<&'static str>,
+    ) -> Self {
         Self {
             embed_dim,
-            kv_dim: embed_dim,
+            kv_dim,
             num_heads,
-            bias: true,
-            layout: QkvLayout::QKV_PROJ,
-            out_proj: Some("out_proj"),
+            num_kv_heads: num_heads,
+            head_dim: embed_dim / num_heads.max(1),
+            bias,
+            out_bias: bias,
+            layout,
+            out_proj,
         }
     }
 
+    /// Self-attention with CLIP/SigLIP naming: `{q,k,v,out}_proj` with biases.
+    pub fn clip_style(embed_dim: usize, num_heads: usize) -> Self {
+        Self::multi_head(
+            embed_dim,
+            embed_dim,
+            num_heads,
+            true,
+            QkvLayout::QKV_PROJ,
+            Some("out_proj"),
+        )
+    }
+
     pub fn head_dim(&self) -> usize {
-        self.embed_dim / self.num_heads
+        self.head_dim
     }
 }
 
@@ -74,59 +105,73 @@ pub struct MultiHeadAttention {
     v: Linear,
     out: Option<Linear>,
     num_heads: usize,
+    num_kv_heads: usize,
     head_dim: usize,
     scale: f64,
 }
 
 impl MultiHeadAttention {
     pub fn new(cfg: &AttentionConfig, vb: VarBuilder) -> Result<Self> {
-        let (e, kv) = (cfg.embed_dim, cfg.kv_dim);
-        if cfg.num_heads == 0 || e % cfg.num_heads != 0 {
+        let (e, kv, h, hkv, d) = (
+            cfg.embed_dim,
+            cfg.kv_dim,
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+        );
+        if h > 0 && e % h != 0 && d == e / h {
             candle_core::bail!(
-                "{}: hidden size {e} is not divisible by num_attention_heads {}",
-                vb.prefix(),
-                cfg.num_heads
+                "{}: hidden size {e} is not divisible by num_attention_heads {h}",
+                vb.prefix()
             );
         }
+        if h == 0 || d == 0 || hkv == 0 || h % hkv != 0 {
+            candle_core::bail!(
+                "{}: {h} attention heads of width {d} cannot be served by {hkv} key/value heads \
+                 (hidden size {e})",
+                vb.prefix()
+            );
+        }
+        let (q_out, kv_out) = (h * d, hkv * d);
         let (q, k, v) = match cfg.layout {
             QkvLayout::Separate { q, k, v } => (
-                Linear::new(e, e, cfg.bias, vb.pp(q))?,
-                Linear::new(kv, e, cfg.bias, vb.pp(k))?,
-                Linear::new(kv, e, cfg.bias, vb.pp(v))?,
+                Linear::new(e, q_out, cfg.bias, vb.pp(q))?,
+                Linear::new(kv, kv_out, cfg.bias, vb.pp(k))?,
+                Linear::new(kv, kv_out, cfg.bias, vb.pp(v))?,
             ),
             QkvLayout::Fused(name) => {
                 let vb = vb.pp(name);
-                let w = vb.get((3 * e, e), "weight")?;
+                let w = vb.get((3 * q_out, e), "weight")?;
                 let b = if cfg.bias {
-                    Some(vb.get(3 * e, "bias")?)
+                    Some(vb.get(3 * q_out, "bias")?)
                 } else {
                     None
                 };
-                split_fused(&w, b.as_ref(), e)?
+                split_fused(&w, b.as_ref(), q_out)?
             }
             QkvLayout::InProj => {
-                let w = vb.get((3 * e, e), "in_proj_weight")?;
+                let w = vb.get((3 * q_out, e), "in_proj_weight")?;
                 let b = if cfg.bias {
-                    Some(vb.get(3 * e, "in_proj_bias")?)
+                    Some(vb.get(3 * q_out, "in_proj_bias")?)
                 } else {
                     None
                 };
-                split_fused(&w, b.as_ref(), e)?
+                split_fused(&w, b.as_ref(), q_out)?
             }
         };
         let out = match cfg.out_proj {
-            Some(name) => Some(Linear::new(e, e, cfg.bias, vb.pp(name))?),
+            Some(name) => Some(Linear::new(q_out, e, cfg.out_bias, vb.pp(name))?),
             None => None,
         };
-        let head_dim = cfg.head_dim();
         Ok(Self {
             q,
             k,
             v,
             out,
-            num_heads: cfg.num_heads,
-            head_dim,
-            scale: (head_dim as f64).powf(-0.5),
+            num_heads: h,
+            num_kv_heads: hkv,
+            head_dim: d,
+            scale: (d as f64).powf(-0.5),
         })
     }
 
@@ -147,12 +192,17 @@ impl MultiHeadAttention {
     }
 
     /// The projected keys and values of `keys_values` `[B, Lk, Dkv]`, each split into heads
-    /// `[B, H, Lk, d]`. A decoder caches these: its past tokens' for self-attention, the
+    /// `[B, Hkv, Lk, d]`. A decoder caches these: its past tokens' for self-attention, the
     /// encoder's once for cross-attention.
     pub fn key_values(&self, keys_values: &Tensor) -> Result<(Tensor, Tensor)> {
-        let k = self.split_heads(&self.k.forward(keys_values)?)?;
-        let v = self.split_heads(&self.v.forward(keys_values)?)?;
+        let k = split_heads(&self.k.forward(keys_values)?, self.num_kv_heads)?;
+        let v = split_heads(&self.v.forward(keys_values)?, self.num_kv_heads)?;
         Ok((k, v))
+    }
+
+    /// The projected queries of `x` `[B, L, D]`, split into heads `[B, H, L, d]`.
+    pub fn queries(&self, x: &Tensor) -> Result<Tensor> {
+        split_heads(&self.q.forward(x)?, self.num_heads)
     }
 
     /// Attention of `queries` `[B, Lq, D]` over keys and values already projected by
@@ -164,8 +214,22 @@ impl MultiHeadAttention {
         v: &Tensor,
         mask: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let q = self.split_heads(&self.q.forward(queries)?)?;
-        let ctx = scaled_dot_product_attention(&q, k, v, self.scale, mask)?;
+        self.attend_heads(&self.queries(queries)?, k, v, mask)
+    }
+
+    /// Attention of projected query heads `q` `[B, H, Lq, d]` (e.g. after a rotary embedding)
+    /// over key/value heads `[B, Hkv, Lk, d]`, each shared by `H / Hkv` query heads; then the
+    /// heads are merged and projected out. `mask` broadcasts to `[B, H, Lq, Lk]`.
+    pub fn attend_heads(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let groups = self.num_heads / self.num_kv_heads;
+        let (k, v) = (repeat_kv(k, groups)?, repeat_kv(v, groups)?);
+        let ctx = scaled_dot_product_attention(q, &k, &v, self.scale, mask)?;
         let (b, _, lq, _) = ctx.dims4()?;
         let ctx = ctx
             .transpose(1, 2)?
@@ -175,14 +239,26 @@ impl MultiHeadAttention {
             None => Ok(ctx),
         }
     }
+}
 
-    /// `[B, L, H*d]` → `[B, H, L, d]`.
-    fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, l, _) = x.dims3()?;
-        x.reshape((b, l, self.num_heads, self.head_dim))?
-            .transpose(1, 2)?
-            .contiguous()
+/// `[B, L, H*d]` → `[B, H, L, d]`.
+fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, l, hd) = x.dims3()?;
+    x.reshape((b, l, heads, hd / heads))?
+        .transpose(1, 2)?
+        .contiguous()
+}
+
+/// `[B, Hkv, L, d]` → `[B, Hkv·n, L, d]`, each head repeated `n` times in place (HF's
+/// `repeat_kv`).
+pub fn repeat_kv(x: &Tensor, n: usize) -> Result<Tensor> {
+    if n == 1 {
+        return Ok(x.clone());
     }
+    let (b, h, l, d) = x.dims4()?;
+    x.unsqueeze(2)?
+        .broadcast_as((b, h, n, l, d))?
+        .reshape((b, h * n, l, d))
 }
 
 /// Splits a stacked `[3E, E]` projection (and its bias) into q, k and v.

@@ -16,7 +16,7 @@ mod vit;
 
 pub use activation::Activation;
 pub use attention::{
-    causal_mask, combine_masks, mask_min, padding_mask, scaled_dot_product_attention,
+    causal_mask, combine_masks, mask_min, padding_mask, repeat_kv, scaled_dot_product_attention,
     AttentionConfig, MultiHeadAttention, QkvLayout,
 };
 pub use encoder::{Encoder, EncoderConfig, EncoderLayer};
@@ -24,7 +24,10 @@ pub use linear::Linear;
 pub use mlp::Mlp;
 pub use norm::{LayerNorm, RmsNorm};
 pub use pooling::AttentionPoolingHead;
-pub use position::{default_inv_freq, sinusoidal_table, LearnedPositionEmbedding, RotaryEmbedding};
+pub use position::{
+    apply_rotary, default_inv_freq, rotary_cos_sin, sinusoidal_table, LearnedPositionEmbedding,
+    RopeConfig, RopeScaling, RotaryEmbedding,
+};
 pub use vit::{ClassToken, PatchEmbedding, PositionTable, VitEmbeddings, VitEmbeddingsConfig};
 
 /// The dtype to accumulate statistics in: f32 for half-precision inputs (as PyTorch does),

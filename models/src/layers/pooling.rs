@@ -25,14 +25,14 @@ impl AttentionPoolingHead {
         eps: f64,
         vb: VarBuilder,
     ) -> Result<Self> {
-        let attn_cfg = AttentionConfig {
-            embed_dim: hidden,
-            kv_dim: hidden,
+        let attn_cfg = AttentionConfig::multi_head(
+            hidden,
+            hidden,
             num_heads,
-            bias: true,
-            layout: QkvLayout::InProj,
-            out_proj: Some("out_proj"),
-        };
+            true,
+            QkvLayout::InProj,
+            Some("out_proj"),
+        );
         Ok(Self {
             probe: vb.get((1, 1, hidden), "probe")?,
             attention: MultiHeadAttention::new(&attn_cfg, vb.pp("attention"))?,

@@ -1,0 +1,232 @@
+//! HF's `LlamaConfig` / `Qwen2Config` as read from `config.json`.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::hub::read_json;
+use crate::layers::{Activation, RopeConfig, RopeScaling};
+
+/// `model_type`s this backbone loads.
+pub const SUPPORTED: &str = "llama, qwen2";
+
+/// `eos_token_id`: one id or a list.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TokenIds {
+    One(u32),
+    Many(Vec<u32>),
+}
+
+impl TokenIds {
+    pub fn to_vec(&self) -> Vec<u32> {
+        match self {
+            Self::One(id) => vec![*id],
+            Self::Many(ids) => ids.clone(),
+        }
+    }
+}
+
+/// HF's `rope_scaling` dictionary (`rope_type`, or the legacy `type`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RopeScalingJson {
+    #[serde(default)]
+    pub rope_type: Option<String>,
+    #[serde(default, rename = "type")]
+    pub legacy_type: Option<String>,
+    #[serde(default)]
+    pub factor: Option<f64>,
+    #[serde(default)]
+    pub low_freq_factor: Option<f64>,
+    #[serde(default)]
+    pub high_freq_factor: Option<f64>,
+    #[serde(default)]
+    pub original_max_position_embeddings: Option<usize>,
+    #[serde(default)]
+    pub attention_factor: Option<f64>,
+    #[serde(default)]
+    pub beta_fast: Option<f64>,
+    #[serde(default)]
+    pub beta_slow: Option<f64>,
+    #[serde(default)]
+    pub mscale: Option<f64>,
+    #[serde(default)]
+    pub mscale_all_dim: Option<f64>,
+    #[serde(default)]
+    pub truncate: Option<bool>,
+}
+
+/// A Llama-architecture decoder: `LlamaForCausalLM`, or Qwen2's layout of it (biases on q, k
+/// and v only).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LlamaConfig {
+    #[serde(default = "default_model_type")]
+    pub model_type: String,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    #[serde(default = "default_act")]
+    pub hidden_act: Activation,
+    #[serde(default = "default_max_positions")]
+    pub max_position_embeddings: usize,
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default = "default_theta")]
+    pub rope_theta: f64,
+    #[serde(default)]
+    pub rope_scaling: Option<RopeScalingJson>,
+    #[serde(default)]
+    pub partial_rotary_factor: Option<f64>,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// Llama: biases on q, k, v and o.
+    #[serde(default)]
+    pub attention_bias: bool,
+    #[serde(default)]
+    pub mlp_bias: bool,
+    #[serde(default)]
+    pub bos_token_id: Option<u32>,
+    #[serde(default)]
+    pub eos_token_id: Option<TokenIds>,
+    #[serde(default)]
+    pub pad_token_id: Option<u32>,
+    /// Qwen2's sliding window; only full attention is implemented.
+    #[serde(default)]
+    pub use_sliding_window: bool,
+}
+
+fn default_model_type() -> String {
+    "llama".into()
+}
+fn default_act() -> Activation {
+    Activation::Silu
+}
+fn default_max_positions() -> usize {
+    2048
+}
+fn default_eps() -> f64 {
+    1e-6
+}
+fn default_theta() -> f64 {
+    10000.0
+}
+
+impl LlamaConfig {
+    /// Reads and checks a `config.json`.
+    pub fn from_file(path: &Path) -> crate::Result<Self> {
+        let cfg: Self = read_json(path, "Llama config")?;
+        let invalid = |message: String| crate::Error::Invalid {
+            path: path.to_path_buf(),
+            what: "Llama config",
+            message,
+        };
+        if !["llama", "qwen2"].contains(&cfg.model_type.as_str()) {
+            return Err(crate::Error::UnknownModelType {
+                path: path.to_path_buf(),
+                model_type: cfg.model_type.clone(),
+                supported: SUPPORTED,
+            });
+        }
+        if cfg.use_sliding_window {
+            return Err(invalid(
+                "use_sliding_window is true; only full attention is implemented".into(),
+            ));
+        }
+        cfg.rope().map_err(invalid)?;
+        Ok(cfg)
+    }
+
+    pub fn num_kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+
+    /// Biases of (q, k, v) and of o: Llama's `attention_bias` sets all four, Qwen2 has them on
+    /// q, k and v only.
+    pub fn attention_biases(&self) -> (bool, bool) {
+        match self.model_type.as_str() {
+            "qwen2" => (true, false),
+            _ => (self.attention_bias, self.attention_bias),
+        }
+    }
+
+    pub fn eos_token_ids(&self) -> Vec<u32> {
+        self.eos_token_id
+            .as_ref()
+            .map(TokenIds::to_vec)
+            .unwrap_or_default()
+    }
+
+    /// The RoPE settings, from `rope_theta`, `head_dim`, `partial_rotary_factor` and
+    /// `rope_scaling`.
+    pub fn rope(&self) -> Result<RopeConfig, String> {
+        let dim = (self.head_dim() as f64 * self.partial_rotary_factor.unwrap_or(1.0)) as usize;
+        let scaling = match &self.rope_scaling {
+            None => RopeScaling::Default,
+            Some(s) => {
+                let kind = s
+                    .rope_type
+                    .as_deref()
+                    .or(s.legacy_type.as_deref())
+                    .unwrap_or("default");
+                let factor = || {
+                    s.factor
+                        .ok_or_else(|| format!("rope_scaling `{kind}` needs `factor`"))
+                };
+                match kind {
+                    "default" => RopeScaling::Default,
+                    "linear" => RopeScaling::Linear { factor: factor()? },
+                    "dynamic" => RopeScaling::Dynamic { factor: factor()? },
+                    "llama3" => RopeScaling::Llama3 {
+                        factor: factor()?,
+                        low_freq_factor: s
+                            .low_freq_factor
+                            .ok_or("rope_scaling `llama3` needs `low_freq_factor`")?,
+                        high_freq_factor: s
+                            .high_freq_factor
+                            .ok_or("rope_scaling `llama3` needs `high_freq_factor`")?,
+                        original_max_position_embeddings: s
+                            .original_max_position_embeddings
+                            .ok_or(
+                                "rope_scaling `llama3` needs `original_max_position_embeddings`",
+                            )?,
+                    },
+                    "yarn" => RopeScaling::Yarn {
+                        factor: factor()?,
+                        original_max_position_embeddings: s
+                            .original_max_position_embeddings
+                            .unwrap_or(self.max_position_embeddings),
+                        attention_factor: s.attention_factor,
+                        beta_fast: s.beta_fast.unwrap_or(32.0),
+                        beta_slow: s.beta_slow.unwrap_or(1.0),
+                        mscale: s.mscale,
+                        mscale_all_dim: s.mscale_all_dim,
+                        truncate: s.truncate.unwrap_or(true),
+                    },
+                    other => {
+                        return Err(format!(
+                            "rope_scaling type `{other}` is not supported (default, linear, \
+                             dynamic, llama3, yarn are)"
+                        ))
+                    }
+                }
+            }
+        };
+        Ok(RopeConfig {
+            dim,
+            base: self.rope_theta,
+            max_position_embeddings: self.max_position_embeddings,
+            scaling,
+        })
+    }
+}
