@@ -14,11 +14,16 @@ Each folder holds the HF checkpoint and `reference.safetensors`: `input_ids` [2,
 `last_hidden_state` and `logits` of every position, and `generated`, HF `generate`'s greedy
 output for `prompt` (20 new tokens, no eos stop).
 
+Both share a byte-level BPE tokenizer trained here on a few sentences (`tokenizer.json`, with
+`<pad>` 0, `<s>` 1, `</s>` 2), and `cli_reference.json` holds HF `generate`'s greedy ids for a
+text prompt tokenized by it, for the `zoo generate` test.
+
 - rope_scaling.safetensors: HF's inverse frequencies (and attention factors) for every
   `rope_type` (default, linear, dynamic at several sequence lengths, llama3, yarn), from
   `ROPE_INIT_FUNCTIONS`.
 """
 
+import json
 import os
 
 import torch
@@ -30,11 +35,51 @@ PINNED_TRANSFORMERS = "4.57.1"
 OUT = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures")
 
 
+CORPUS = [
+    "the cat sat on the mat and looked at the dog.",
+    "a small red circle is on the left of the large blue square.",
+    "speculative decoding drafts several tokens and verifies them at once.",
+    "the quick brown fox jumps over the lazy dog.",
+    "models that read and write text predict one token after another.",
+] * 20
+
+CLI_PROMPT = "the cat sat on"
+
+
+def tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
+
+
 def make(name, cls, config):
     torch.manual_seed(0)
     model = cls(config).eval()
     folder = os.path.join(OUT, name)
     model.save_pretrained(folder, safe_serialization=True)
+    tok = tokenizer()
+    tok.save_pretrained(folder)
+    prompt_ids = tok(CLI_PROMPT, return_tensors="pt").input_ids
+    with torch.no_grad():
+        cli = model.generate(
+            input_ids=prompt_ids,
+            attention_mask=torch.ones_like(prompt_ids),
+            max_new_tokens=12,
+            do_sample=False,
+        )
+    with open(os.path.join(folder, "cli_reference.json"), "w") as f:
+        json.dump({"prompt": CLI_PROMPT, "max_new_tokens": 12, "token_ids": cli[0].tolist()}, f)
     ids = torch.randint(3, config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         out = model(input_ids=ids, output_hidden_states=True)
@@ -108,7 +153,7 @@ def main():
     if transformers.__version__ != PINNED_TRANSFORMERS:
         raise SystemExit(f"transformers {PINNED_TRANSFORMERS} is pinned, found {transformers.__version__}")
     common = dict(
-        vocab_size=256,
+        vocab_size=320,
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,

@@ -12,6 +12,7 @@ mod common;
 mod demo;
 mod embed;
 mod eval;
+mod generate;
 mod matching;
 mod train;
 
@@ -36,6 +37,8 @@ enum Command {
     Caption(caption::CaptionArgs),
     /// Score image-text pairs with BLIP: ITM probability and ITC cosine.
     Match(matching::MatchArgs),
+    /// Generate text with a Llama-architecture LLM.
+    Generate(generate::GenerateArgs),
     /// Train a model: `zoo train clip|siglip|blip`.
     Train(Box<train::TrainArgs>),
     /// Evaluate a model: `zoo eval zeroshot|retrieval|caption`.
@@ -75,6 +78,7 @@ fn main() -> ExitCode {
         Command::Classify(args) => classify::run(args),
         Command::Caption(args) => caption::run(args),
         Command::Match(args) => matching::run(args),
+        Command::Generate(args) => generate::run(args),
         Command::Train(args) => train::run_train(*args),
         Command::Eval(cmd) => eval::run(cmd),
         Command::Capfilt(args) => capfilt::run_capfilt(*args),

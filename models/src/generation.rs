@@ -10,7 +10,7 @@
 use std::path::Path;
 
 use candle_core::{DType, Result, Tensor};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// A decoder that produces next-token logits for a batch of rows.
 pub trait StepModel {
@@ -124,6 +124,10 @@ impl Default for GenerationConfig {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default)]
 pub struct HfGenerationConfig {
+    #[serde(default)]
+    pub eos_token_id: Option<TokenIds>,
+    #[serde(default)]
+    pub pad_token_id: Option<u32>,
     pub max_length: Option<usize>,
     pub max_new_tokens: Option<usize>,
     pub min_length: Option<usize>,
@@ -131,6 +135,23 @@ pub struct HfGenerationConfig {
     pub num_beams: Option<usize>,
     pub length_penalty: Option<f32>,
     pub repetition_penalty: Option<f32>,
+}
+
+/// A token id or a list of them, as HF configs write `eos_token_id`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TokenIds {
+    One(u32),
+    Many(Vec<u32>),
+}
+
+impl TokenIds {
+    pub fn to_vec(&self) -> Vec<u32> {
+        match self {
+            Self::One(id) => vec![*id],
+            Self::Many(ids) => ids.clone(),
+        }
+    }
 }
 
 impl HfGenerationConfig {

@@ -4,28 +4,12 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::generation::TokenIds;
 use crate::hub::read_json;
 use crate::layers::{Activation, RopeConfig, RopeScaling};
 
 /// `model_type`s this backbone loads.
 pub const SUPPORTED: &str = "llama, qwen2";
-
-/// `eos_token_id`: one id or a list.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(untagged)]
-pub enum TokenIds {
-    One(u32),
-    Many(Vec<u32>),
-}
-
-impl TokenIds {
-    pub fn to_vec(&self) -> Vec<u32> {
-        match self {
-            Self::One(id) => vec![*id],
-            Self::Many(ids) => ids.clone(),
-        }
-    }
-}
 
 /// HF's `rope_scaling` dictionary (`rope_type`, or the legacy `type`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

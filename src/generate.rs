@@ -1,0 +1,149 @@
+//! `zoo generate`: text generation with a Llama-architecture causal LM (HF
+//! `LlamaForCausalLM.generate`): greedy by default, or sampling; stops at eos.
+
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use serde_json::json;
+use zoo_datasets::tokenize::TextTokenizer;
+use zoo_models::generation::{
+    generate, GenerationConfig, HfGenerationConfig, SamplingOptions, Strategy,
+};
+use zoo_models::hub::ModelRepo;
+use zoo_models::llm::{KvCache, LlamaForCausalLM, LlamaStep};
+
+use crate::common::ModelArgs;
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The text to continue (tokenized with the checkpoint's tokenizer, special tokens added as
+    /// HF's tokenizer adds them).
+    #[arg(long)]
+    pub prompt: String,
+    /// Most new tokens. Default: the checkpoint's generation_config.json, else HF's
+    /// `max_length` of 20 tokens including the prompt.
+    #[arg(long)]
+    pub max_new_tokens: Option<usize>,
+    /// eos cannot end the generation before this many new tokens.
+    #[arg(long)]
+    pub min_new_tokens: Option<usize>,
+    /// Sampling temperature (turns sampling on).
+    #[arg(long)]
+    pub temperature: Option<f32>,
+    /// Sampling: keep only the k most likely tokens (0: all); turns sampling on.
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Nucleus sampling: keep the most likely tokens up to this mass; turns sampling on.
+    #[arg(long)]
+    pub top_p: Option<f32>,
+    /// Seed of the sampling random stream.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// HF's repetition penalty (1: off).
+    #[arg(long)]
+    pub repetition_penalty: Option<f32>,
+    /// Speculative decoding with the Medusa heads in this folder (not available yet).
+    #[arg(long)]
+    pub medusa: Option<String>,
+    /// Self-speculative decoding with the model's MTP modules (not available yet).
+    #[arg(long)]
+    pub mtp: bool,
+    /// Print {"text", "token_ids", "new_tokens", "steps", "mean_accepted", "tokens_per_s"}.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: GenerateArgs) -> Result<()> {
+    if args.medusa.is_some() || args.mtp {
+        bail!(
+            "--medusa and --mtp (speculative decoding) are not implemented yet; plain decoding is"
+        );
+    }
+    let device = args.model.device()?;
+    let repo = ModelRepo::open(&args.model.model)?;
+    let model = LlamaForCausalLM::load(&repo, args.model.dtype()?, &device)?;
+    let tokenizer = TextTokenizer::from_files(
+        &repo.get("tokenizer.json")?,
+        repo.get_optional("tokenizer_config.json")?.as_deref(),
+    )?;
+    let hf = match repo.get_optional("generation_config.json")? {
+        Some(path) => HfGenerationConfig::from_file(&path)?,
+        None => HfGenerationConfig::default(),
+    };
+    let prompt = tokenizer.encode(&args.prompt)?;
+    if prompt.is_empty() {
+        bail!("the prompt is empty after tokenization");
+    }
+    let eos = hf
+        .eos_token_id
+        .as_ref()
+        .map(|ids| ids.to_vec())
+        .unwrap_or_else(|| model.config.eos_token_ids());
+    let sampling = args.temperature.is_some() || args.top_k.is_some() || args.top_p.is_some();
+    let cfg = GenerationConfig {
+        max_new_tokens: args
+            .max_new_tokens
+            .unwrap_or_else(|| hf.max_new_tokens(prompt.len())),
+        min_new_tokens: args
+            .min_new_tokens
+            .unwrap_or_else(|| hf.min_new_tokens(prompt.len())),
+        pad_token: hf
+            .pad_token_id
+            .or(model.config.pad_token_id)
+            .or(eos.first().copied())
+            .unwrap_or(0),
+        stop_tokens: eos,
+        repetition_penalty: args
+            .repetition_penalty
+            .or(hf.repetition_penalty)
+            .unwrap_or(1.0),
+        strategy: if sampling {
+            Strategy::Sample(SamplingOptions {
+                temperature: args.temperature.unwrap_or(1.0),
+                top_k: args.top_k.unwrap_or(50),
+                top_p: args.top_p.unwrap_or(1.0),
+                seed: args.seed,
+            })
+        } else {
+            Strategy::Greedy
+        },
+    };
+    let mut step = LlamaStep {
+        model: &model,
+        cache: KvCache::new(),
+    };
+    let start = Instant::now();
+    let row = generate(&mut step, vec![prompt.clone()], &cfg)
+        .context("generation failed")?
+        .remove(0);
+    let seconds = start.elapsed().as_secs_f64();
+    let new = &row[prompt.len()..];
+    let new_tokens = new.len();
+    let text = tokenizer
+        .inner()
+        .decode(new, true)
+        .map_err(|e| anyhow::anyhow!("cannot decode the generation: {e}"))?;
+    // Plain decoding verifies one token per forward pass.
+    let steps = new_tokens;
+    if args.json {
+        let value = json!({
+            "text": text,
+            "token_ids": row,
+            "new_tokens": new_tokens,
+            "steps": steps,
+            "mean_accepted": if steps == 0 { 0.0 } else { new_tokens as f64 / steps as f64 },
+            "tokens_per_s": new_tokens as f64 / seconds.max(1e-9),
+        });
+        println!("{}", serde_json::to_string_pretty(&value)?);
+    } else {
+        println!("{}{text}", args.prompt);
+        eprintln!(
+            "{new_tokens} new tokens in {seconds:.2} s ({:.1} tokens/s)",
+            new_tokens as f64 / seconds.max(1e-9)
+        );
+    }
+    Ok(())
+}
