@@ -1,6 +1,7 @@
 //! `zoo generate`: text generation with a Llama-architecture causal LM (HF
 //! `LlamaForCausalLM.generate`): greedy by default, or sampling; stops at eos.
 
+use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -11,7 +12,9 @@ use zoo_models::generation::{
     generate, GenerationConfig, HfGenerationConfig, SamplingOptions, Strategy,
 };
 use zoo_models::hub::ModelRepo;
-use zoo_models::llm::{KvCache, LlamaForCausalLM, LlamaStep};
+use zoo_models::llm::{
+    medusa_generate, KvCache, LlamaForCausalLM, LlamaStep, MedusaHeads, MedusaTree,
+};
 
 use crate::common::ModelArgs;
 
@@ -45,9 +48,14 @@ pub struct GenerateArgs {
     /// HF's repetition penalty (1: off).
     #[arg(long)]
     pub repetition_penalty: Option<f32>,
-    /// Speculative decoding with the Medusa heads in this folder (not available yet).
+    /// Speculative decoding with the FasterDecoding Medusa heads in this folder (config.json
+    /// and medusa_lm_head.safetensors or .pt); greedy only so far, token-identical to plain
+    /// greedy decoding.
     #[arg(long)]
-    pub medusa: Option<String>,
+    pub medusa: Option<PathBuf>,
+    /// The Medusa tree: a JSON list of paths of top-k ranks. Default: mc_sim_7b_63.
+    #[arg(long)]
+    pub medusa_choices: Option<PathBuf>,
     /// Self-speculative decoding with the model's MTP modules (not available yet).
     #[arg(long)]
     pub mtp: bool,
@@ -57,10 +65,11 @@ pub struct GenerateArgs {
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
-    if args.medusa.is_some() || args.mtp {
-        bail!(
-            "--medusa and --mtp (speculative decoding) are not implemented yet; plain decoding is"
-        );
+    if args.mtp {
+        bail!("--mtp (self-speculative decoding with MTP modules) is not implemented yet");
+    }
+    if args.medusa_choices.is_some() && args.medusa.is_none() {
+        bail!("--medusa-choices needs --medusa");
     }
     let device = args.model.device()?;
     let repo = ModelRepo::open(&args.model.model)?;
@@ -111,14 +120,56 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             Strategy::Greedy
         },
     };
-    let mut step = LlamaStep {
-        model: &model,
-        cache: KvCache::new(),
+    let medusa = match &args.medusa {
+        Some(dir) => {
+            if sampling || cfg.repetition_penalty != 1.0 || cfg.min_new_tokens > 0 {
+                bail!(
+                    "--medusa decodes greedily so far; sampling (typical acceptance), \
+                     --repetition-penalty and --min-new-tokens are not implemented with it"
+                );
+            }
+            let heads = MedusaHeads::load(
+                dir,
+                model.config.hidden_size,
+                model.config.vocab_size,
+                model.model.embeddings().dtype(),
+                &device,
+            )?;
+            let tree = match &args.medusa_choices {
+                Some(path) => MedusaTree::from_file(path)?,
+                None => MedusaTree::mc_sim_7b_63(),
+            };
+            Some((heads, tree))
+        }
+        None => None,
     };
     let start = Instant::now();
-    let row = generate(&mut step, vec![prompt.clone()], &cfg)
-        .context("generation failed")?
-        .remove(0);
+    let (row, steps) = match &medusa {
+        Some((heads, tree)) => {
+            let out = medusa_generate(
+                &model,
+                heads,
+                tree,
+                &prompt,
+                cfg.max_new_tokens,
+                &cfg.stop_tokens,
+            )
+            .context("Medusa generation failed")?;
+            (out.tokens, out.steps)
+        }
+        None => {
+            let mut step = LlamaStep {
+                model: &model,
+                cache: KvCache::new(),
+            };
+            let row = generate(&mut step, vec![prompt.clone()], &cfg)
+                .context("generation failed")?
+                .remove(0);
+            // Plain decoding takes one forward pass per new token.
+            let steps = row.len() - prompt.len();
+            (row, steps)
+        }
+    };
     let seconds = start.elapsed().as_secs_f64();
     let new = &row[prompt.len()..];
     let new_tokens = new.len();
@@ -126,8 +177,6 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         .inner()
         .decode(new, true)
         .map_err(|e| anyhow::anyhow!("cannot decode the generation: {e}"))?;
-    // Plain decoding verifies one token per forward pass.
-    let steps = new_tokens;
     if args.json {
         let value = json!({
             "text": text,

@@ -1,6 +1,7 @@
 //! `zoo generate` on the tiny Llama and Qwen2 fixtures: greedy token ids exactly as HF
 //! `generate` returns them for a text prompt (`cli_reference.json`, made by
-//! `scripts/make_llm_fixtures.py`), the JSON fields, seeded sampling, and clear errors.
+//! `scripts/make_llm_fixtures.py`), with and without Medusa heads, the JSON fields, seeded
+//! sampling, and clear errors.
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
@@ -52,6 +53,33 @@ fn greedy_generation_matches_hf_generate_token_for_token() {
         assert_eq!(out["mean_accepted"], 1.0);
         assert!(out["text"].is_string() && out["tokens_per_s"].as_f64().unwrap() > 0.0);
     }
+}
+
+#[test]
+fn medusa_greedy_decoding_gives_hf_greedy_ids_in_fewer_steps_or_as_many() {
+    let dir = fixtures().join("llama-tiny");
+    let heads = fixtures().join("llama-tiny-medusa");
+    let reference: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("cli_reference.json")).unwrap())
+            .unwrap();
+    let out = json_stdout(&zoo(&[
+        "generate",
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt",
+        reference["prompt"].as_str().unwrap(),
+        "--max-new-tokens",
+        "12",
+        "--medusa",
+        heads.to_str().unwrap(),
+        "--json",
+    ]));
+    assert_eq!(out["token_ids"], reference["token_ids"]);
+    assert_eq!(out["new_tokens"], 12);
+    let steps = out["steps"].as_u64().unwrap();
+    assert!((1..=12).contains(&steps), "{out}");
+    let mean = out["mean_accepted"].as_f64().unwrap();
+    assert!((mean - 12.0 / steps as f64).abs() < 1e-9, "{out}");
 }
 
 #[test]

@@ -1,0 +1,450 @@
+//! Medusa (Cai et al. 2024): extra decoding heads on the backbone's last hidden state, head `k`
+//! predicting the token `k + 1` places after the next one, and tree-based speculative decoding
+//! that verifies a tree of their top candidates in one forward pass.
+//!
+//! Heads load from FasterDecoding's layouts: `medusa_lm_head.safetensors` (or `.pt`, read by
+//! candle's pickle reader, which never executes code) with `{i}.{j}.linear.weight/bias` for
+//! the ResBlocks and `{i}.{layers}.weight` for the head's own vocabulary projection; when the
+//! latter is absent, the head shares the base model's `lm_head` (the "version 2" layout).
+//! `config.json` gives `medusa_num_heads` and `medusa_num_layers`.
+//!
+//! The tree comes from `medusa_choices`: each choice is a path of top-k ranks, one per head
+//! (`[0, 1]`: the best token of head 0, then the second best of head 1). [`MedusaTree`] holds
+//! the attention mask, position ids, tree indices and retrieval paths that FasterDecoding's
+//! `generate_medusa_buffers` builds.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_nn::VarBuilder;
+use serde::Deserialize;
+
+use super::llama::{KvCache, LlamaForCausalLM};
+use crate::error::CandleContext;
+use crate::layers::Linear;
+
+/// Candidates taken from each head (FasterDecoding's `TOPK`); tree choices index below it.
+pub const TOPK: usize = 10;
+
+/// FasterDecoding's `mc_sim_7b_63` tree (`medusa/model/medusa_choices.py`, Apache-2.0): 63
+/// paths over 4 heads, found by simulation to maximise the expected acceptance of Vicuna-7B's
+/// heads.
+pub const MC_SIM_7B_63: &[&[usize]] = &[
+    &[0],
+    &[0, 0],
+    &[1],
+    &[0, 1],
+    &[2],
+    &[0, 0, 0],
+    &[1, 0],
+    &[0, 2],
+    &[3],
+    &[0, 3],
+    &[4],
+    &[0, 4],
+    &[2, 0],
+    &[0, 5],
+    &[0, 0, 1],
+    &[5],
+    &[0, 6],
+    &[6],
+    &[0, 7],
+    &[0, 1, 0],
+    &[1, 1],
+    &[7],
+    &[0, 8],
+    &[0, 0, 2],
+    &[3, 0],
+    &[0, 9],
+    &[8],
+    &[9],
+    &[1, 0, 0],
+    &[0, 2, 0],
+    &[1, 2],
+    &[0, 0, 3],
+    &[4, 0],
+    &[2, 1],
+    &[0, 0, 4],
+    &[0, 0, 5],
+    &[0, 0, 0, 0],
+    &[0, 1, 1],
+    &[0, 0, 6],
+    &[0, 3, 0],
+    &[5, 0],
+    &[1, 3],
+    &[0, 0, 7],
+    &[0, 0, 8],
+    &[0, 0, 9],
+    &[6, 0],
+    &[0, 4, 0],
+    &[1, 4],
+    &[7, 0],
+    &[0, 1, 2],
+    &[2, 0, 0],
+    &[3, 1],
+    &[2, 2],
+    &[8, 0],
+    &[0, 5, 0],
+    &[1, 5],
+    &[1, 0, 1],
+    &[0, 2, 1],
+    &[9, 0],
+    &[0, 6, 0],
+    &[0, 0, 0, 1],
+    &[1, 6],
+    &[0, 7, 0],
+];
+
+/// The Medusa heads' `config.json`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct MedusaConfig {
+    pub medusa_num_heads: usize,
+    #[serde(default = "one")]
+    pub medusa_num_layers: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
+/// One head: `medusa_num_layers` ResBlocks `x + SiLU(W x + b)`, then a vocabulary projection.
+#[derive(Debug, Clone)]
+pub struct MedusaHead {
+    blocks: Vec<Linear>,
+    /// `None`: the base model's `lm_head`.
+    out: Option<Linear>,
+}
+
+impl MedusaHead {
+    fn forward(&self, hidden: &Tensor, lm_head: &Linear) -> Result<Tensor> {
+        let mut x = hidden.clone();
+        for block in &self.blocks {
+            x = (&x + block.forward(&x)?.silu()?)?;
+        }
+        match &self.out {
+            Some(out) => out.forward(&x),
+            None => lm_head.forward(&x),
+        }
+    }
+}
+
+/// All heads of a Medusa checkpoint.
+#[derive(Debug, Clone)]
+pub struct MedusaHeads {
+    pub heads: Vec<MedusaHead>,
+}
+
+impl MedusaHeads {
+    /// Builds `config.medusa_num_heads` heads from `vb` (names `{i}.{j}.linear.*`,
+    /// `{i}.{layers}.weight`).
+    pub fn new(config: &MedusaConfig, hidden: usize, vocab: usize, vb: VarBuilder) -> Result<Self> {
+        let layers = config.medusa_num_layers;
+        let heads = (0..config.medusa_num_heads)
+            .map(|i| {
+                let vb = vb.pp(i);
+                let blocks = (0..layers)
+                    .map(|j| Linear::new(hidden, hidden, true, vb.pp(j).pp("linear")))
+                    .collect::<Result<Vec<_>>>()?;
+                let out = if vb.contains_tensor(&format!("{layers}.weight")) {
+                    Some(Linear::new(hidden, vocab, false, vb.pp(layers))?)
+                } else {
+                    None
+                };
+                Ok(MedusaHead { blocks, out })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self { heads })
+    }
+
+    /// Loads a FasterDecoding Medusa folder: `config.json` and `medusa_lm_head.safetensors`
+    /// (or `medusa_lm_head.pt`), for a base model of width `hidden` and vocabulary `vocab`.
+    pub fn load(
+        dir: &Path,
+        hidden: usize,
+        vocab: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> crate::Result<Self> {
+        if !dir.is_dir() {
+            return Err(crate::Error::MissingFolder(dir.to_path_buf()));
+        }
+        let config: MedusaConfig =
+            crate::hub::read_json(&dir.join("config.json"), "Medusa config")?;
+        let safetensors = dir.join("medusa_lm_head.safetensors");
+        let pickle = dir.join("medusa_lm_head.pt");
+        let tensors: std::collections::HashMap<String, Tensor> = if safetensors.is_file() {
+            candle_core::safetensors::load(&safetensors, device)
+                .context(|| format!("cannot read {}", safetensors.display()))?
+        } else if pickle.is_file() {
+            candle_core::pickle::read_all(&pickle)
+                .context(|| format!("cannot read {}", pickle.display()))?
+                .into_iter()
+                .collect()
+        } else {
+            return Err(crate::Error::MissingFile {
+                folder: dir.display().to_string(),
+                file: "medusa_lm_head.safetensors (or medusa_lm_head.pt)".into(),
+            });
+        };
+        let tensors = tensors
+            .into_iter()
+            .map(|(k, v)| Ok((k, v.to_device(device)?.to_dtype(dtype)?)))
+            .collect::<Result<std::collections::HashMap<_, _>>>()
+            .context(|| format!("cannot load the Medusa heads of {}", dir.display()))?;
+        Self::new(
+            &config,
+            hidden,
+            vocab,
+            VarBuilder::from_tensors(tensors, dtype, device),
+        )
+        .context(|| {
+            format!(
+                "{} does not hold {} Medusa heads of {} layers for hidden size {hidden}",
+                dir.display(),
+                config.medusa_num_heads,
+                config.medusa_num_layers
+            )
+        })
+    }
+
+    /// Each head's logits `[.., vocab]` for `hidden` `[.., D]`.
+    pub fn forward(&self, hidden: &Tensor, lm_head: &Linear) -> Result<Vec<Tensor>> {
+        self.heads
+            .iter()
+            .map(|h| h.forward(hidden, lm_head))
+            .collect()
+    }
+}
+
+/// The verification tree of a set of `medusa_choices`, as FasterDecoding's
+/// `generate_medusa_buffers` lays it out. Node 0 is the root (the base model's own next token);
+/// node `k > 0` is the `k`-th choice after sorting by (length, path).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MedusaTree {
+    /// `visible[k][j]`: node `k` attends to node `j` (itself, the root and its ancestors).
+    pub visible: Vec<Vec<bool>>,
+    /// Index of each node's token in `[root, head 0's top-k, head 1's top-k, ...]`.
+    pub tree_indices: Vec<usize>,
+    /// Depth of each node (root 0), added to the position of the next token.
+    pub position_ids: Vec<usize>,
+    /// Root-to-leaf node paths, covering every node; FasterDecoding's `retrieve_indices`
+    /// without its padding.
+    pub paths: Vec<Vec<usize>>,
+}
+
+impl MedusaTree {
+    /// Builds the tree; every choice must have its prefixes among the choices, and ranks below
+    /// [`TOPK`].
+    pub fn new(choices: &[Vec<usize>]) -> std::result::Result<Self, String> {
+        let mut sorted: Vec<Vec<usize>> = choices.to_vec();
+        sorted.sort_by(|a, b| a.len().cmp(&b.len()).then_with(|| a.cmp(b)));
+        sorted.dedup();
+        if sorted.is_empty() || sorted[0].is_empty() {
+            return Err("medusa_choices must be non-empty paths".into());
+        }
+        let node_of = |path: &[usize]| sorted.iter().position(|c| c == path).map(|i| i + 1);
+        let n = sorted.len() + 1;
+        let mut visible = vec![vec![false; n]; n];
+        let mut tree_indices = vec![0; n];
+        let mut position_ids = vec![0; n];
+        visible[0][0] = true;
+        for (i, path) in sorted.iter().enumerate() {
+            let k = i + 1;
+            if let Some(&rank) = path.iter().find(|&&r| r >= TOPK) {
+                return Err(format!(
+                    "medusa choice {path:?}: rank {rank} is not below {TOPK}"
+                ));
+            }
+            visible[k][0] = true;
+            visible[k][k] = true;
+            for d in 1..path.len() {
+                let ancestor = node_of(&path[..d]).ok_or_else(|| {
+                    format!("medusa choice {path:?} lacks its prefix {:?}", &path[..d])
+                })?;
+                visible[k][ancestor] = true;
+            }
+            let depth = path.len();
+            tree_indices[k] = path[depth - 1] + TOPK * (depth - 1) + 1;
+            position_ids[k] = depth;
+        }
+        // Longest paths first (reverse sorted order), skipping any already covered as a prefix.
+        let mut covered: Vec<&[usize]> = Vec::new();
+        let mut paths = Vec::new();
+        for path in sorted.iter().rev() {
+            if covered.contains(&path.as_slice()) {
+                continue;
+            }
+            let mut nodes = vec![0];
+            for d in 1..=path.len() {
+                nodes.push(node_of(&path[..d]).unwrap_or(0));
+                covered.push(&path[..d]);
+            }
+            paths.push(nodes);
+        }
+        Ok(Self {
+            visible,
+            tree_indices,
+            position_ids,
+            paths,
+        })
+    }
+
+    /// The built-in `mc_sim_7b_63` tree.
+    pub fn mc_sim_7b_63() -> Self {
+        let choices: Vec<Vec<usize>> = MC_SIM_7B_63.iter().map(|c| c.to_vec()).collect();
+        Self::new(&choices).expect("mc_sim_7b_63 is a valid tree")
+    }
+
+    /// Reads `medusa_choices` from a JSON file: a list of paths.
+    pub fn from_file(path: &Path) -> crate::Result<Self> {
+        let choices: Vec<Vec<usize>> = crate::hub::read_json(path, "medusa_choices")?;
+        Self::new(&choices).map_err(|message| crate::Error::Invalid {
+            path: path.to_path_buf(),
+            what: "medusa_choices",
+            message,
+        })
+    }
+
+    /// The deepest path's length in heads.
+    pub fn depth(&self) -> usize {
+        self.position_ids.iter().copied().max().unwrap_or(0)
+    }
+
+    pub fn len(&self) -> usize {
+        self.tree_indices.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tree_indices.is_empty()
+    }
+}
+
+/// The outcome of a speculative generation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SpeculativeOutput {
+    /// Prompt and new tokens.
+    pub tokens: Vec<u32>,
+    pub new_tokens: usize,
+    /// Verification forward passes (the prompt's prefill not counted).
+    pub steps: usize,
+}
+
+impl SpeculativeOutput {
+    /// New tokens per verification step, the bonus token included.
+    pub fn mean_accepted(&self) -> f64 {
+        if self.steps == 0 {
+            0.0
+        } else {
+            self.new_tokens as f64 / self.steps as f64
+        }
+    }
+}
+
+/// Indices of the `k` largest values, largest first (ties: lower index first).
+fn top_k(values: &[f32], k: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..values.len()).collect();
+    idx.sort_by(|&a, &b| values[b].total_cmp(&values[a]).then(a.cmp(&b)));
+    idx.truncate(k);
+    idx
+}
+
+fn argmax(values: &[f32]) -> usize {
+    top_k(values, 1)[0]
+}
+
+/// Greedy decoding of `prompt` with Medusa tree verification: at each step the base model's
+/// next token and the heads' top candidates form `tree`, verified in one forward pass; the
+/// longest path whose every token is the base model's own greedy choice is accepted, with the
+/// base model's next token after it, and the cache is compacted to that path. The output is
+/// token-identical to plain greedy decoding. Stops after `max_new_tokens` or a `stop` token.
+pub fn medusa_generate(
+    model: &LlamaForCausalLM,
+    heads: &MedusaHeads,
+    tree: &MedusaTree,
+    prompt: &[u32],
+    max_new_tokens: usize,
+    stop: &[u32],
+) -> Result<SpeculativeOutput> {
+    if tree.depth() > heads.heads.len() {
+        candle_core::bail!(
+            "the Medusa tree is {} deep but the checkpoint has {} heads; use a tree of at most {} \
+             levels",
+            tree.depth(),
+            heads.heads.len(),
+            heads.heads.len()
+        );
+    }
+    let device = model.model.embeddings().device().clone();
+    let mut cache = KvCache::new();
+    let mut tokens = prompt.to_vec();
+    let prefill = model.forward(&Tensor::new(vec![prompt.to_vec()], &device)?, &mut cache)?;
+    let last = prompt.len() - 1;
+    let mut logits = prefill.logits.get(0)?.get(last)?;
+    let mut hidden = prefill.hidden.get(0)?.get(last)?;
+    let (mut new_tokens, mut steps) = (0, 0);
+    'decode: while new_tokens < max_new_tokens {
+        // Candidates: the base model's token, then each head's top-k.
+        let mut flat = vec![argmax(&logits.to_dtype(DType::F32)?.to_vec1::<f32>()?) as u32];
+        for head_logits in heads.forward(&hidden.unsqueeze(0)?, model.lm_head())? {
+            let values = head_logits
+                .squeeze(0)?
+                .to_dtype(DType::F32)?
+                .to_vec1::<f32>()?;
+            flat.extend(top_k(&values, TOPK).into_iter().map(|t| t as u32));
+        }
+        let tree_tokens: Vec<u32> = tree.tree_indices.iter().map(|&i| flat[i]).collect();
+
+        // Verify the whole tree in one pass.
+        let base = cache.len();
+        let positions: Vec<u32> = tree
+            .position_ids
+            .iter()
+            .map(|&p| (base + p) as u32)
+            .collect();
+        let mask = LlamaForCausalLM::tree_mask(base, &tree.visible, &device)?;
+        let out = model.forward_at(
+            &Tensor::new(vec![tree_tokens.clone()], &device)?,
+            &positions,
+            mask.as_ref(),
+            &mut cache,
+        )?;
+        steps += 1;
+        let greedy: Vec<u32> = out
+            .logits
+            .squeeze(0)?
+            .to_dtype(DType::F32)?
+            .argmax(D::Minus1)?
+            .to_vec1::<u32>()?;
+
+        // The longest path the base model agrees with, token by token.
+        let (mut best, mut best_len) = (0, 0);
+        for (p, path) in tree.paths.iter().enumerate() {
+            let accepted = path
+                .windows(2)
+                .take_while(|w| tree_tokens[w[1]] == greedy[w[0]])
+                .count();
+            if accepted > best_len {
+                (best, best_len) = (p, accepted);
+            }
+        }
+        let nodes = &tree.paths[best][..=best_len];
+        let kept: Vec<usize> = nodes.iter().map(|&k| base + k).collect();
+        cache.keep(base, &kept)?;
+        let end = *nodes.last().unwrap_or(&0);
+        logits = out.logits.get(0)?.get(end)?;
+        hidden = out.hidden.get(0)?.get(end)?;
+        for &node in nodes {
+            let token = tree_tokens[node];
+            tokens.push(token);
+            new_tokens += 1;
+            if stop.contains(&token) || new_tokens == max_new_tokens {
+                break 'decode;
+            }
+        }
+    }
+    Ok(SpeculativeOutput {
+        tokens,
+        new_tokens,
+        steps,
+    })
+}
