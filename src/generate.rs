@@ -13,7 +13,8 @@ use zoo_models::generation::{
 };
 use zoo_models::hub::ModelRepo;
 use zoo_models::llm::{
-    medusa_generate, KvCache, LlamaForCausalLM, LlamaStep, MedusaHeads, MedusaTree,
+    medusa_generate, mtp_generate, KvCache, LlamaForCausalLM, LlamaStep, MedusaHeads, MedusaTree,
+    MtpModules,
 };
 
 use crate::common::ModelArgs;
@@ -56,8 +57,9 @@ pub struct GenerateArgs {
     /// The Medusa tree: a JSON list of paths of top-k ranks. Default: mc_sim_7b_63.
     #[arg(long)]
     pub medusa_choices: Option<PathBuf>,
-    /// Self-speculative decoding with the model's MTP modules (not available yet).
-    #[arg(long)]
+    /// Self-speculative decoding with the checkpoint's DeepSeek-V3-style MTP modules
+    /// (`num_nextn_predict_layers`); greedy only so far, token-identical to plain greedy.
+    #[arg(long, conflicts_with = "medusa")]
     pub mtp: bool,
     /// Print {"text", "token_ids", "new_tokens", "steps", "mean_accepted", "tokens_per_s"}.
     #[arg(long)]
@@ -65,9 +67,6 @@ pub struct GenerateArgs {
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
-    if args.mtp {
-        bail!("--mtp (self-speculative decoding with MTP modules) is not implemented yet");
-    }
     if args.medusa_choices.is_some() && args.medusa.is_none() {
         bail!("--medusa-choices needs --medusa");
     }
@@ -120,14 +119,25 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             Strategy::Greedy
         },
     };
+    let speculative = args.medusa.is_some() || args.mtp;
+    if speculative && (sampling || cfg.repetition_penalty != 1.0 || cfg.min_new_tokens > 0) {
+        bail!(
+            "--medusa and --mtp decode greedily so far; sampling (typical acceptance), \
+             --repetition-penalty and --min-new-tokens are not implemented with them"
+        );
+    }
+    let mtp = if args.mtp {
+        Some(MtpModules::load(
+            &repo,
+            &model.config,
+            model.model.embeddings().dtype(),
+            &device,
+        )?)
+    } else {
+        None
+    };
     let medusa = match &args.medusa {
         Some(dir) => {
-            if sampling || cfg.repetition_penalty != 1.0 || cfg.min_new_tokens > 0 {
-                bail!(
-                    "--medusa decodes greedily so far; sampling (typical acceptance), \
-                     --repetition-penalty and --min-new-tokens are not implemented with it"
-                );
-            }
             let heads = MedusaHeads::load(
                 dir,
                 model.config.hidden_size,
@@ -144,8 +154,13 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         None => None,
     };
     let start = Instant::now();
-    let (row, steps) = match &medusa {
-        Some((heads, tree)) => {
+    let (row, steps) = match (&medusa, &mtp) {
+        (_, Some(mtp)) => {
+            let out = mtp_generate(&model, mtp, &prompt, cfg.max_new_tokens, &cfg.stop_tokens)
+                .context("MTP generation failed")?;
+            (out.tokens, out.steps)
+        }
+        (Some((heads, tree)), None) => {
             let out = medusa_generate(
                 &model,
                 heads,
@@ -157,7 +172,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             .context("Medusa generation failed")?;
             (out.tokens, out.steps)
         }
-        None => {
+        (None, None) => {
             let mut step = LlamaStep {
                 model: &model,
                 cache: KvCache::new(),

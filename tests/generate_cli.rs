@@ -125,6 +125,7 @@ fn missing_models_and_unavailable_modes_are_clear_errors() {
         "{err}"
     );
 
+    // llama-tiny has no MTP modules; --mtp says so.
     let model = fixtures().join("llama-tiny");
     let out = zoo(&[
         "generate",
@@ -136,5 +137,74 @@ fn missing_models_and_unavailable_modes_are_clear_errors() {
     ]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(err.contains("not implemented yet"), "{err}");
+    assert!(err.contains("num_nextn_predict_layers is 0"), "{err}");
+}
+
+/// llama-tiny with one random DeepSeek-V3-style MTP module (`model.layers.2.*`) in `dir`.
+fn llama_with_mtp(dir: &std::path::Path) {
+    use candle_core::{Device, Tensor};
+    let src = fixtures().join("llama-tiny");
+    for f in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
+        std::fs::copy(src.join(f), dir.join(f)).unwrap();
+    }
+    let mut config: Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    config["num_nextn_predict_layers"] = 1.into();
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let mut tensors =
+        candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+    let (d, kv, ff) = (64usize, 32usize, 128usize);
+    let shapes: [(&str, Vec<usize>); 12] = [
+        ("enorm.weight", vec![d]),
+        ("hnorm.weight", vec![d]),
+        ("eh_proj.weight", vec![d, 2 * d]),
+        ("input_layernorm.weight", vec![d]),
+        ("self_attn.q_proj.weight", vec![d, d]),
+        ("self_attn.k_proj.weight", vec![kv, d]),
+        ("self_attn.v_proj.weight", vec![kv, d]),
+        ("self_attn.o_proj.weight", vec![d, d]),
+        ("post_attention_layernorm.weight", vec![d]),
+        ("mlp.gate_proj.weight", vec![ff, d]),
+        ("mlp.up_proj.weight", vec![ff, d]),
+        ("mlp.down_proj.weight", vec![d, ff]),
+    ];
+    for (name, shape) in shapes.iter().chain(&[("shared_head.norm.weight", vec![d])]) {
+        let t = if name.ends_with("norm.weight") {
+            Tensor::ones(shape.as_slice(), candle_core::DType::F32, &Device::Cpu).unwrap()
+        } else {
+            (Tensor::rand(0f32, 1.0, shape.as_slice(), &Device::Cpu).unwrap() - 0.5).unwrap()
+        };
+        tensors.insert(format!("model.layers.2.{name}"), t);
+    }
+    candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
+}
+
+#[test]
+fn mtp_greedy_decoding_gives_plain_greedy_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    llama_with_mtp(dir.path());
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "--model",
+            dir.path().to_str().unwrap(),
+            "--prompt",
+            "the cat sat on",
+            "--max-new-tokens",
+            "16",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        json_stdout(&zoo(&args))
+    };
+    let plain = run(&[]);
+    let mtp = run(&["--mtp"]);
+    assert_eq!(mtp["token_ids"], plain["token_ids"]);
+    assert_eq!(mtp["new_tokens"], 16);
+    let steps = mtp["steps"].as_u64().unwrap();
+    assert!((1..=16).contains(&steps), "{mtp}");
 }

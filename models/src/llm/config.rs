@@ -80,6 +80,10 @@ pub struct LlamaConfig {
     pub eos_token_id: Option<TokenIds>,
     #[serde(default)]
     pub pad_token_id: Option<u32>,
+    /// DeepSeek-V3's multi-token-prediction modules, stored after the decoder layers as
+    /// `model.layers.{num_hidden_layers + i}`.
+    #[serde(default)]
+    pub num_nextn_predict_layers: usize,
     /// Qwen2's sliding window; only full attention is implemented.
     #[serde(default)]
     pub use_sliding_window: bool,

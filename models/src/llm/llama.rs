@@ -88,7 +88,7 @@ impl Rotary {
 }
 
 /// One layer's cached keys and values `[B, Hkv, L, d]`.
-type LayerKv = Option<(Tensor, Tensor)>;
+pub type LayerKv = Option<(Tensor, Tensor)>;
 
 /// Keys and values of every layer for the tokens processed so far. Unlike a plain append-only
 /// cache it can be rolled back ([`Self::truncate`]) and compacted to chosen positions
@@ -290,6 +290,11 @@ impl LlamaModel {
             norm: RmsNorm::new(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("norm"))?,
             rotary: Rotary::new(rope),
         })
+    }
+
+    /// RoPE `cos`, `sin` for `positions` (see [`Rotary::cos_sin`]).
+    pub fn rotary_cos_sin(&self, positions: &[u32], device: &Device) -> Result<(Tensor, Tensor)> {
+        self.rotary.cos_sin(positions, device)
     }
 
     /// The token embedding table `[vocab, D]`.

@@ -325,8 +325,12 @@ pub struct SpeculativeOutput {
     /// Prompt and new tokens.
     pub tokens: Vec<u32>,
     pub new_tokens: usize,
-    /// Verification forward passes (the prompt's prefill not counted).
+    /// Forward passes that produced tokens: Medusa's verifications; MTP's prefill (which gives
+    /// the first token) and verifications. Plain decoding would take `new_tokens`.
     pub steps: usize,
+    /// The tokens drafted at each step (Medusa: the chosen path after the root; MTP: the
+    /// chain), for statistics and tests.
+    pub drafts: Vec<Vec<u32>>,
 }
 
 impl SpeculativeOutput {
@@ -382,6 +386,7 @@ pub fn medusa_generate(
     let mut logits = prefill.logits.get(0)?.get(last)?;
     let mut hidden = prefill.hidden.get(0)?.get(last)?;
     let (mut new_tokens, mut steps) = (0, 0);
+    let mut drafts = Vec::new();
     'decode: while new_tokens < max_new_tokens {
         // Candidates: the base model's token, then each head's top-k.
         let mut flat = vec![argmax(&logits.to_dtype(DType::F32)?.to_vec1::<f32>()?) as u32];
@@ -428,6 +433,12 @@ pub fn medusa_generate(
             }
         }
         let nodes = &tree.paths[best][..=best_len];
+        drafts.push(
+            tree.paths[best][1..]
+                .iter()
+                .map(|&k| tree_tokens[k])
+                .collect(),
+        );
         let kept: Vec<usize> = nodes.iter().map(|&k| base + k).collect();
         cache.keep(base, &kept)?;
         let end = *nodes.last().unwrap_or(&0);
@@ -446,5 +457,6 @@ pub fn medusa_generate(
         tokens,
         new_tokens,
         steps,
+        drafts,
     })
 }

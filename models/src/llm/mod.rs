@@ -1,12 +1,15 @@
 //! The LLM family: a Llama-architecture backbone in HF layout (`LlamaForCausalLM`, and Qwen2's
 //! variant), built from the shared layers, returning hidden states and logits for every
 //! position, with a KV cache that can be rolled back and compacted for speculative decoding;
-//! and Medusa heads with tree-based speculative decoding.
+//! Medusa heads with tree-based speculative decoding, and DeepSeek-V3-style MTP modules with
+//! self-speculative decoding.
 
 pub mod config;
 pub mod llama;
 pub mod medusa;
+pub mod mtp;
 
 pub use config::LlamaConfig;
 pub use llama::{CausalLmOutput, KvCache, LlamaForCausalLM, LlamaModel, LlamaStep};
 pub use medusa::{medusa_generate, MedusaHeads, MedusaTree, SpeculativeOutput};
+pub use mtp::{mtp_generate, MtpModule, MtpModules};

@@ -1,0 +1,209 @@
+//! MTP modules: weights named as DeepSeek-V3 names them, and greedy self-speculative decoding
+//! token-identical to plain greedy decoding with random modules of depth 1 to 3.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use zoo_models::generation::{generate, GenerationConfig};
+use zoo_models::hub::ModelRepo;
+use zoo_models::llm::{
+    mtp_generate, KvCache, LlamaConfig, LlamaForCausalLM, LlamaStep, MtpModules,
+};
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
+}
+
+/// llama-tiny plus `depth` random MTP modules, as a checkpoint folder in `dir`.
+fn with_mtp(dir: &Path, depth: usize) -> (LlamaForCausalLM, MtpModules) {
+    let src = fixtures().join("llama-tiny");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    config["num_nextn_predict_layers"] = depth.into();
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let cfg: LlamaConfig = serde_json::from_value(config).unwrap();
+
+    let mut tensors: HashMap<String, Tensor> =
+        candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+    let probe = VarMap::new();
+    MtpModules::new(
+        &cfg,
+        depth,
+        VarBuilder::from_varmap(&probe, DType::F32, &Device::Cpu),
+    )
+    .unwrap();
+    let mut seed = 0u64;
+    for (name, var) in probe.data().lock().unwrap().iter() {
+        seed += 1;
+        let t = if name.ends_with("norm.weight") {
+            Tensor::ones(var.shape(), DType::F32, &Device::Cpu).unwrap()
+        } else {
+            let n = var.shape().elem_count();
+            let values: Vec<f32> = (0..n)
+                .map(|i| {
+                    let x = ((i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ seed) >> 40;
+                    (x as f32 / (1u64 << 24) as f32 - 0.5) * 0.4
+                })
+                .collect();
+            Tensor::from_vec(values, var.shape(), &Device::Cpu).unwrap()
+        };
+        tensors.insert(name.clone(), t);
+    }
+    candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
+    let repo = ModelRepo::open(&dir.to_string_lossy()).unwrap();
+    let model = LlamaForCausalLM::load(&repo, None, &Device::Cpu).unwrap();
+    let mtp = MtpModules::load(&repo, &model.config, DType::F32, &Device::Cpu).unwrap();
+    (model, mtp)
+}
+
+#[test]
+fn mtp_weights_follow_deepseek_v3_names() {
+    let dir = tempfile::tempdir().unwrap();
+    with_mtp(dir.path(), 2);
+    let names: Vec<String> =
+        candle_core::safetensors::load(dir.path().join("model.safetensors"), &Device::Cpu)
+            .unwrap()
+            .into_keys()
+            .filter(|n| n.starts_with("model.layers.2.") || n.starts_with("model.layers.3."))
+            .collect();
+    for want in [
+        "model.layers.2.enorm.weight",
+        "model.layers.2.hnorm.weight",
+        "model.layers.2.eh_proj.weight",
+        "model.layers.2.self_attn.q_proj.weight",
+        "model.layers.2.mlp.gate_proj.weight",
+        "model.layers.2.shared_head.norm.weight",
+        "model.layers.3.eh_proj.weight",
+    ] {
+        assert!(names.iter().any(|n| n == want), "no {want} in {names:?}");
+    }
+}
+
+#[test]
+fn greedy_mtp_decoding_is_token_identical_to_plain_greedy() {
+    for depth in [1, 2, 3] {
+        let dir = tempfile::tempdir().unwrap();
+        let (model, mtp) = with_mtp(dir.path(), depth);
+        for prompt in [
+            vec![5u32, 17, 42],
+            vec![260, 284, 261, 269, 261, 270],
+            vec![9],
+        ] {
+            for max in [1, 2, 7, 30] {
+                let cfg = GenerationConfig {
+                    max_new_tokens: max,
+                    ..GenerationConfig::default()
+                };
+                let mut step = LlamaStep {
+                    model: &model,
+                    cache: KvCache::new(),
+                };
+                let plain = generate(&mut step, vec![prompt.clone()], &cfg)
+                    .unwrap()
+                    .remove(0);
+                let out = mtp_generate(&model, &mtp, &prompt, max, &[]).unwrap();
+                assert_eq!(
+                    out.tokens, plain,
+                    "depth {depth}, prompt {prompt:?}, {max} tokens"
+                );
+                assert_eq!(out.new_tokens, max);
+                assert!(out.steps >= 1 && out.steps <= max && out.mean_accepted() >= 1.0);
+            }
+        }
+    }
+}
+
+#[test]
+fn mtp_decoding_stops_at_a_stop_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, mtp) = with_mtp(dir.path(), 2);
+    let prompt = vec![5u32, 17, 42];
+    let mut step = LlamaStep {
+        model: &model,
+        cache: KvCache::new(),
+    };
+    let plain = generate(
+        &mut step,
+        vec![prompt.clone()],
+        &GenerationConfig::default(),
+    )
+    .unwrap()
+    .remove(0);
+    let stop = plain[prompt.len() + 5];
+    let first = plain[prompt.len()..]
+        .iter()
+        .position(|&t| t == stop)
+        .unwrap();
+    let out = mtp_generate(&model, &mtp, &prompt, 20, &[stop]).unwrap();
+    assert_eq!(out.tokens, plain[..prompt.len() + first + 1]);
+}
+
+/// The drafts of `mtp` after `tokens`, computed from scratch: the backbone over all but the last
+/// token, then each module over every position with the tokens `k` ahead (drafts where they
+/// run past the end).
+fn drafts_from_scratch(model: &LlamaForCausalLM, mtp: &MtpModules, tokens: &[u32]) -> Vec<u32> {
+    let dev = Device::Cpu;
+    let m = tokens.len();
+    let out = model
+        .forward(
+            &Tensor::new(vec![tokens[..m - 1].to_vec()], &dev).unwrap(),
+            &mut KvCache::new(),
+        )
+        .unwrap();
+    let mut hidden = out.hidden;
+    let mut known = tokens.to_vec();
+    let mut drafts = Vec::new();
+    let positions: Vec<u32> = (0..(m - 1) as u32).collect();
+    let (cos, sin) = model.model.rotary_cos_sin(&positions, &dev).unwrap();
+    let mask = zoo_models::layers::causal_mask(m - 1, m - 1, 0, DType::F32, &dev).unwrap();
+    for (k0, module) in mtp.modules.iter().enumerate() {
+        let k = k0 + 1;
+        let ahead: Vec<u32> = (1..m).map(|i| known[i + k - 1]).collect();
+        let embeds = model
+            .model
+            .embed(&Tensor::new(vec![ahead], &dev).unwrap())
+            .unwrap();
+        let mut kv = None;
+        hidden = module
+            .forward(&hidden, &embeds, &cos, &sin, Some(&mask), &mut kv)
+            .unwrap();
+        let last = hidden.narrow(1, m - 2, 1).unwrap();
+        let logits = module.logits(&last, model.lm_head()).unwrap();
+        let d = logits
+            .flatten_all()
+            .unwrap()
+            .argmax(0)
+            .unwrap()
+            .to_scalar::<u32>()
+            .unwrap();
+        drafts.push(d);
+        known.push(d);
+    }
+    drafts
+}
+
+#[test]
+fn cached_drafts_equal_drafts_computed_from_scratch() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, mtp) = with_mtp(dir.path(), 3);
+    let prompt = vec![260u32, 284, 261, 269, 261, 270];
+    let out = mtp_generate(&model, &mtp, &prompt, 25, &[]).unwrap();
+    // Round r starts after the prompt, the first token and the tokens of the rounds before it.
+    let mut len = prompt.len() + 1;
+    for (r, drafts) in out.drafts.iter().enumerate() {
+        let want = drafts_from_scratch(&model, &mtp, &out.tokens[..len]);
+        assert_eq!(drafts, &want, "round {r} after {len} tokens");
+        let accepted = drafts
+            .iter()
+            .zip(&out.tokens[len..])
+            .take_while(|(d, t)| d == t)
+            .count();
+        len += accepted + 1;
+        if len >= out.tokens.len() {
+            break;
+        }
+    }
+    assert!(out.drafts.len() > 3);
+}
