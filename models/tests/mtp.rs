@@ -34,22 +34,29 @@ fn with_mtp(dir: &Path, depth: usize) -> (LlamaForCausalLM, MtpModules) {
         VarBuilder::from_varmap(&probe, DType::F32, &Device::Cpu),
     )
     .unwrap();
-    let mut seed = 0u64;
-    for (name, var) in probe.data().lock().unwrap().iter() {
-        seed += 1;
+    let mut specs: Vec<(String, candle_core::Shape)> = probe
+        .data()
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(n, v)| (n.clone(), v.shape().clone()))
+        .collect();
+    specs.sort_by(|a, b| a.0.cmp(&b.0));
+    for (seed, (name, shape)) in specs.into_iter().enumerate() {
+        let seed = seed as u64 + 1;
         let t = if name.ends_with("norm.weight") {
-            Tensor::ones(var.shape(), DType::F32, &Device::Cpu).unwrap()
+            Tensor::ones(&shape, DType::F32, &Device::Cpu).unwrap()
         } else {
-            let n = var.shape().elem_count();
+            let n = shape.elem_count();
             let values: Vec<f32> = (0..n)
                 .map(|i| {
                     let x = ((i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ seed) >> 40;
                     (x as f32 / (1u64 << 24) as f32 - 0.5) * 0.4
                 })
                 .collect();
-            Tensor::from_vec(values, var.shape(), &Device::Cpu).unwrap()
+            Tensor::from_vec(values, &shape, &Device::Cpu).unwrap()
         };
-        tensors.insert(name.clone(), t);
+        tensors.insert(name, t);
     }
     candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
     let repo = ModelRepo::open(&dir.to_string_lossy()).unwrap();
