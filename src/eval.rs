@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use serde_json::json;
 use zoo_trainers::caption_metrics::evaluate_files;
@@ -22,6 +22,22 @@ pub enum EvalCommand {
     Retrieval(RetrievalArgs),
     /// BLEU-1..4 and CIDEr-D of predicted captions against references, as pycocoevalcap.
     Caption(CaptionArgs),
+    /// Perplexity of a causal LM on text files or JSONL.
+    Lm(LmArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct LmArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Text files or JSONL (`{"text": ...}`), comma-separated or globs.
+    #[arg(long)]
+    pub data: String,
+    /// Tokens per evaluated sequence (the corpus is packed into sequences of this length).
+    #[arg(long, default_value_t = 256)]
+    pub seq_len: usize,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -80,7 +96,47 @@ pub fn run(cmd: EvalCommand) -> Result<()> {
         EvalCommand::Zeroshot(a) => zeroshot(a),
         EvalCommand::Retrieval(a) => retrieval(a),
         EvalCommand::Caption(a) => caption(a),
+        EvalCommand::Lm(a) => lm(a),
     }
+}
+
+fn lm(args: LmArgs) -> Result<()> {
+    use zoo_trainers::lm::{perplexity, Corpus, PackedSequences};
+    let device = args.model.device()?;
+    let repo = zoo_models::hub::ModelRepo::open(&args.model.model)?;
+    let model = zoo_models::llm::LlamaForCausalLM::load(&repo, args.model.dtype()?, &device)?;
+    let tokenizer = zoo_datasets::tokenize::TextTokenizer::from_files(
+        &repo.get("tokenizer.json")?,
+        repo.get_optional("tokenizer_config.json")?.as_deref(),
+    )?;
+    let files = crate::train::text_files(&args.data)?;
+    let corpus = Corpus::read(&files)?;
+    let eos = model
+        .config
+        .eos_token_ids()
+        .first()
+        .copied()
+        .context("the model config has no eos_token_id")?;
+    let seqs = PackedSequences::new(&corpus.tokens(&tokenizer, eos)?, args.seq_len, 0)?;
+    let ppl = perplexity(&model, seqs.sequences(), &device)?;
+    let tokens = seqs.len() * args.seq_len;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "perplexity": ppl, "sequences": seqs.len(), "tokens": tokens,
+                "skipped_lines": corpus.skipped,
+            }))?
+        );
+    } else {
+        println!(
+            "perplexity {ppl:.4} over {} sequences of {} tokens ({} skipped lines)",
+            seqs.len(),
+            args.seq_len,
+            corpus.skipped
+        );
+    }
+    Ok(())
 }
 
 fn zeroshot(args: ZeroshotArgs) -> Result<()> {

@@ -27,6 +27,8 @@ pub enum Objective {
     Siglip,
     /// BLIP; the loss is chosen with --objective.
     Blip,
+    /// A Llama-architecture causal LM on text files or JSONL.
+    Lm,
 }
 
 /// BLIP's training objectives.
@@ -59,6 +61,16 @@ pub struct TrainArgs {
     /// BLIP caption training: label smoothing of the LM loss.
     #[arg(long, default_value_t = blip_caption::DEFAULT_LABEL_SMOOTHING)]
     pub label_smoothing: f64,
+    /// LM: `train` to train a byte-level BPE of --vocab-size tokens on the training corpus, or a
+    /// folder / hub id with tokenizer.json (for a preset; a pretrained model keeps its own).
+    #[arg(long, default_value = "train")]
+    pub tokenizer: String,
+    /// LM: vocabulary size of a trained tokenizer.
+    #[arg(long, default_value_t = 8000)]
+    pub vocab_size: usize,
+    /// LM: tokens per training sequence (the corpus is packed into sequences of this length).
+    #[arg(long, default_value_t = 256)]
+    pub seq_len: usize,
     /// BLIP pretraining: momentum features kept as extra ITC negatives (0: in-batch only).
     #[arg(long, default_value_t = blip_pretrain::DEFAULT_QUEUE_SIZE)]
     pub queue_size: usize,
@@ -190,6 +202,7 @@ pub fn run_train(args: TrainArgs) -> Result<()> {
         Objective::Clip => (ScoreKind::Softmax, "clip-tiny"),
         Objective::Siglip => (ScoreKind::Sigmoid, "siglip-tiny"),
         Objective::Blip => return run_blip(args),
+        Objective::Lm => return run_lm(args),
     };
     if let Some(o) = args.objective {
         bail!(
@@ -456,4 +469,86 @@ fn run_blip(args: TrainArgs) -> Result<()> {
 fn report(losses: &[f64], step: u64) {
     let last = losses.last().copied().unwrap_or(f64::NAN);
     println!("trained {step} steps; final loss {last:.4}");
+}
+
+/// The files of a `--train-data` / `--val-data` for `zoo train lm`: comma-separated paths or
+/// globs.
+pub fn text_files(spec: &str) -> Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        if part.contains(['*', '?', '[']) {
+            let mut matched: Vec<PathBuf> = glob::glob(part)
+                .with_context(|| format!("bad pattern {part}"))?
+                .filter_map(std::result::Result::ok)
+                .collect();
+            if matched.is_empty() {
+                bail!("{part} matches no files");
+            }
+            matched.sort();
+            files.extend(matched);
+        } else {
+            let path = PathBuf::from(part);
+            if !path.is_file() {
+                bail!("{} does not exist", path.display());
+            }
+            files.push(path);
+        }
+    }
+    if files.is_empty() {
+        bail!("no training files given");
+    }
+    Ok(files)
+}
+
+/// `zoo train lm`.
+fn run_lm(args: TrainArgs) -> Result<()> {
+    use zoo_trainers::lm;
+    let not_lm = [
+        (args.objective.is_some(), "--objective"),
+        (args.text_tower.is_some(), "--text-tower"),
+        (args.lock_image, "--lock-image"),
+        (args.zeroshot_data.is_some(), "--zeroshot-data"),
+        (args.image_size.is_some(), "--image-size"),
+    ];
+    if let Some((_, flag)) = not_lm.iter().find(|(given, _)| *given) {
+        bail!("{flag} is not a `zoo train lm` flag");
+    }
+    let Some(steps) = args.steps else {
+        bail!("`zoo train lm` needs --steps (--epochs is not supported for LM corpora yet)");
+    };
+    if args.batch_size == 0 {
+        bail!("--batch-size must be at least 1");
+    }
+    let train_files = text_files(&args.train_data)?;
+    let val_files = args.val_data.as_deref().map(text_files).transpose()?;
+    let model_name = args.model.clone().unwrap_or_else(|| "llama-tiny".into());
+    let model = if lm::PRESETS.split(", ").any(|p| p == model_name) {
+        lm::ModelSpec::Preset(model_name)
+    } else {
+        lm::ModelSpec::Pretrained(model_name)
+    };
+    let tokenizer = match args.tokenizer.as_str() {
+        "train" => lm::TokenizerSpec::Train {
+            vocab_size: args.vocab_size,
+        },
+        other => lm::TokenizerSpec::Load(other.to_string()),
+    };
+    let config = lm::RunConfig {
+        model,
+        tokenizer,
+        seq_len: args.seq_len,
+        train: train_config(&args, steps),
+        batch_size: args.batch_size,
+        optimizer: optimizer_config(&args),
+        resume: args.resume.clone(),
+        device: zoo_models::device::parse_device(&args.device)?,
+    };
+    let summary = lm::run(config, &train_files, val_files.as_deref()).context("training failed")?;
+    if summary.skipped > 0 {
+        eprintln!("skipped {} malformed JSONL lines", summary.skipped);
+    }
+    report(&summary.state.losses, summary.state.step);
+    println!("model: {}", summary.final_dir.display());
+    println!("metrics: {}", args.output.join("metrics.jsonl").display());
+    Ok(())
 }

@@ -208,3 +208,79 @@ fn mtp_greedy_decoding_gives_plain_greedy_ids() {
     let steps = mtp["steps"].as_u64().unwrap();
     assert!((1..=16).contains(&steps), "{mtp}");
 }
+
+#[test]
+fn zoo_train_lm_then_eval_lm_and_generate_use_the_saved_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = dir.path().join("corpus.jsonl");
+    std::fs::write(
+        &corpus,
+        "{\"text\": \"the cat sat on the mat and looked at the dog.\"}\n\
+         {\"text\": \"the quick brown fox jumps over the lazy dog.\"}\nnot json\n",
+    )
+    .unwrap();
+    let out = dir.path().join("run");
+    let train = zoo(&[
+        "train",
+        "lm",
+        "--train-data",
+        corpus.to_str().unwrap(),
+        "--tokenizer",
+        "train",
+        "--vocab-size",
+        "300",
+        "--seq-len",
+        "8",
+        "--steps",
+        "3",
+        "--batch-size",
+        "2",
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        train.status.success(),
+        "{}",
+        String::from_utf8_lossy(&train.stderr)
+    );
+    assert!(String::from_utf8_lossy(&train.stderr).contains("skipped 1 malformed JSONL lines"));
+    let model = out.join("final");
+    let ppl = json_stdout(&zoo(&[
+        "eval",
+        "lm",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        corpus.to_str().unwrap(),
+        "--seq-len",
+        "8",
+        "--json",
+    ]));
+    let p = ppl["perplexity"].as_f64().unwrap();
+    assert!(p.is_finite() && p >= 1.0, "{ppl}");
+    assert_eq!(ppl["skipped_lines"], 1);
+    let gen = json_stdout(&zoo(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "the cat",
+        "--max-new-tokens",
+        "4",
+        "--json",
+    ]));
+    assert_eq!(gen["token_ids"][0], 1, "starts with <s>");
+
+    let bad = zoo(&[
+        "train",
+        "lm",
+        "--train-data",
+        corpus.to_str().unwrap(),
+        "--epochs",
+        "1",
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("needs --steps"));
+}

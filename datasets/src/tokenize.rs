@@ -129,6 +129,63 @@ impl TextTokenizer {
         Ok(Self::new(tokenizer, &config))
     }
 
+    /// Trains a byte-level BPE tokenizer (GPT-2's byte alphabet, so no text is unknown) with
+    /// `vocab_size` tokens on `texts`. `<pad>`, `<s>` and `</s>` are ids 0, 1 and 2, and `<s>` is
+    /// put before every encoded text, as Llama's tokenizer does.
+    pub fn train_bpe<I, S>(texts: I, vocab_size: usize) -> Result<Self>
+    where
+        I: Iterator<Item = S> + Send,
+        S: AsRef<str> + Send,
+    {
+        use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+        use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
+        use tokenizers::models::TrainerWrapper;
+        use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+        use tokenizers::processors::template::TemplateProcessing;
+        use tokenizers::AddedToken;
+
+        let specials = ["<pad>", "<s>", "</s>"];
+        let alphabet = ByteLevel::alphabet().len();
+        if vocab_size < alphabet + specials.len() {
+            return Err(Error::Tokenizer(format!(
+                "a byte-level BPE vocabulary needs at least {} tokens (256 bytes and 3 special \
+                 tokens); got --vocab-size {vocab_size}",
+                alphabet + specials.len()
+            )));
+        }
+        let mut trainer: TrainerWrapper = BpeTrainerBuilder::new()
+            .vocab_size(vocab_size)
+            .show_progress(false)
+            .special_tokens(
+                specials
+                    .iter()
+                    .map(|s| AddedToken::from(*s, true))
+                    .collect(),
+            )
+            .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
+            .build()
+            .into();
+        let mut tokenizer = Tokenizer::new(BPE::default());
+        tokenizer.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
+        tokenizer.with_decoder(Some(ByteLevelDecoder::default()));
+        tokenizer
+            .train(&mut trainer, texts)
+            .map_err(|e| Error::Tokenizer(format!("BPE training failed: {e}")))?;
+        let bos = TemplateProcessing::builder()
+            .try_single("<s> $A")
+            .map_err(|e| Error::Tokenizer(format!("BPE post-processor: {e}")))?
+            .special_tokens(vec![("<s>", 1)])
+            .build()
+            .map_err(|e| Error::Tokenizer(format!("BPE post-processor: {e}")))?;
+        tokenizer.with_post_processor(Some(bos));
+        let config = serde_json::json!({
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
+            "clean_up_tokenization_spaces": false,
+        });
+        Ok(Self::new(tokenizer, &config))
+    }
+
     /// A tokenizer from `tokenizer.json` bytes and a parsed `tokenizer_config.json`.
     pub fn from_bytes(tokenizer_json: &[u8], config: &Value) -> Result<Self> {
         let tokenizer = Tokenizer::from_bytes(tokenizer_json)

@@ -297,7 +297,7 @@ impl TrainableBlipCaptioner {
             &varmap_tensors(&self.varmap)?,
             dir,
             &self.hf_config(),
-            &self.processor_json,
+            Some(&self.processor_json),
             &self.tokenizer,
             None,
         )

@@ -616,7 +616,7 @@ impl TrainableBlipPretrain {
             &tensors,
             dir,
             &self.hf_config(),
-            &self.processor_json,
+            Some(&self.processor_json),
             &self.tokenizer,
             None,
         )?;

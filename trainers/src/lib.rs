@@ -16,6 +16,7 @@ pub mod contrastive;
 pub mod data;
 pub mod error;
 pub mod eval;
+pub mod lm;
 pub mod loss;
 pub mod metrics;
 pub mod model;

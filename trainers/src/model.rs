@@ -415,7 +415,7 @@ impl TrainableDualEncoder {
             &varmap_tensors(&self.varmap)?,
             dir,
             &self.config.to_hf_json(),
-            &self.processor_json,
+            Some(&self.processor_json),
             &self.tokenizer,
             Some(self.max_text_len()),
         )
@@ -452,14 +452,14 @@ pub(crate) fn varmap_tensors(varmap: &VarMap) -> Result<std::collections::HashMa
 }
 
 /// Writes weights as an HF-layout folder: `model.safetensors` (atomically), `config.json`,
-/// `preprocessor_config.json`, `tokenizer.json` and `tokenizer_config.json` (with
+/// `preprocessor_config.json` (image models), `tokenizer.json` and `tokenizer_config.json` (with
 /// `model_max_length` = `max_text_len` when given). Fails, writing nothing, if any weight is not
 /// finite. Shared by every trainable model.
 pub(crate) fn save_hf_folder(
     tensors: &std::collections::HashMap<String, Tensor>,
     dir: &Path,
     config: &Value,
-    processor: &Value,
+    processor: Option<&Value>,
     tokenizer: &TextTokenizer,
     max_text_len: Option<usize>,
 ) -> Result<()> {
@@ -480,7 +480,9 @@ pub(crate) fn save_hf_folder(
         .map_err(|e| Error::Input(format!("cannot create {}: {e}", dir.display())))?;
     zoo_models::weights::save_safetensors_atomic(tensors, &dir.join("model.safetensors"))?;
     write_json(&dir.join("config.json"), config)?;
-    write_json(&dir.join("preprocessor_config.json"), processor)?;
+    if let Some(processor) = processor {
+        write_json(&dir.join("preprocessor_config.json"), processor)?;
+    }
     tokenizer.save(dir, max_text_len)?;
     Ok(())
 }

@@ -1,0 +1,550 @@
+//! Causal language-model training (`zoo train lm`) and perplexity (`zoo eval lm`).
+//!
+//! A corpus of text files (`.txt`, one document each) or JSONL (`{"text": ...}` per line) is
+//! tokenized, every document ended with the eos token, and the stream packed into fixed-length
+//! sequences (GPT-2's packing); each epoch visits the sequences in a seeded order. The model is
+//! a Llama-architecture [`LlamaForCausalLM`] whose weights are variables named as in the HF
+//! checkpoint: a preset from scratch, or an HF folder to fine-tune. It saves in HF layout with
+//! its tokenizer, loadable by `zoo generate` and HF transformers.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Shape, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use serde_json::json;
+use zoo_datasets::tokenize::TextTokenizer;
+use zoo_models::hub::ModelRepo;
+use zoo_models::llm::{KvCache, LlamaConfig, LlamaForCausalLM};
+use zoo_models::weights::SafetensorsWeights;
+
+use crate::checkpoint;
+use crate::data::DataPosition;
+use crate::error::{Error, Result};
+use crate::metrics::MetricsLog;
+use crate::model::save_hf_folder;
+use crate::optim::{AdamW, AdamWConfig};
+use crate::rng::Rng;
+use crate::train::{train, Task, TrainConfig, TrainState};
+
+/// The presets `zoo train lm` can start from scratch.
+pub const PRESETS: &str = "llama-tiny";
+
+/// Standard deviation of initial weights (HF's `initializer_range`).
+const INIT_STD: f64 = 0.02;
+
+/// A preset's config for a tokenizer of `vocab_size` tokens with `<pad>` 0, `<s>` 1, `</s>` 2
+/// (the trained BPE's), or the given ids.
+pub fn preset_config(name: &str, vocab_size: usize, bos: u32, eos: u32) -> Result<LlamaConfig> {
+    let json = match name {
+        "llama-tiny" => json!({
+            "model_type": "llama", "vocab_size": vocab_size, "hidden_size": 128,
+            "intermediate_size": 344, "num_hidden_layers": 4, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "max_position_embeddings": 512, "rms_norm_eps": 1e-6,
+            "rope_theta": 10000.0, "tie_word_embeddings": true, "hidden_act": "silu",
+            "bos_token_id": bos, "eos_token_id": eos, "pad_token_id": 0,
+        }),
+        other => {
+            return Err(Error::Input(format!(
+                "unknown LM preset `{other}`; presets: {PRESETS}, or give an HF LlamaForCausalLM \
+                 folder or hub id"
+            )))
+        }
+    };
+    serde_json::from_value(json).map_err(|e| Error::Input(format!("preset {name}: {e}")))
+}
+
+/// A Llama whose weights are trainable variables.
+pub struct TrainableLlama {
+    pub model: LlamaForCausalLM,
+    pub config: LlamaConfig,
+    pub varmap: VarMap,
+    pub tokenizer: TextTokenizer,
+    pub device: Device,
+}
+
+impl TrainableLlama {
+    /// A preset with weights N(0, 0.02²) (norms 1), seeded.
+    pub fn from_preset(
+        name: &str,
+        tokenizer: TextTokenizer,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Self> {
+        let token = |t: &str, default: u32| tokenizer.token_to_id(t).unwrap_or(default);
+        let config = preset_config(
+            name,
+            tokenizer.vocab_size(),
+            token("<s>", 1),
+            token("</s>", 2),
+        )?;
+        let mut rng = Rng::new(seed);
+        let varmap = VarMap::new();
+        {
+            let mut data = lock(&varmap)?;
+            for (name, shape) in parameter_shapes(&config)? {
+                let t = if name.ends_with("norm.weight") {
+                    Tensor::ones(&shape, DType::F32, device)?
+                } else if name.ends_with("bias") {
+                    Tensor::zeros(&shape, DType::F32, device)?
+                } else {
+                    rng.normal_tensor(&shape, INIT_STD, device)?
+                };
+                data.insert(name, Var::from_tensor(&t)?);
+            }
+        }
+        Self::assemble(config, varmap, tokenizer, device)
+    }
+
+    /// Every parameter of an HF `LlamaForCausalLM` folder or hub id as a variable.
+    pub fn from_pretrained(spec: &str, device: &Device) -> Result<Self> {
+        let repo = ModelRepo::open(spec)?;
+        let config = LlamaConfig::from_file(&repo.get("config.json")?)?;
+        let vb =
+            SafetensorsWeights::open(&repo.weight_files()?)?.into_var_builder(DType::F32, device);
+        let varmap = VarMap::new();
+        {
+            let mut data = lock(&varmap)?;
+            for (name, shape) in parameter_shapes(&config)? {
+                let t = vb.get(shape, &name).map_err(|e| {
+                    Error::Input(format!(
+                        "{} does not fit its Llama config: {e}",
+                        repo.describe()
+                    ))
+                })?;
+                data.insert(name, Var::from_tensor(&t)?);
+            }
+        }
+        let tokenizer = TextTokenizer::from_files(
+            &repo.get("tokenizer.json")?,
+            repo.get_optional("tokenizer_config.json")?.as_deref(),
+        )?;
+        Self::assemble(config, varmap, tokenizer, device)
+    }
+
+    fn assemble(
+        config: LlamaConfig,
+        varmap: VarMap,
+        tokenizer: TextTokenizer,
+        device: &Device,
+    ) -> Result<Self> {
+        if tokenizer.vocab_size() > config.vocab_size {
+            return Err(Error::Input(format!(
+                "the tokenizer has {} tokens but the model's vocab_size is {}",
+                tokenizer.vocab_size(),
+                config.vocab_size
+            )));
+        }
+        let model = LlamaForCausalLM::new(
+            &config,
+            VarBuilder::from_varmap(&varmap, DType::F32, device),
+        )?;
+        Ok(Self {
+            model,
+            config,
+            varmap,
+            tokenizer,
+            device: device.clone(),
+        })
+    }
+
+    /// Every variable, sorted by name.
+    pub fn trainable_vars(&self) -> Vec<(String, Var)> {
+        let data = self.varmap.data().lock().expect("varmap lock");
+        let mut vars: Vec<(String, Var)> =
+            data.iter().map(|(n, v)| (n.clone(), v.clone())).collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        vars
+    }
+
+    /// The id that ends every document.
+    pub fn eos(&self) -> Result<u32> {
+        self.config
+            .eos_token_ids()
+            .first()
+            .copied()
+            .ok_or_else(|| Error::Input("the model config has no eos_token_id".into()))
+    }
+
+    /// Mean next-token cross-entropy of `ids` `[B, L]` (every position predicts the next).
+    pub fn lm_loss(&self, ids: &Tensor) -> Result<Tensor> {
+        let out = self.model.forward(ids, &mut KvCache::new())?;
+        next_token_loss(&out.logits, ids)
+    }
+
+    /// HF's `config.json`: `LlamaForCausalLM`.
+    pub fn hf_config(&self) -> serde_json::Value {
+        let mut cfg = serde_json::to_value(&self.config).unwrap_or_default();
+        cfg["architectures"] = json!(["LlamaForCausalLM"]);
+        cfg["torch_dtype"] = "float32".into();
+        cfg
+    }
+
+    /// Writes the model in HF layout into `dir`: `config.json`, `generation_config.json`,
+    /// `model.safetensors` (without the tied `lm_head`), the tokenizer.
+    pub fn save_hf(&self, dir: &Path) -> Result<()> {
+        let tensors = crate::model::varmap_tensors(&self.varmap)?;
+        save_hf_folder(
+            &tensors,
+            dir,
+            &self.hf_config(),
+            None,
+            &self.tokenizer,
+            Some(self.config.max_position_embeddings),
+        )?;
+        let generation = json!({
+            "bos_token_id": self.config.bos_token_id,
+            "eos_token_id": self.config.eos_token_id,
+            "pad_token_id": self.config.pad_token_id,
+        });
+        let path = dir.join("generation_config.json");
+        std::fs::write(
+            &path,
+            serde_json::to_string_pretty(&generation).unwrap_or_default(),
+        )
+        .map_err(|e| Error::Input(format!("cannot write {}: {e}", path.display())))
+    }
+}
+
+/// Mean cross-entropy of `logits` `[B, L, V]` at positions `0..L-1` against `ids[:, 1..]`.
+pub fn next_token_loss(logits: &Tensor, ids: &Tensor) -> Result<Tensor> {
+    let (b, l, v) = logits.dims3()?;
+    let logits = logits.narrow(1, 0, l - 1)?.reshape((b * (l - 1), v))?;
+    let targets = ids
+        .narrow(1, 1, l - 1)?
+        .flatten_all()?
+        .to_dtype(DType::U32)?;
+    Ok(crate::loss::cross_entropy(
+        &logits.to_dtype(DType::F32)?,
+        &targets,
+    )?)
+}
+
+fn lock(varmap: &VarMap) -> Result<std::sync::MutexGuard<'_, HashMap<String, Var>>> {
+    varmap
+        .data()
+        .lock()
+        .map_err(|_| Error::Input("poisoned varmap".into()))
+}
+
+/// The name and shape of every parameter of `config`'s model, sorted (a tied `lm_head` is the
+/// embedding table and has no entry).
+pub fn parameter_shapes(config: &LlamaConfig) -> Result<Vec<(String, Shape)>> {
+    let probe = VarMap::new();
+    LlamaForCausalLM::new(
+        config,
+        VarBuilder::from_varmap(&probe, DType::F32, &Device::Cpu),
+    )?;
+    let mut specs: Vec<(String, Shape)> = lock(&probe)?
+        .iter()
+        .map(|(n, v)| (n.clone(), v.shape().clone()))
+        .collect();
+    specs.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(specs)
+}
+
+/// Documents read from text and JSONL files, and how many JSONL lines were skipped.
+pub struct Corpus {
+    pub documents: Vec<String>,
+    pub skipped: usize,
+}
+
+impl Corpus {
+    /// Reads `paths`: `.jsonl` files hold one `{"text": ...}` per line (malformed lines and
+    /// lines without a string `text` are skipped and counted); any other file is one document.
+    pub fn read(paths: &[PathBuf]) -> Result<Self> {
+        let mut documents = Vec::new();
+        let mut skipped = 0;
+        for path in paths {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| Error::Input(format!("cannot read {}: {e}", path.display())))?;
+            if path.extension().is_some_and(|e| e == "jsonl") {
+                for line in text.lines().filter(|l| !l.trim().is_empty()) {
+                    match serde_json::from_str::<serde_json::Value>(line)
+                        .ok()
+                        .and_then(|v| v["text"].as_str().map(str::to_string))
+                    {
+                        Some(doc) if !doc.is_empty() => documents.push(doc),
+                        _ => skipped += 1,
+                    }
+                }
+            } else if !text.trim().is_empty() {
+                documents.push(text);
+            }
+        }
+        if documents.is_empty() {
+            let names: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+            return Err(Error::Input(format!(
+                "no documents in {} ({skipped} lines skipped)",
+                names.join(", ")
+            )));
+        }
+        Ok(Self { documents, skipped })
+    }
+
+    /// The corpus as one token stream: each document tokenized (with the tokenizer's special
+    /// tokens) and followed by `eos`.
+    pub fn tokens(&self, tokenizer: &TextTokenizer, eos: u32) -> Result<Vec<u32>> {
+        let mut ids = Vec::new();
+        for doc in &self.documents {
+            ids.extend(tokenizer.encode(doc)?);
+            ids.push(eos);
+        }
+        Ok(ids)
+    }
+}
+
+/// The token stream cut into sequences of `seq_len` tokens (the tail shorter than a sequence is
+/// dropped), visited in a seeded order per epoch.
+pub struct PackedSequences {
+    sequences: Vec<Vec<u32>>,
+    seed: u64,
+}
+
+impl PackedSequences {
+    pub fn new(tokens: &[u32], seq_len: usize, seed: u64) -> Result<Self> {
+        if seq_len < 2 {
+            return Err(Error::Input("--seq-len must be at least 2".into()));
+        }
+        let sequences: Vec<Vec<u32>> = tokens.chunks_exact(seq_len).map(<[u32]>::to_vec).collect();
+        if sequences.is_empty() {
+            return Err(Error::Input(format!(
+                "the corpus has {} tokens, fewer than one sequence of --seq-len {seq_len}",
+                tokens.len()
+            )));
+        }
+        Ok(Self { sequences, seed })
+    }
+
+    pub fn len(&self) -> usize {
+        self.sequences.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sequences.is_empty()
+    }
+
+    pub fn sequences(&self) -> &[Vec<u32>] {
+        &self.sequences
+    }
+
+    /// The order of epoch `epoch`.
+    fn order(&self, epoch: u64) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..self.sequences.len()).collect();
+        Rng::derive(self.seed, 0x1a_0000 + epoch).shuffle(&mut order);
+        order
+    }
+
+    /// `batch` sequences from `position` on, and the position after them.
+    pub fn batch(
+        &self,
+        position: DataPosition,
+        batch: usize,
+        device: &Device,
+    ) -> Result<(Tensor, DataPosition)> {
+        let mut pos = position;
+        let mut order = self.order(pos.epoch);
+        let mut rows = Vec::with_capacity(batch);
+        while rows.len() < batch {
+            if pos.records as usize >= order.len() {
+                pos.epoch += 1;
+                pos.records = 0;
+                order = self.order(pos.epoch);
+            }
+            rows.push(self.sequences[order[pos.records as usize]].clone());
+            pos.records += 1;
+            pos.samples += 1;
+        }
+        Ok((Tensor::new(rows, device)?, pos))
+    }
+}
+
+/// Perplexity `exp(mean next-token cross-entropy)` of `model` over `sequences`, in batches.
+pub fn perplexity(
+    model: &LlamaForCausalLM,
+    sequences: &[Vec<u32>],
+    device: &Device,
+) -> Result<f64> {
+    let (mut total, mut count) = (0.0, 0usize);
+    for chunk in sequences.chunks(8) {
+        let ids = Tensor::new(chunk.to_vec(), device)?;
+        let out = model.forward(&ids, &mut KvCache::new())?;
+        let (b, l, _) = out.logits.dims3()?;
+        let loss = next_token_loss(&out.logits, &ids)?.to_scalar::<f32>()?;
+        total += f64::from(loss) * (b * (l - 1)) as f64;
+        count += b * (l - 1);
+    }
+    Ok((total / count.max(1) as f64).exp())
+}
+
+/// Causal LM training on packed sequences.
+pub struct LmTask {
+    pub model: TrainableLlama,
+    data: PackedSequences,
+    position: DataPosition,
+    batch_size: usize,
+    pub val: Option<PackedSequences>,
+}
+
+impl Task for LmTask {
+    type Batch = Tensor;
+
+    fn next_batch(&mut self) -> Result<Tensor> {
+        let (ids, pos) = self
+            .data
+            .batch(self.position, self.batch_size, &self.model.device)?;
+        self.position = pos;
+        Ok(ids)
+    }
+
+    fn data_position(&self) -> DataPosition {
+        self.position
+    }
+
+    fn batch_size(&self, batch: &Tensor) -> usize {
+        batch.dim(0).unwrap_or(0)
+    }
+
+    fn loss(&mut self, batch: &Tensor) -> Result<Tensor> {
+        self.model.lm_loss(batch)
+    }
+
+    fn evaluate(&mut self, _output: &Path, _step: u64) -> Result<Vec<(String, f64)>> {
+        match &self.val {
+            Some(val) => Ok(vec![(
+                "val_perplexity".into(),
+                perplexity(&self.model.model, val.sequences(), &self.model.device)?,
+            )]),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    fn save_model(&self, dir: &Path) -> Result<()> {
+        self.model.save_hf(dir)
+    }
+}
+
+/// Where the model of an LM run comes from.
+#[derive(Debug, Clone)]
+pub enum ModelSpec {
+    Preset(String),
+    Pretrained(String),
+}
+
+/// Where the tokenizer of a preset comes from.
+#[derive(Debug, Clone)]
+pub enum TokenizerSpec {
+    /// Train a byte-level BPE of this many tokens on the training corpus.
+    Train { vocab_size: usize },
+    /// A folder or hub id with `tokenizer.json`.
+    Load(String),
+}
+
+/// Everything an LM run needs.
+pub struct RunConfig {
+    pub model: ModelSpec,
+    pub tokenizer: TokenizerSpec,
+    pub seq_len: usize,
+    pub train: TrainConfig,
+    pub batch_size: usize,
+    pub optimizer: AdamWConfig,
+    pub resume: Option<PathBuf>,
+    pub device: Device,
+}
+
+pub struct RunSummary {
+    pub state: TrainState,
+    pub task: LmTask,
+    pub final_dir: PathBuf,
+    /// JSONL lines skipped while reading the corpora.
+    pub skipped: usize,
+}
+
+/// Builds the model (preset with a loaded or trained tokenizer, pretrained, or resumed), packs
+/// the corpus, and trains with the shared loop.
+pub fn run(
+    config: RunConfig,
+    train_files: &[PathBuf],
+    val_files: Option<&[PathBuf]>,
+) -> Result<RunSummary> {
+    let corpus = Corpus::read(train_files)?;
+    let resume_dir = config
+        .resume
+        .as_deref()
+        .map(checkpoint::resolve)
+        .transpose()?;
+    let seed = config.train.seed;
+    let model = match (&resume_dir, &config.model) {
+        (Some(dir), _) => TrainableLlama::from_pretrained(&dir.to_string_lossy(), &config.device)?,
+        (None, ModelSpec::Pretrained(spec)) => {
+            TrainableLlama::from_pretrained(spec, &config.device)?
+        }
+        (None, ModelSpec::Preset(name)) => {
+            let tokenizer = match &config.tokenizer {
+                TokenizerSpec::Train { vocab_size } => {
+                    TextTokenizer::train_bpe(corpus.documents.iter(), *vocab_size)?
+                }
+                TokenizerSpec::Load(spec) => {
+                    let repo = ModelRepo::open(spec)?;
+                    TextTokenizer::from_files(
+                        &repo.get("tokenizer.json")?,
+                        repo.get_optional("tokenizer_config.json")?.as_deref(),
+                    )?
+                }
+            };
+            TrainableLlama::from_preset(name, tokenizer, seed, &config.device)?
+        }
+    };
+    if config.seq_len > model.config.max_position_embeddings {
+        return Err(Error::Input(format!(
+            "--seq-len {} exceeds the model's max_position_embeddings {}",
+            config.seq_len, model.config.max_position_embeddings
+        )));
+    }
+    let eos = model.eos()?;
+    let data = PackedSequences::new(&corpus.tokens(&model.tokenizer, eos)?, config.seq_len, seed)?;
+    let (val, val_skipped) = match val_files {
+        Some(files) => {
+            let val = Corpus::read(files)?;
+            let seqs =
+                PackedSequences::new(&val.tokens(&model.tokenizer, eos)?, config.seq_len, seed)?;
+            (Some(seqs), val.skipped)
+        }
+        None => (None, 0),
+    };
+    let state = match &resume_dir {
+        Some(dir) => checkpoint::load_state(dir)?,
+        None => TrainState {
+            seed,
+            ..TrainState::default()
+        },
+    };
+    let vars = model.trainable_vars();
+    let mut optimizer = AdamW::new(vars.clone(), config.optimizer)?;
+    if let Some(dir) = &resume_dir {
+        checkpoint::load_optimizer(dir, &mut optimizer, &config.device)?;
+    }
+    let mut task = LmTask {
+        model,
+        data,
+        position: state.data,
+        batch_size: config.batch_size,
+        val,
+    };
+    let resume_step = resume_dir.as_ref().map(|_| state.step);
+    let mut log = MetricsLog::open(&config.train.output, resume_step)?;
+    let state = train(
+        &mut task,
+        &vars,
+        &mut optimizer,
+        &config.train,
+        state,
+        &mut log,
+    )?;
+    Ok(RunSummary {
+        state,
+        task,
+        final_dir: config.train.output.join("final"),
+        skipped: corpus.skipped + val_skipped,
+    })
+}
