@@ -29,6 +29,8 @@ pub enum Objective {
     Blip,
     /// A Llama-architecture causal LM on text files or JSONL.
     Lm,
+    /// Medusa-1 heads on a frozen LM (--model) over text files or JSONL.
+    Medusa,
 }
 
 /// BLIP's training objectives.
@@ -68,6 +70,12 @@ pub struct TrainArgs {
     /// LM: vocabulary size of a trained tokenizer.
     #[arg(long, default_value_t = 8000)]
     pub vocab_size: usize,
+    /// Medusa: number of heads (head k predicts the token k + 1 after the next).
+    #[arg(long, default_value_t = 4)]
+    pub medusa_num_heads: usize,
+    /// Medusa: ResBlocks per head.
+    #[arg(long, default_value_t = 1)]
+    pub medusa_num_layers: usize,
     /// LM: tokens per training sequence (the corpus is packed into sequences of this length).
     #[arg(long, default_value_t = 256)]
     pub seq_len: usize,
@@ -203,6 +211,7 @@ pub fn run_train(args: TrainArgs) -> Result<()> {
         Objective::Siglip => (ScoreKind::Sigmoid, "siglip-tiny"),
         Objective::Blip => return run_blip(args),
         Objective::Lm => return run_lm(args),
+        Objective::Medusa => return run_medusa(args),
     };
     if let Some(o) = args.objective {
         bail!(
@@ -549,6 +558,37 @@ fn run_lm(args: TrainArgs) -> Result<()> {
     }
     report(&summary.state.losses, summary.state.step);
     println!("model: {}", summary.final_dir.display());
+    println!("metrics: {}", args.output.join("metrics.jsonl").display());
+    Ok(())
+}
+
+/// `zoo train medusa`.
+fn run_medusa(args: TrainArgs) -> Result<()> {
+    use zoo_trainers::medusa;
+    let Some(model) = args.model.clone() else {
+        bail!("`zoo train medusa` needs --model: the LlamaForCausalLM folder or hub id to add heads to");
+    };
+    let Some(steps) = args.steps else {
+        bail!("`zoo train medusa` needs --steps");
+    };
+    if args.medusa_num_heads == 0 || args.batch_size == 0 {
+        bail!("--medusa-num-heads and --batch-size must be at least 1");
+    }
+    let train_files = text_files(&args.train_data)?;
+    let config = medusa::RunConfig {
+        model,
+        num_heads: args.medusa_num_heads,
+        num_layers: args.medusa_num_layers,
+        seq_len: args.seq_len,
+        train: train_config(&args, steps),
+        batch_size: args.batch_size,
+        optimizer: optimizer_config(&args),
+        resume: args.resume.clone(),
+        device: zoo_models::device::parse_device(&args.device)?,
+    };
+    let summary = medusa::run(config, &train_files).context("training failed")?;
+    report(&summary.state.losses, summary.state.step);
+    println!("medusa heads: {}", summary.final_dir.display());
     println!("metrics: {}", args.output.join("metrics.jsonl").display());
     Ok(())
 }

@@ -271,6 +271,49 @@ fn zoo_train_lm_then_eval_lm_and_generate_use_the_saved_folder() {
     ]));
     assert_eq!(gen["token_ids"][0], 1, "starts with <s>");
 
+    // Medusa-1 heads on the trained LM, then decoding with them and a two-level tree.
+    let heads_out = dir.path().join("medusa");
+    let train = zoo(&[
+        "train",
+        "medusa",
+        "--model",
+        model.to_str().unwrap(),
+        "--train-data",
+        corpus.to_str().unwrap(),
+        "--medusa-num-heads",
+        "2",
+        "--seq-len",
+        "8",
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--output",
+        heads_out.to_str().unwrap(),
+    ]);
+    assert!(
+        train.status.success(),
+        "{}",
+        String::from_utf8_lossy(&train.stderr)
+    );
+    let tree = dir.path().join("tree.json");
+    std::fs::write(&tree, "[[0], [1], [0, 0], [0, 1]]").unwrap();
+    let with_heads = json_stdout(&zoo(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "the cat",
+        "--max-new-tokens",
+        "4",
+        "--medusa",
+        heads_out.join("final").to_str().unwrap(),
+        "--medusa-choices",
+        tree.to_str().unwrap(),
+        "--json",
+    ]));
+    assert_eq!(with_heads["token_ids"], gen["token_ids"]);
+
     let bad = zoo(&[
         "train",
         "lm",

@@ -18,6 +18,7 @@ pub mod error;
 pub mod eval;
 pub mod lm;
 pub mod loss;
+pub mod medusa;
 pub mod metrics;
 pub mod model;
 pub mod optim;

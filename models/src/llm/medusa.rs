@@ -116,7 +116,9 @@ pub struct MedusaHead {
 }
 
 impl MedusaHead {
-    fn forward(&self, hidden: &Tensor, lm_head: &Linear) -> Result<Tensor> {
+    /// The head's logits for `hidden` `[.., D]`; `lm_head` projects when the head has no
+    /// projection of its own.
+    pub fn forward(&self, hidden: &Tensor, lm_head: &Linear) -> Result<Tensor> {
         let mut x = hidden.clone();
         for block in &self.blocks {
             x = (&x + block.forward(&x)?.silu()?)?;
