@@ -31,6 +31,8 @@ pub enum Objective {
     Lm,
     /// Medusa-1 heads on a frozen LM (--model) over text files or JSONL.
     Medusa,
+    /// DeepSeek-V3-style MTP modules, with the LM (joint) or on a frozen one.
+    Mtp,
 }
 
 /// BLIP's training objectives.
@@ -70,6 +72,15 @@ pub struct TrainArgs {
     /// LM: vocabulary size of a trained tokenizer.
     #[arg(long, default_value_t = 8000)]
     pub vocab_size: usize,
+    /// MTP: number of modules (depth k predicts the token k + 1 ahead).
+    #[arg(long, default_value_t = 1)]
+    pub mtp_depth: usize,
+    /// MTP: the loss is the LM loss + λ / depth · Σ module losses.
+    #[arg(long, default_value_t = 0.3)]
+    pub mtp_lambda: f64,
+    /// MTP: train only the modules, on the frozen LM's hidden states.
+    #[arg(long)]
+    pub freeze_backbone: bool,
     /// Medusa: number of heads (head k predicts the token k + 1 after the next).
     #[arg(long, default_value_t = 4)]
     pub medusa_num_heads: usize,
@@ -212,6 +223,7 @@ pub fn run_train(args: TrainArgs) -> Result<()> {
         Objective::Blip => return run_blip(args),
         Objective::Lm => return run_lm(args),
         Objective::Medusa => return run_medusa(args),
+        Objective::Mtp => return run_lm(args),
     };
     if let Some(o) = args.objective {
         bail!(
@@ -509,7 +521,7 @@ pub fn text_files(spec: &str) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-/// `zoo train lm`.
+/// `zoo train lm`, and `zoo train mtp` (the same with MTP modules).
 fn run_lm(args: TrainArgs) -> Result<()> {
     use zoo_trainers::lm;
     let not_lm = [
@@ -551,6 +563,11 @@ fn run_lm(args: TrainArgs) -> Result<()> {
         optimizer: optimizer_config(&args),
         resume: args.resume.clone(),
         device: zoo_models::device::parse_device(&args.device)?,
+        mtp: matches!(args.family, Objective::Mtp).then_some(lm::MtpSettings {
+            depth: args.mtp_depth,
+            lambda: args.mtp_lambda,
+            freeze_backbone: args.freeze_backbone,
+        }),
     };
     let summary = lm::run(config, &train_files, val_files.as_deref()).context("training failed")?;
     if summary.skipped > 0 {

@@ -314,6 +314,48 @@ fn zoo_train_lm_then_eval_lm_and_generate_use_the_saved_folder() {
     ]));
     assert_eq!(with_heads["token_ids"], gen["token_ids"]);
 
+    // MTP modules added to the trained LM and trained on its frozen hidden states.
+    let mtp_out = dir.path().join("mtp");
+    let train = zoo(&[
+        "train",
+        "mtp",
+        "--model",
+        model.to_str().unwrap(),
+        "--train-data",
+        corpus.to_str().unwrap(),
+        "--mtp-depth",
+        "2",
+        "--freeze-backbone",
+        "--seq-len",
+        "8",
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--output",
+        mtp_out.to_str().unwrap(),
+    ]);
+    assert!(
+        train.status.success(),
+        "{}",
+        String::from_utf8_lossy(&train.stderr)
+    );
+    let with_mtp = json_stdout(&zoo(&[
+        "generate",
+        "--model",
+        mtp_out.join("final").to_str().unwrap(),
+        "--prompt",
+        "the cat",
+        "--max-new-tokens",
+        "4",
+        "--mtp",
+        "--json",
+    ]));
+    assert_eq!(
+        with_mtp["token_ids"], gen["token_ids"],
+        "the frozen LM decodes as before"
+    );
+
     let bad = zoo(&[
         "train",
         "lm",

@@ -15,7 +15,7 @@ use candle_nn::{VarBuilder, VarMap};
 use serde_json::json;
 use zoo_datasets::tokenize::TextTokenizer;
 use zoo_models::hub::ModelRepo;
-use zoo_models::llm::{KvCache, LlamaConfig, LlamaForCausalLM};
+use zoo_models::llm::{KvCache, LlamaConfig, LlamaForCausalLM, MtpModules};
 use zoo_models::weights::SafetensorsWeights;
 
 use crate::checkpoint;
@@ -54,9 +54,11 @@ pub fn preset_config(name: &str, vocab_size: usize, bos: u32, eos: u32) -> Resul
     serde_json::from_value(json).map_err(|e| Error::Input(format!("preset {name}: {e}")))
 }
 
-/// A Llama whose weights are trainable variables.
+/// A Llama whose weights are trainable variables, with its MTP modules when the config has
+/// `num_nextn_predict_layers`.
 pub struct TrainableLlama {
     pub model: LlamaForCausalLM,
+    pub mtp: Option<MtpModules>,
     pub config: LlamaConfig,
     pub varmap: VarMap,
     pub tokenizer: TextTokenizer,
@@ -83,13 +85,7 @@ impl TrainableLlama {
         {
             let mut data = lock(&varmap)?;
             for (name, shape) in parameter_shapes(&config)? {
-                let t = if name.ends_with("norm.weight") {
-                    Tensor::ones(&shape, DType::F32, device)?
-                } else if name.ends_with("bias") {
-                    Tensor::zeros(&shape, DType::F32, device)?
-                } else {
-                    rng.normal_tensor(&shape, INIT_STD, device)?
-                };
+                let t = initial_tensor(&name, &shape, &mut rng, device)?;
                 data.insert(name, Var::from_tensor(&t)?);
             }
         }
@@ -135,12 +131,15 @@ impl TrainableLlama {
                 config.vocab_size
             )));
         }
-        let model = LlamaForCausalLM::new(
-            &config,
-            VarBuilder::from_varmap(&varmap, DType::F32, device),
-        )?;
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+        let model = LlamaForCausalLM::new(&config, vb.clone())?;
+        let mtp = match config.num_nextn_predict_layers {
+            0 => None,
+            n => Some(MtpModules::new(&config, n, vb)?),
+        };
         Ok(Self {
             model,
+            mtp,
             config,
             varmap,
             tokenizer,
@@ -148,13 +147,101 @@ impl TrainableLlama {
         })
     }
 
-    /// Every variable, sorted by name.
-    pub fn trainable_vars(&self) -> Vec<(String, Var)> {
+    /// Every variable, sorted by name; only the MTP modules' with `mtp_only`.
+    pub fn trainable_vars(&self, mtp_only: bool) -> Vec<(String, Var)> {
         let data = self.varmap.data().lock().expect("varmap lock");
-        let mut vars: Vec<(String, Var)> =
-            data.iter().map(|(n, v)| (n.clone(), v.clone())).collect();
+        let mut vars: Vec<(String, Var)> = data
+            .iter()
+            .filter(|(n, _)| !mtp_only || self.is_mtp_parameter(n))
+            .map(|(n, v)| (n.clone(), v.clone()))
+            .collect();
         vars.sort_by(|a, b| a.0.cmp(&b.0));
         vars
+    }
+
+    /// Whether `name` belongs to an MTP module (`model.layers.{i >= num_hidden_layers}`).
+    pub fn is_mtp_parameter(&self, name: &str) -> bool {
+        name.strip_prefix("model.layers.")
+            .and_then(|rest| rest.split('.').next())
+            .and_then(|i| i.parse::<usize>().ok())
+            .is_some_and(|i| i >= self.config.num_hidden_layers)
+    }
+
+    /// Adds `depth` freshly initialised MTP modules (seeded), unless the model has them already.
+    pub fn add_mtp(self, depth: usize, seed: u64) -> Result<Self> {
+        match self.config.num_nextn_predict_layers {
+            0 => {}
+            n if n == depth => return Ok(self),
+            n => {
+                return Err(Error::Input(format!(
+                    "the model has {n} MTP modules; --mtp-depth {depth} differs"
+                )))
+            }
+        }
+        let mut config = self.config.clone();
+        config.num_nextn_predict_layers = depth;
+        let mut rng = Rng::derive(seed, 0x3a7);
+        {
+            let mut data = lock(&self.varmap)?;
+            for (name, shape) in parameter_shapes(&config)? {
+                if data.contains_key(&name) {
+                    continue;
+                }
+                let t = initial_tensor(&name, &shape, &mut rng, &self.device)?;
+                data.insert(name, Var::from_tensor(&t)?);
+            }
+        }
+        Self::assemble(config, self.varmap, self.tokenizer, &self.device)
+    }
+
+    /// The LM loss and, per MTP depth `k`, the loss of module `k` predicting token `i + k + 1`
+    /// at every position `i` (DeepSeek-V3's `L^k_MTP`), on `ids` `[B, T]`. With
+    /// `detach_backbone` the modules read the backbone's hidden states without a gradient into
+    /// it.
+    pub fn losses(&self, ids: &Tensor, detach_backbone: bool) -> Result<(Tensor, Vec<Tensor>)> {
+        let out = self.model.forward(ids, &mut KvCache::new())?;
+        let main = next_token_loss(&out.logits, ids)?;
+        let mut depth_losses = Vec::new();
+        if let Some(mtp) = &self.mtp {
+            let (_, t) = ids.dims2()?;
+            let mut hidden = if detach_backbone {
+                out.hidden.detach()
+            } else {
+                out.hidden
+            };
+            for (k0, module) in mtp.modules.iter().enumerate() {
+                let k = k0 + 1;
+                if t < k + 2 {
+                    return Err(Error::Input(format!(
+                        "sequences of {t} tokens are too short for MTP depth {k}"
+                    )));
+                }
+                let n = t - k;
+                let positions: Vec<u32> = (0..n as u32).collect();
+                let (cos, sin) = self.model.model.rotary_cos_sin(&positions, &self.device)?;
+                let mask = zoo_models::layers::causal_mask(n, n, 0, DType::F32, &self.device)?;
+                let ahead = self.model.model.embed(&ids.narrow(1, k, n)?)?;
+                hidden = module.forward(
+                    &hidden.narrow(1, 0, n)?,
+                    &ahead,
+                    &cos,
+                    &sin,
+                    Some(&mask),
+                    &mut None,
+                )?;
+                let logits = module.logits(&hidden.narrow(1, 0, n - 1)?, self.model.lm_head())?;
+                let (b, _, v) = logits.dims3()?;
+                let targets = ids
+                    .narrow(1, k + 1, n - 1)?
+                    .flatten_all()?
+                    .to_dtype(DType::U32)?;
+                depth_losses.push(crate::loss::cross_entropy(
+                    &logits.reshape((b * (n - 1), v))?.to_dtype(DType::F32)?,
+                    &targets,
+                )?);
+            }
+        }
+        Ok((main, depth_losses))
     }
 
     /// The id that ends every document.
@@ -206,6 +293,17 @@ impl TrainableLlama {
     }
 }
 
+/// HF's Llama initialisation: norms 1, biases 0, other weights N(0, 0.02²).
+fn initial_tensor(name: &str, shape: &Shape, rng: &mut Rng, device: &Device) -> Result<Tensor> {
+    Ok(if name.ends_with("norm.weight") {
+        Tensor::ones(shape, DType::F32, device)?
+    } else if name.ends_with("bias") {
+        Tensor::zeros(shape, DType::F32, device)?
+    } else {
+        rng.normal_tensor(shape, INIT_STD, device)?
+    })
+}
+
 /// Mean cross-entropy of `logits` `[B, L, V]` at positions `0..L-1` against `ids[:, 1..]`.
 pub fn next_token_loss(logits: &Tensor, ids: &Tensor) -> Result<Tensor> {
     let (b, l, v) = logits.dims3()?;
@@ -231,10 +329,11 @@ fn lock(varmap: &VarMap) -> Result<std::sync::MutexGuard<'_, HashMap<String, Var
 /// embedding table and has no entry).
 pub fn parameter_shapes(config: &LlamaConfig) -> Result<Vec<(String, Shape)>> {
     let probe = VarMap::new();
-    LlamaForCausalLM::new(
-        config,
-        VarBuilder::from_varmap(&probe, DType::F32, &Device::Cpu),
-    )?;
+    let vb = VarBuilder::from_varmap(&probe, DType::F32, &Device::Cpu);
+    LlamaForCausalLM::new(config, vb.clone())?;
+    if config.num_nextn_predict_layers > 0 {
+        MtpModules::new(config, config.num_nextn_predict_layers, vb)?;
+    }
     let mut specs: Vec<(String, Shape)> = lock(&probe)?
         .iter()
         .map(|(n, v)| (n.clone(), v.shape().clone()))
@@ -377,13 +476,28 @@ pub fn perplexity(
     Ok((total / count.max(1) as f64).exp())
 }
 
-/// Causal LM training on packed sequences.
+/// DeepSeek-V3-style multi-token prediction on top of the LM loss.
+#[derive(Debug, Clone, Copy)]
+pub struct MtpSettings {
+    /// Modules (depths) to train; added to a model without them.
+    pub depth: usize,
+    /// The loss is `L_main + λ / D · Σ_k L^k_MTP` (DeepSeek-V3: 0.3, later 0.1).
+    pub lambda: f64,
+    /// Train only the modules, on the frozen backbone's hidden states (`λ / D · Σ_k L^k`).
+    pub freeze_backbone: bool,
+}
+
+/// Causal LM training on packed sequences, optionally with MTP modules.
 pub struct LmTask {
     pub model: TrainableLlama,
     data: PackedSequences,
     position: DataPosition,
     batch_size: usize,
     pub val: Option<PackedSequences>,
+    mtp: Option<MtpSettings>,
+    /// Per-depth MTP losses summed over the step's micro-batches, and their count.
+    sums: (Vec<f64>, usize),
+    last: Vec<(String, f64)>,
 }
 
 impl Task for LmTask {
@@ -406,7 +520,44 @@ impl Task for LmTask {
     }
 
     fn loss(&mut self, batch: &Tensor) -> Result<Tensor> {
-        self.model.lm_loss(batch)
+        let Some(mtp) = self.mtp else {
+            return self.model.lm_loss(batch);
+        };
+        let (main, depths) = self.model.losses(batch, mtp.freeze_backbone)?;
+        self.sums.0.resize(depths.len(), 0.0);
+        let mut sum: Option<Tensor> = None;
+        for (i, loss) in depths.iter().enumerate() {
+            self.sums.0[i] += f64::from(loss.to_scalar::<f32>()?);
+            sum = Some(match sum {
+                Some(s) => (s + loss)?,
+                None => loss.clone(),
+            });
+        }
+        self.sums.1 += 1;
+        let sum = sum.ok_or_else(|| Error::Input("the model has no MTP modules".into()))?;
+        let weighted = (sum * (mtp.lambda / depths.len() as f64))?;
+        Ok(if mtp.freeze_backbone {
+            weighted
+        } else {
+            (main + weighted)?
+        })
+    }
+
+    fn after_step(&mut self) -> Result<()> {
+        let n = self.sums.1.max(1) as f64;
+        self.last = self
+            .sums
+            .0
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (format!("mtp{}_loss", i + 1), s / n))
+            .collect();
+        self.sums = (Vec::new(), 0);
+        Ok(())
+    }
+
+    fn step_metrics(&self) -> Result<Vec<(String, f64)>> {
+        Ok(self.last.clone())
     }
 
     fn evaluate(&mut self, _output: &Path, _step: u64) -> Result<Vec<(String, f64)>> {
@@ -450,6 +601,8 @@ pub struct RunConfig {
     pub optimizer: AdamWConfig,
     pub resume: Option<PathBuf>,
     pub device: Device,
+    /// `zoo train mtp`: train MTP modules with (or on top of) the LM.
+    pub mtp: Option<MtpSettings>,
 }
 
 pub struct RunSummary {
@@ -501,6 +654,13 @@ pub fn run(
             config.seq_len, model.config.max_position_embeddings
         )));
     }
+    let model = match config.mtp {
+        Some(mtp) if mtp.depth == 0 => {
+            return Err(Error::Input("--mtp-depth must be at least 1".into()))
+        }
+        Some(mtp) => model.add_mtp(mtp.depth, seed)?,
+        None => model,
+    };
     let eos = model.eos()?;
     let data = PackedSequences::new(&corpus.tokens(&model.tokenizer, eos)?, config.seq_len, seed)?;
     let (val, val_skipped) = match val_files {
@@ -519,7 +679,7 @@ pub fn run(
             ..TrainState::default()
         },
     };
-    let vars = model.trainable_vars();
+    let vars = model.trainable_vars(config.mtp.is_some_and(|m| m.freeze_backbone));
     let mut optimizer = AdamW::new(vars.clone(), config.optimizer)?;
     if let Some(dir) = &resume_dir {
         checkpoint::load_optimizer(dir, &mut optimizer, &config.device)?;
@@ -530,6 +690,9 @@ pub fn run(
         position: state.data,
         batch_size: config.batch_size,
         val,
+        mtp: config.mtp,
+        sums: (Vec::new(), 0),
+        last: Vec::new(),
     };
     let resume_step = resume_dir.as_ref().map(|_| state.step);
     let mut log = MetricsLog::open(&config.train.output, resume_step)?;

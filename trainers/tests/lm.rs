@@ -56,6 +56,7 @@ fn config(output: &Path, steps: u64, seed: u64) -> RunConfig {
         },
         resume: None,
         device: Device::Cpu,
+        mtp: None,
     }
 }
 
@@ -96,8 +97,48 @@ fn every_parameter_receives_a_gradient() {
         .lm_loss(&Tensor::new(vec![ids], &Device::Cpu).unwrap())
         .unwrap();
     let grads = loss.backward().unwrap();
-    let vars = m.trainable_vars();
+    let vars = m.trainable_vars(false);
     assert!(vars.len() > 30);
+    let missing: Vec<&str> = vars
+        .iter()
+        .filter(|(_, v)| {
+            grads.get(v.as_tensor()).is_none_or(|g| {
+                g.abs()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+                    == 0.0
+            })
+        })
+        .map(|(n, _)| n.as_str())
+        .collect();
+    assert!(missing.is_empty(), "no gradient reached {missing:?}");
+}
+
+#[test]
+fn every_parameter_receives_a_gradient_when_mtp_modules_train_jointly() {
+    let tok = TextTokenizer::train_bpe(SENTENCES.iter(), 300).unwrap();
+    let m = TrainableLlama::from_preset("llama-tiny", tok, 0, &Device::Cpu)
+        .unwrap()
+        .add_mtp(2, 0)
+        .unwrap();
+    let ids: Vec<u32> = m.tokenizer.encode(SENTENCES[1]).unwrap();
+    let (main, depths) = m
+        .losses(&Tensor::new(vec![ids], &Device::Cpu).unwrap(), false)
+        .unwrap();
+    assert_eq!(depths.len(), 2);
+    let total = depths.iter().fold(main, |a, b| (a + b).unwrap());
+    let grads = total.backward().unwrap();
+    let vars = m.trainable_vars(false);
+    let mtp_vars = m.trainable_vars(true);
+    assert!(
+        !mtp_vars.is_empty()
+            && mtp_vars
+                .iter()
+                .all(|(n, _)| n.starts_with("model.layers.4.") || n.starts_with("model.layers.5."))
+    );
     let missing: Vec<&str> = vars
         .iter()
         .filter(|(_, v)| {

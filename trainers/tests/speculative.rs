@@ -1,6 +1,8 @@
-//! Medusa-1 training provably helps: on a small LM trained here on a templated corpus, every
-//! head's loss falls, and the trained heads' greedy tree decoding accepts more than 1.5 tokens
-//! per step on held-out prompts while staying token-identical to plain greedy decoding.
+//! Multi-token training provably helps speculative decoding. On a small LM trained here on a
+//! templated corpus: Medusa-1 heads (frozen LM) and MTP modules (trained jointly with the LM)
+//! each lower every head's or depth's loss, and decoding with them accepts more than 1.5 tokens
+//! per step on held-out prompts while staying token-identical to plain greedy decoding. Every
+//! head parameter receives a gradient.
 
 use std::path::{Path, PathBuf};
 
@@ -67,6 +69,7 @@ fn trained_medusa_heads_accept_more_than_one_and_a_half_tokens_per_step() {
             optimizer: AdamWConfig::default(),
             resume: None,
             device: Device::Cpu,
+            mtp: None,
         },
         std::slice::from_ref(&corpus),
         None,
@@ -206,4 +209,82 @@ fn every_head_parameter_receives_a_gradient_and_heads_start_as_the_next_token_pr
         .map(|(n, _)| n.as_str())
         .collect();
     assert!(missing.is_empty(), "no gradient reached {missing:?}");
+}
+
+#[test]
+fn trained_mtp_modules_accept_more_than_one_and_a_half_tokens_per_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = write_corpus(dir.path());
+    // The LM and two MTP modules trained jointly (DeepSeek-V3's λ = 0.3).
+    let out = dir.path().join("lm-mtp");
+    let run = lm::run(
+        lm::RunConfig {
+            model: lm::ModelSpec::Preset("llama-tiny".into()),
+            tokenizer: lm::TokenizerSpec::Train { vocab_size: 300 },
+            seq_len: 32,
+            train: train_config(&out, 250, 3e-3),
+            batch_size: 8,
+            optimizer: AdamWConfig::default(),
+            resume: None,
+            device: Device::Cpu,
+            mtp: Some(lm::MtpSettings {
+                depth: 2,
+                lambda: 0.3,
+                freeze_backbone: false,
+            }),
+        },
+        std::slice::from_ref(&corpus),
+        None,
+    )
+    .unwrap();
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let rows: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|v: &serde_json::Value| v.get("mtp1_loss").is_some())
+        .collect();
+    for k in 1..=2 {
+        let key = format!("mtp{k}_loss");
+        let (first, last) = (
+            rows.first().unwrap()[&key].as_f64().unwrap(),
+            rows.last().unwrap()[&key].as_f64().unwrap(),
+        );
+        eprintln!("{key}: {first} -> {last}");
+        assert!(last < first * 0.5, "{key} did not fall: {first} -> {last}");
+    }
+
+    // The saved folder holds the modules as model.layers.{4, 5}; decode held-out prompts.
+    let repo = ModelRepo::open(&run.final_dir.to_string_lossy()).unwrap();
+    let model = LlamaForCausalLM::load(&repo, None, &Device::Cpu).unwrap();
+    assert_eq!(model.config.num_nextn_predict_layers, 2);
+    let mtp = zoo_models::llm::MtpModules::load(
+        &repo,
+        &model.config,
+        candle_core::DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let tokenizer = &run.task.model.tokenizer;
+    let (mut new_tokens, mut steps) = (0, 0);
+    for sentence in sentences(true).iter().step_by(3) {
+        let prompt = tokenizer.encode(&sentence[..sentence.len() / 2]).unwrap();
+        let mut step = LlamaStep {
+            model: &model,
+            cache: KvCache::new(),
+        };
+        let cfg = GenerationConfig {
+            max_new_tokens: 24,
+            ..GenerationConfig::default()
+        };
+        let plain = generate(&mut step, vec![prompt.clone()], &cfg)
+            .unwrap()
+            .remove(0);
+        let out = zoo_models::llm::mtp_generate(&model, &mtp, &prompt, 24, &[]).unwrap();
+        assert_eq!(out.tokens, plain);
+        new_tokens += out.new_tokens;
+        steps += out.steps;
+    }
+    let mean = new_tokens as f64 / steps as f64;
+    eprintln!("MTP mean accepted tokens per step on held-out prompts: {mean:.2}");
+    assert!(mean > 1.5, "mean accepted {mean}");
 }
