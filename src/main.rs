@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod capfilt;
 mod caption;
 mod classify;
@@ -39,6 +40,9 @@ enum Command {
     Match(matching::MatchArgs),
     /// Generate text with a Llama-architecture LLM.
     Generate(generate::GenerateArgs),
+    /// Benchmarks: `zoo bench generate` (plain greedy, Medusa and MTP side by side).
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
     /// Train a model: `zoo train clip|siglip|blip`.
     Train(Box<train::TrainArgs>),
     /// Evaluate a model: `zoo eval zeroshot|retrieval|caption`.
@@ -79,6 +83,7 @@ fn main() -> ExitCode {
         Command::Caption(args) => caption::run(args),
         Command::Match(args) => matching::run(args),
         Command::Generate(args) => generate::run(args),
+        Command::Bench(cmd) => bench::run(cmd),
         Command::Train(args) => train::run_train(*args),
         Command::Eval(cmd) => eval::run(cmd),
         Command::Capfilt(args) => capfilt::run_capfilt(*args),

@@ -369,3 +369,35 @@ fn zoo_train_lm_then_eval_lm_and_generate_use_the_saved_folder() {
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("needs --steps"));
 }
+
+#[test]
+fn zoo_bench_generate_reports_greedy_and_medusa_side_by_side() {
+    let model = fixtures().join("llama-tiny");
+    let heads = fixtures().join("llama-tiny-medusa");
+    let out = json_stdout(&zoo(&[
+        "bench",
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--medusa",
+        heads.to_str().unwrap(),
+        "--prompt",
+        "the cat sat on",
+        "--prompt",
+        "the quick brown fox",
+        "--max-new-tokens",
+        "8",
+        "--json",
+    ]));
+    let rows = out["results"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0]["method"], "greedy");
+    assert_eq!(rows[1]["method"], "medusa");
+    for r in rows {
+        assert_eq!(r["identical_to_greedy"], true, "{r}");
+        assert_eq!(r["new_tokens"], 16);
+        assert!(r["tokens_per_s"].as_f64().unwrap() > 0.0);
+    }
+    assert_eq!(rows[0]["mean_accepted"], 1.0);
+    assert_eq!(rows[0]["speedup"], 1.0);
+}

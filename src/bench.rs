@@ -1,0 +1,232 @@
+//! `zoo bench`: measured side by side in one run. `zoo bench generate` decodes the same prompts
+//! with plain greedy decoding, Medusa and MTP, and reports tokens/s, verification steps, mean
+//! accepted tokens per step and the speedup over plain greedy.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use serde_json::json;
+use zoo_datasets::tokenize::TextTokenizer;
+use zoo_models::generation::{generate, GenerationConfig, HfGenerationConfig};
+use zoo_models::hub::ModelRepo;
+use zoo_models::llm::{
+    medusa_generate, mtp_generate, KvCache, LlamaForCausalLM, LlamaStep, MedusaHeads, MedusaTree,
+    MtpModules,
+};
+
+use crate::common::ModelArgs;
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Plain greedy, Medusa and MTP decoding of the same prompts, side by side.
+    Generate(GenerateBenchArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct GenerateBenchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Medusa heads to compare (a FasterDecoding folder).
+    #[arg(long)]
+    pub medusa: Option<PathBuf>,
+    /// The Medusa tree (JSON list of paths); default mc_sim_7b_63.
+    #[arg(long)]
+    pub medusa_choices: Option<PathBuf>,
+    /// Also compare the checkpoint's MTP modules (on by default when it has them).
+    #[arg(long)]
+    pub mtp: bool,
+    /// A prompt (repeatable).
+    #[arg(long)]
+    pub prompt: Vec<String>,
+    /// A file of prompts, one per line.
+    #[arg(long)]
+    pub prompts: Option<PathBuf>,
+    #[arg(long, default_value_t = 64)]
+    pub max_new_tokens: usize,
+    /// Untimed runs of every method before timing.
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(cmd: BenchCommand) -> Result<()> {
+    match cmd {
+        BenchCommand::Generate(args) => bench_generate(args),
+    }
+}
+
+/// One method's totals over all prompts.
+struct Totals {
+    name: &'static str,
+    new_tokens: usize,
+    steps: usize,
+    seconds: f64,
+    outputs: Vec<Vec<u32>>,
+}
+
+fn bench_generate(args: GenerateBenchArgs) -> Result<()> {
+    let mut prompts = args.prompt.clone();
+    if let Some(path) = &args.prompts {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        prompts.extend(text.lines().filter(|l| !l.trim().is_empty()).map(str::to_string));
+    }
+    if prompts.is_empty() {
+        bail!("give --prompt or --prompts");
+    }
+    let device = args.model.device()?;
+    let repo = ModelRepo::open(&args.model.model)?;
+    let model = LlamaForCausalLM::load(&repo, args.model.dtype()?, &device)?;
+    let dtype = model.model.embeddings().dtype();
+    let tokenizer = TextTokenizer::from_files(
+        &repo.get("tokenizer.json")?,
+        repo.get_optional("tokenizer_config.json")?.as_deref(),
+    )?;
+    let hf = match repo.get_optional("generation_config.json")? {
+        Some(path) => HfGenerationConfig::from_file(&path)?,
+        None => HfGenerationConfig::default(),
+    };
+    let stop = hf
+        .eos_token_id
+        .as_ref()
+        .map(|ids| ids.to_vec())
+        .unwrap_or_else(|| model.config.eos_token_ids());
+    let medusa = match &args.medusa {
+        Some(dir) => {
+            let heads = MedusaHeads::load(
+                dir,
+                model.config.hidden_size,
+                model.config.vocab_size,
+                dtype,
+                &device,
+            )?;
+            let tree = match &args.medusa_choices {
+                Some(path) => MedusaTree::from_file(path)?,
+                None => MedusaTree::mc_sim_7b_63(),
+            };
+            Some((heads, tree))
+        }
+        None => None,
+    };
+    let mtp = if args.mtp || model.config.num_nextn_predict_layers > 0 {
+        Some(MtpModules::load(&repo, &model.config, dtype, &device)?)
+    } else {
+        None
+    };
+    let encoded: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| tokenizer.encode(p))
+        .collect::<zoo_datasets::Result<_>>()?;
+    let max = args.max_new_tokens;
+    let cfg = GenerationConfig {
+        max_new_tokens: max,
+        stop_tokens: stop.clone(),
+        pad_token: model.config.pad_token_id.unwrap_or(0),
+        ..GenerationConfig::default()
+    };
+
+    // One decoding of a prompt: (tokens, steps).
+    type Method<'a> = Box<dyn Fn(&[u32]) -> Result<(Vec<u32>, usize)> + 'a>;
+    let mut methods: Vec<(&'static str, Method)> = vec![(
+        "greedy",
+        Box::new(|prompt: &[u32]| {
+            let mut step = LlamaStep {
+                model: &model,
+                cache: KvCache::new(),
+            };
+            let row = generate(&mut step, vec![prompt.to_vec()], &cfg)?.remove(0);
+            let steps = row.len() - prompt.len();
+            Ok((row, steps))
+        }),
+    )];
+    if let Some((heads, tree)) = &medusa {
+        methods.push((
+            "medusa",
+            Box::new(|prompt: &[u32]| {
+                let out = medusa_generate(&model, heads, tree, prompt, max, &stop)?;
+                Ok((out.tokens, out.steps))
+            }),
+        ));
+    }
+    if let Some(mtp) = &mtp {
+        methods.push((
+            "mtp",
+            Box::new(|prompt: &[u32]| {
+                let out = mtp_generate(&model, mtp, prompt, max, &stop)?;
+                Ok((out.tokens, out.steps))
+            }),
+        ));
+    }
+
+    let mut totals = Vec::new();
+    for (name, method) in &methods {
+        for _ in 0..args.warmup {
+            method(&encoded[0])?;
+        }
+        let mut t = Totals {
+            name,
+            new_tokens: 0,
+            steps: 0,
+            seconds: 0.0,
+            outputs: Vec::new(),
+        };
+        for prompt in &encoded {
+            let start = Instant::now();
+            let (tokens, steps) = method(prompt).with_context(|| format!("{name} decoding"))?;
+            t.seconds += start.elapsed().as_secs_f64();
+            t.new_tokens += tokens.len() - prompt.len();
+            t.steps += steps;
+            t.outputs.push(tokens);
+        }
+        totals.push(t);
+    }
+    let base_rate = totals[0].new_tokens as f64 / totals[0].seconds.max(1e-9);
+    let rows: Vec<serde_json::Value> = totals
+        .iter()
+        .map(|t| {
+            let rate = t.new_tokens as f64 / t.seconds.max(1e-9);
+            json!({
+                "method": t.name,
+                "prompts": encoded.len(),
+                "new_tokens": t.new_tokens,
+                "steps": t.steps,
+                "mean_accepted": t.new_tokens as f64 / t.steps.max(1) as f64,
+                "tokens_per_s": rate,
+                "speedup": rate / base_rate,
+                "identical_to_greedy": t.outputs == totals[0].outputs,
+            })
+        })
+        .collect();
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "model": args.model.model,
+                "max_new_tokens": max,
+                "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+                "results": rows,
+            }))?
+        );
+    } else {
+        println!(
+            "| method | new tokens | steps | mean accepted | tokens/s | speedup | same as greedy |"
+        );
+        println!("|---|---|---|---|---|---|---|");
+        for r in &rows {
+            println!(
+                "| {} | {} | {} | {:.2} | {:.1} | {:.2}x | {} |",
+                r["method"].as_str().unwrap_or(""),
+                r["new_tokens"],
+                r["steps"],
+                r["mean_accepted"].as_f64().unwrap_or(0.0),
+                r["tokens_per_s"].as_f64().unwrap_or(0.0),
+                r["speedup"].as_f64().unwrap_or(0.0),
+                r["identical_to_greedy"]
+            );
+        }
+    }
+    Ok(())
+}
