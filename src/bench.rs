@@ -72,7 +72,11 @@ fn bench_generate(args: GenerateBenchArgs) -> Result<()> {
     if let Some(path) = &args.prompts {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read {}", path.display()))?;
-        prompts.extend(text.lines().filter(|l| !l.trim().is_empty()).map(str::to_string));
+        prompts.extend(
+            text.lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(str::to_string),
+        );
     }
     if prompts.is_empty() {
         bail!("give --prompt or --prompts");
