@@ -16,7 +16,7 @@ use crate::error::CandleContext;
 use crate::generation::StepModel;
 use crate::hub::ModelRepo;
 use crate::layers::{
-    apply_rotary, causal_mask, combine_masks, rotary_cos_sin, Activation, AttentionConfig, Linear,
+    apply_rotary, causal_mask, rotary_cos_sin, Activation, AttentionConfig, Linear,
     MultiHeadAttention, QkvLayout, RmsNorm, RopeConfig, RopeScaling,
 };
 use crate::weights::SafetensorsWeights;
@@ -424,8 +424,7 @@ impl LlamaForCausalLM {
                     .chain(row.iter().map(move |&v| if v { 0.0 } else { min }))
             })
             .collect();
-        let mask = Tensor::from_vec(data, (1, 1, l, cached + l), device)?;
-        combine_masks(Some(mask), None)
+        Ok(Some(Tensor::from_vec(data, (1, 1, l, cached + l), device)?))
     }
 }
 

@@ -371,6 +371,9 @@ pub fn medusa_generate(
     max_new_tokens: usize,
     stop: &[u32],
 ) -> Result<SpeculativeOutput> {
+    if prompt.is_empty() {
+        candle_core::bail!("Medusa decoding needs a non-empty prompt");
+    }
     if tree.depth() > heads.heads.len() {
         candle_core::bail!(
             "the Medusa tree is {} deep but the checkpoint has {} heads; use a tree of at most {} \

@@ -164,6 +164,9 @@ pub fn mtp_generate(
     max_new_tokens: usize,
     stop: &[u32],
 ) -> Result<SpeculativeOutput> {
+    if prompt.is_empty() {
+        candle_core::bail!("MTP decoding needs a non-empty prompt");
+    }
     let device: Device = model.model.embeddings().device().clone();
     let depth = mtp.len();
     let mut cache = KvCache::new();
