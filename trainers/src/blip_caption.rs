@@ -29,11 +29,10 @@ use crate::data::{
     BatchLoader, ContrastiveBatch, DataPosition, LoaderConfig, StreamFactory, TextEncoder,
 };
 use crate::error::{Error, Result};
-use crate::metrics::MetricsLog;
 use crate::model::{save_hf_folder, varmap_tensors};
-use crate::optim::{AdamW, AdamWConfig};
+use crate::optim::AdamWConfig;
 use crate::rng::Rng;
-use crate::train::{train, Task, TrainConfig, TrainState};
+use crate::train::{initial_state, run_task, Task, TrainConfig, TrainState};
 
 /// The presets `zoo train blip` can start from scratch.
 pub const PRESETS: &str = "blip-tiny";
@@ -586,18 +585,8 @@ pub fn run(config: RunConfig, data: RunData) -> Result<RunSummary> {
             }
         }
     };
-    let state = match &resume_dir {
-        Some(dir) => checkpoint::load_state(dir)?,
-        None => TrainState {
-            seed: config.train.seed,
-            ..TrainState::default()
-        },
-    };
+    let state = initial_state(resume_dir.as_deref(), config.train.seed)?;
     let vars = model.trainable_vars();
-    let mut optimizer = AdamW::new(vars.clone(), config.optimizer)?;
-    if let Some(dir) = &resume_dir {
-        checkpoint::load_optimizer(dir, &mut optimizer, &config.device)?;
-    }
     let loader_config = LoaderConfig {
         batch_size: config.batch_size,
         workers: config.workers,
@@ -631,15 +620,14 @@ pub fn run(config: RunConfig, data: RunData) -> Result<RunSummary> {
         label_smoothing: config.label_smoothing,
         eval,
     };
-    let resume_step = resume_dir.as_ref().map(|_| state.step);
-    let mut log = MetricsLog::open(&config.train.output, resume_step)?;
-    let state = train(
+    let state = run_task(
         &mut task,
         &vars,
-        &mut optimizer,
+        config.optimizer,
         &config.train,
+        resume_dir.as_deref(),
         state,
-        &mut log,
+        &config.device,
     )?;
     Ok(RunSummary {
         state,

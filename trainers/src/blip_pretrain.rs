@@ -46,11 +46,10 @@ use crate::data::{BatchLoader, ContrastiveBatch, DataPosition, LoaderConfig, Str
 use crate::error::{Error, Result};
 use crate::eval::retrieval_report;
 use crate::loss::cross_entropy;
-use crate::metrics::MetricsLog;
 use crate::model::save_hf_folder;
-use crate::optim::{AdamW, AdamWConfig};
+use crate::optim::AdamWConfig;
 use crate::rng::Rng;
-use crate::train::{train, Task, TrainConfig, TrainState};
+use crate::train::{initial_state, run_task, Task, TrainConfig, TrainState};
 
 /// salesforce/BLIP's `queue_size` (`configs/pretrain.yaml`).
 pub const DEFAULT_QUEUE_SIZE: usize = 57_600;
@@ -999,18 +998,8 @@ pub fn run(config: RunConfig, data: RunData) -> Result<RunSummary> {
             model.initialised[0]
         );
     }
-    let state = match &resume_dir {
-        Some(dir) => checkpoint::load_state(dir)?,
-        None => TrainState {
-            seed,
-            ..TrainState::default()
-        },
-    };
+    let state = initial_state(resume_dir.as_deref(), seed)?;
     let vars = model.trainable_vars();
-    let mut optimizer = AdamW::new(vars.clone(), config.optimizer)?;
-    if let Some(dir) = &resume_dir {
-        checkpoint::load_optimizer(dir, &mut optimizer, &config.device)?;
-    }
     let loader_config = LoaderConfig {
         batch_size: config.batch_size,
         workers: config.workers,
@@ -1041,15 +1030,14 @@ pub fn run(config: RunConfig, data: RunData) -> Result<RunSummary> {
         config.settings,
     );
     task.eval = eval;
-    let resume_step = resume_dir.as_ref().map(|_| state.step);
-    let mut log = MetricsLog::open(&config.train.output, resume_step)?;
-    let state = train(
+    let state = run_task(
         &mut task,
         &vars,
-        &mut optimizer,
+        config.optimizer,
         &config.train,
+        resume_dir.as_deref(),
         state,
-        &mut log,
+        &config.device,
     )?;
     Ok(RunSummary {
         state,

@@ -16,12 +16,11 @@ use crate::data::{
 use crate::error::{Error, Result};
 use crate::eval::{retrieval_report, zero_shot_report, ZeroShotReport};
 use crate::loss::{clip_loss, siglip_loss, siglip_loss_chunked};
-use crate::metrics::MetricsLog;
 use crate::model::TrainableDualEncoder;
-use crate::optim::{AdamW, AdamWConfig};
+use crate::optim::AdamWConfig;
 use crate::pipeline::{DualEncoderPipeline, IMAGE_CHUNK};
 use crate::plot::confusion_png;
-use crate::train::{train, Task, TrainConfig, TrainState};
+use crate::train::{initial_state, run_task, Task, TrainConfig, TrainState};
 use crate::zeroshot::build_classifier;
 
 /// Images for evaluation: generated in memory, or files decoded at each evaluation.
@@ -409,18 +408,8 @@ pub fn run(config: RunConfig, data: RunData) -> Result<RunSummary> {
             "`zoo train {want}` was given a {have} model; use `zoo train {have}`"
         )));
     }
-    let state = match &resume_dir {
-        Some(dir) => checkpoint::load_state(dir)?,
-        None => TrainState {
-            seed: config.train.seed,
-            ..TrainState::default()
-        },
-    };
+    let state = initial_state(resume_dir.as_deref(), config.train.seed)?;
     let vars = model.trainable_vars(config.lock_image, config.lock_text);
-    let mut optimizer = AdamW::new(vars.clone(), config.optimizer)?;
-    if let Some(dir) = &resume_dir {
-        checkpoint::load_optimizer(dir, &mut optimizer, &config.device)?;
-    }
     let loader_config = LoaderConfig {
         batch_size: config.batch_size,
         workers: config.workers,
@@ -456,15 +445,14 @@ pub fn run(config: RunConfig, data: RunData) -> Result<RunSummary> {
         retrieval,
         last_zeroshot: None,
     };
-    let resume_step = resume_dir.as_ref().map(|_| state.step);
-    let mut log = MetricsLog::open(&config.train.output, resume_step)?;
-    let state = train(
+    let state = run_task(
         &mut task,
         &vars,
-        &mut optimizer,
+        config.optimizer,
         &config.train,
+        resume_dir.as_deref(),
         state,
-        &mut log,
+        &config.device,
     )?;
     Ok(RunSummary {
         state,

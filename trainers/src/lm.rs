@@ -21,11 +21,10 @@ use zoo_models::weights::SafetensorsWeights;
 use crate::checkpoint;
 use crate::data::DataPosition;
 use crate::error::{Error, Result};
-use crate::metrics::MetricsLog;
 use crate::model::save_hf_folder;
-use crate::optim::{AdamW, AdamWConfig};
+use crate::optim::AdamWConfig;
 use crate::rng::Rng;
-use crate::train::{train, Task, TrainConfig, TrainState};
+use crate::train::{initial_state, run_task, Task, TrainConfig, TrainState};
 
 /// The presets `zoo train lm` can start from scratch.
 pub const PRESETS: &str = "llama-tiny";
@@ -672,18 +671,8 @@ pub fn run(
         }
         None => (None, 0),
     };
-    let state = match &resume_dir {
-        Some(dir) => checkpoint::load_state(dir)?,
-        None => TrainState {
-            seed,
-            ..TrainState::default()
-        },
-    };
+    let state = initial_state(resume_dir.as_deref(), seed)?;
     let vars = model.trainable_vars(config.mtp.is_some_and(|m| m.freeze_backbone));
-    let mut optimizer = AdamW::new(vars.clone(), config.optimizer)?;
-    if let Some(dir) = &resume_dir {
-        checkpoint::load_optimizer(dir, &mut optimizer, &config.device)?;
-    }
     let mut task = LmTask {
         model,
         data,
@@ -694,15 +683,14 @@ pub fn run(
         sums: (Vec::new(), 0),
         last: Vec::new(),
     };
-    let resume_step = resume_dir.as_ref().map(|_| state.step);
-    let mut log = MetricsLog::open(&config.train.output, resume_step)?;
-    let state = train(
+    let state = run_task(
         &mut task,
         &vars,
-        &mut optimizer,
+        config.optimizer,
         &config.train,
+        resume_dir.as_deref(),
         state,
-        &mut log,
+        &config.device,
     )?;
     Ok(RunSummary {
         state,

@@ -21,9 +21,8 @@ use crate::data::DataPosition;
 use crate::error::{Error, Result};
 use crate::lm::{Corpus, PackedSequences};
 use crate::loss::cross_entropy;
-use crate::metrics::MetricsLog;
-use crate::optim::{AdamW, AdamWConfig};
-use crate::train::{train, Task, TrainConfig, TrainState};
+use crate::optim::AdamWConfig;
+use crate::train::{initial_state, run_task, Task, TrainConfig, TrainState};
 
 /// Medusa's per-head loss decay: head `k` weighs `0.8^k`.
 pub const HEAD_DECAY: f64 = 0.8;
@@ -322,18 +321,8 @@ pub fn run(config: RunConfig, train_files: &[PathBuf]) -> Result<RunSummary> {
             &config.model,
         )?,
     };
-    let state = match &resume_dir {
-        Some(dir) => checkpoint::load_state(dir)?,
-        None => TrainState {
-            seed: config.train.seed,
-            ..TrainState::default()
-        },
-    };
+    let state = initial_state(resume_dir.as_deref(), config.train.seed)?;
     let vars = heads.trainable_vars();
-    let mut optimizer = AdamW::new(vars.clone(), config.optimizer)?;
-    if let Some(dir) = &resume_dir {
-        checkpoint::load_optimizer(dir, &mut optimizer, &config.device)?;
-    }
     let mut task = MedusaTask {
         backbone,
         heads,
@@ -344,15 +333,14 @@ pub fn run(config: RunConfig, train_files: &[PathBuf]) -> Result<RunSummary> {
         sums: (Vec::new(), 0),
         last: Vec::new(),
     };
-    let resume_step = resume_dir.as_ref().map(|_| state.step);
-    let mut log = MetricsLog::open(&config.train.output, resume_step)?;
-    let state = train(
+    let state = run_task(
         &mut task,
         &vars,
-        &mut optimizer,
+        config.optimizer,
         &config.train,
+        resume_dir.as_deref(),
         state,
-        &mut log,
+        &config.device,
     )?;
     Ok(RunSummary {
         state,

@@ -183,3 +183,33 @@ pub fn format_metrics(step: u64, metrics: &[(String, f64)]) -> String {
     let parts: Vec<String> = metrics.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
     format!("step {step}: {}", parts.join(", "))
 }
+
+/// Where a run starts: the trainer state of the checkpoint it resumes, or step 0 with `seed`.
+pub fn initial_state(resume: Option<&Path>, seed: u64) -> Result<TrainState> {
+    match resume {
+        Some(dir) => checkpoint::load_state(dir),
+        None => Ok(TrainState {
+            seed,
+            ..TrainState::default()
+        }),
+    }
+}
+
+/// The start of every run after its task is built: AdamW over `vars` (its moments restored
+/// when resuming), the metrics log (cut back to the resumed step), then [`train`].
+pub fn run_task<T: Task>(
+    task: &mut T,
+    vars: &[(String, Var)],
+    optimizer: crate::optim::AdamWConfig,
+    config: &TrainConfig,
+    resume: Option<&Path>,
+    state: TrainState,
+    device: &candle_core::Device,
+) -> Result<TrainState> {
+    let mut optimizer = AdamW::new(vars.to_vec(), optimizer)?;
+    if let Some(dir) = resume {
+        checkpoint::load_optimizer(dir, &mut optimizer, device)?;
+    }
+    let mut log = MetricsLog::open(&config.output, resume.map(|_| state.step))?;
+    train(task, vars, &mut optimizer, config, state, &mut log)
+}
