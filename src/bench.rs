@@ -150,7 +150,7 @@ fn bench_generate(args: GenerateBenchArgs) -> Result<()> {
         methods.push((
             "medusa",
             Box::new(|prompt: &[u32]| {
-                let out = medusa_generate(&model, heads, tree, prompt, max, &stop)?;
+                let out = medusa_generate(&model, heads, tree, prompt, max, &stop, None)?;
                 Ok((out.tokens, out.steps))
             }),
         ));
@@ -159,7 +159,7 @@ fn bench_generate(args: GenerateBenchArgs) -> Result<()> {
         methods.push((
             "mtp",
             Box::new(|prompt: &[u32]| {
-                let out = mtp_generate(&model, mtp, prompt, max, &stop)?;
+                let out = mtp_generate(&model, mtp, prompt, max, &stop, None)?;
                 Ok((out.tokens, out.steps))
             }),
         ));

@@ -1,5 +1,6 @@
 //! `zoo generate`: text generation with a Llama-architecture causal LM (HF
-//! `LlamaForCausalLM.generate`): greedy by default, or sampling; stops at eos.
+//! `LlamaForCausalLM.generate`): greedy by default, or sampling; stops at eos. With Medusa
+//! heads or MTP modules it decodes speculatively.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -14,7 +15,7 @@ use zoo_models::generation::{
 use zoo_models::hub::ModelRepo;
 use zoo_models::llm::{
     medusa_generate, mtp_generate, KvCache, LlamaForCausalLM, LlamaStep, MedusaHeads, MedusaTree,
-    MtpModules,
+    MtpModules, TypicalAcceptance,
 };
 
 use crate::common::ModelArgs;
@@ -50,15 +51,24 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub repetition_penalty: Option<f32>,
     /// Speculative decoding with the FasterDecoding Medusa heads in this folder (config.json
-    /// and medusa_lm_head.safetensors or .pt); greedy only so far, token-identical to plain
-    /// greedy decoding.
+    /// and medusa_lm_head.safetensors or .pt). Greedy: token-identical to plain greedy decoding;
+    /// with --temperature: typical acceptance.
     #[arg(long)]
     pub medusa: Option<PathBuf>,
+    /// Medusa typical acceptance: ε, the hard probability threshold (FasterDecoding's
+    /// `posterior_threshold`).
+    #[arg(long, default_value_t = 0.09, requires = "medusa")]
+    pub posterior_threshold: f32,
+    /// Medusa typical acceptance: δ, the scale of the entropy-dependent threshold δ·exp(−H)
+    /// (FasterDecoding's `posterior_alpha`).
+    #[arg(long, default_value_t = 0.3, requires = "medusa")]
+    pub posterior_alpha: f32,
     /// The Medusa tree: a JSON list of paths of top-k ranks. Default: mc_sim_7b_63.
     #[arg(long)]
     pub medusa_choices: Option<PathBuf>,
     /// Self-speculative decoding with the checkpoint's DeepSeek-V3-style MTP modules
-    /// (`num_nextn_predict_layers`); greedy only so far, token-identical to plain greedy.
+    /// (`num_nextn_predict_layers`). Greedy: token-identical to plain greedy decoding; with
+    /// sampling flags: speculative sampling, distributed exactly as plain sampling.
     #[arg(long, conflicts_with = "medusa")]
     pub mtp: bool,
     /// Print {"text", "token_ids", "new_tokens", "steps", "mean_accepted", "tokens_per_s"}.
@@ -120,12 +130,32 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         },
     };
     let speculative = args.medusa.is_some() || args.mtp;
-    if speculative && (sampling || cfg.repetition_penalty != 1.0 || cfg.min_new_tokens > 0) {
+    if speculative && (cfg.repetition_penalty != 1.0 || cfg.min_new_tokens > 0) {
         bail!(
-            "--medusa and --mtp decode greedily so far; sampling (typical acceptance), \
-             --repetition-penalty and --min-new-tokens are not implemented with them"
+            "--repetition-penalty and --min-new-tokens are not implemented with --medusa or \
+             --mtp; drop them or decode without speculation"
         );
     }
+    if args.medusa.is_some() && (args.top_k.is_some() || args.top_p.is_some()) {
+        bail!(
+            "Medusa samples by typical acceptance, which has no top-k or top-p: use \
+             --temperature with --posterior-threshold and --posterior-alpha (or --mtp, whose \
+             speculative sampling takes --top-k and --top-p)"
+        );
+    }
+    let typical = match (&args.medusa, args.temperature) {
+        (Some(_), Some(temperature)) => {
+            let typical = TypicalAcceptance {
+                temperature,
+                posterior_threshold: args.posterior_threshold,
+                posterior_alpha: args.posterior_alpha,
+                seed: args.seed,
+            };
+            typical.validate().map_err(anyhow::Error::msg)?;
+            Some(typical)
+        }
+        _ => None,
+    };
     let mtp = if args.mtp {
         Some(MtpModules::load(
             &repo,
@@ -156,8 +186,19 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let start = Instant::now();
     let (row, steps) = match (&medusa, &mtp) {
         (_, Some(mtp)) => {
-            let out = mtp_generate(&model, mtp, &prompt, cfg.max_new_tokens, &cfg.stop_tokens)
-                .context("MTP generation failed")?;
+            let sampling = match &cfg.strategy {
+                Strategy::Sample(s) => Some(s),
+                _ => None,
+            };
+            let out = mtp_generate(
+                &model,
+                mtp,
+                &prompt,
+                cfg.max_new_tokens,
+                &cfg.stop_tokens,
+                sampling,
+            )
+            .context("MTP generation failed")?;
             (out.tokens, out.steps)
         }
         (Some((heads, tree)), None) => {
@@ -168,6 +209,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                 &prompt,
                 cfg.max_new_tokens,
                 &cfg.stop_tokens,
+                typical.as_ref(),
             )
             .context("Medusa generation failed")?;
             (out.tokens, out.steps)

@@ -1,7 +1,7 @@
 //! `zoo generate` on the tiny Llama and Qwen2 fixtures: greedy token ids exactly as HF
 //! `generate` returns them for a text prompt (`cli_reference.json`, made by
 //! `scripts/make_llm_fixtures.py`), with and without Medusa heads, the JSON fields, seeded
-//! sampling, and clear errors.
+//! sampling (plain, Medusa typical acceptance, MTP speculative sampling), and clear errors.
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
@@ -109,6 +109,53 @@ fn sampling_is_reproducible_per_seed() {
 }
 
 #[test]
+fn medusa_samples_by_typical_acceptance_and_refuses_top_k() {
+    let model = fixtures().join("llama-tiny");
+    let heads = fixtures().join("llama-tiny-medusa");
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "the quick brown fox",
+            "--max-new-tokens",
+            "16",
+            "--medusa",
+            heads.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        zoo(&args)
+    };
+    let sample = |seed: &str| {
+        json_stdout(&run(&[
+            "--temperature",
+            "1.0",
+            "--posterior-threshold",
+            "0.09",
+            "--posterior-alpha",
+            "0.3",
+            "--seed",
+            seed,
+            "--json",
+        ]))
+    };
+    let first = sample("3");
+    assert_eq!(first["new_tokens"], 16);
+    assert_eq!(first["token_ids"], sample("3")["token_ids"]);
+    assert_ne!(first["token_ids"], sample("4")["token_ids"]);
+
+    let out = run(&["--top-k", "5"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("typical acceptance"), "{err}");
+    let out = run(&["--temperature", "0.7", "--posterior-threshold", "1.5"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("posterior threshold"), "{err}");
+}
+
+#[test]
 fn missing_models_and_unavailable_modes_are_clear_errors() {
     let missing = fixtures().join("no-such-llm");
     let out = zoo(&[
@@ -207,6 +254,22 @@ fn mtp_greedy_decoding_gives_plain_greedy_ids() {
     assert_eq!(mtp["new_tokens"], 16);
     let steps = mtp["steps"].as_u64().unwrap();
     assert!((1..=16).contains(&steps), "{mtp}");
+
+    // Speculative sampling: reproducible per seed.
+    let sampled = |seed: &str| {
+        run(&[
+            "--mtp",
+            "--temperature",
+            "0.8",
+            "--top-k",
+            "20",
+            "--seed",
+            seed,
+        ])["token_ids"]
+            .clone()
+    };
+    assert_eq!(sampled("1"), sampled("1"));
+    assert_ne!(sampled("1"), sampled("2"));
 }
 
 #[test]

@@ -1,7 +1,8 @@
 //! Medusa: tree buffers equal to FasterDecoding's `generate_medusa_buffers` for `mc_sim_7b_63`
 //! (`scripts/make_medusa_fixtures.py`); heads loaded from safetensors and from a `.pt` pickle
-//! alike; greedy tree decoding token-identical to plain greedy decoding with random heads; and
-//! a clear error for a tree deeper than the heads.
+//! alike; greedy tree decoding token-identical to plain greedy decoding with random heads;
+//! typical acceptance that keeps only tokens above its threshold; and a clear error for a tree
+//! deeper than the heads.
 
 use std::path::PathBuf;
 
@@ -11,6 +12,7 @@ use zoo_models::generation::{generate, GenerationConfig};
 use zoo_models::hub::ModelRepo;
 use zoo_models::llm::{
     medusa_generate, KvCache, LlamaForCausalLM, LlamaStep, MedusaHeads, MedusaTree,
+    TypicalAcceptance,
 };
 
 fn fixtures() -> PathBuf {
@@ -122,7 +124,7 @@ fn greedy_medusa_decoding_is_token_identical_to_plain_greedy() {
             .unwrap()
             .remove(0);
         for tree in [&tree, &small] {
-            let out = medusa_generate(&model, &heads, tree, &prompt, 40, &[]).unwrap();
+            let out = medusa_generate(&model, &heads, tree, &prompt, 40, &[], None).unwrap();
             assert_eq!(out.tokens, plain, "prompt {prompt:?}");
             assert_eq!(out.new_tokens, 40);
             assert!(out.steps >= 1 && out.steps <= 40);
@@ -160,6 +162,7 @@ fn generation_stops_at_a_stop_token_as_plain_greedy_does() {
         &prompt,
         20,
         &[stop],
+        None,
     )
     .unwrap();
     assert_eq!(out.tokens, plain[..prompt.len() + first + 1]);
@@ -171,10 +174,102 @@ fn a_tree_deeper_than_the_heads_is_refused() {
     let heads = heads("llama-tiny-medusa");
     let deep: Vec<Vec<usize>> = (1..=5).map(|d| vec![0; d]).collect();
     let tree = MedusaTree::new(&deep).unwrap();
-    let err = medusa_generate(&model, &heads, &tree, &[5, 6], 4, &[])
+    let err = medusa_generate(&model, &heads, &tree, &[5, 6], 4, &[], None)
         .unwrap_err()
         .to_string();
     assert!(err.contains("5 deep") && err.contains("4 heads"), "{err}");
     let err = MedusaTree::new(&[vec![0, 1]]).unwrap_err();
     assert!(err.contains("lacks its prefix [0]"), "{err}");
+}
+
+/// Each position's next-token logits for `tokens`, from one uncached forward pass.
+fn full_logits(model: &LlamaForCausalLM, tokens: &[u32]) -> Vec<Vec<f32>> {
+    let ids = Tensor::new(vec![tokens.to_vec()], &Device::Cpu).unwrap();
+    model
+        .forward(&ids, &mut KvCache::new())
+        .unwrap()
+        .logits
+        .squeeze(0)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap()
+}
+
+#[test]
+fn typical_acceptance_keeps_only_tokens_above_the_threshold() {
+    let model = llama();
+    let heads = heads("llama-tiny-medusa");
+    let tree = MedusaTree::mc_sim_7b_63();
+    let typical = TypicalAcceptance {
+        temperature: 1.0,
+        seed: 3,
+        ..Default::default()
+    };
+    let prompt = vec![5u32, 17, 42];
+    let out = medusa_generate(&model, &heads, &tree, &prompt, 40, &[], Some(&typical)).unwrap();
+    assert_eq!(out.new_tokens, 40);
+    // The random model is nearly uniform, so the threshold is low and drafts pass.
+    assert!(
+        out.accepted.iter().sum::<usize>() > 0,
+        "no draft was accepted: {:?}",
+        out.accepted
+    );
+    // Walk the steps: each adds the base model's own (typically sampled) token, then its
+    // accepted drafts; every one must clear the threshold of the distribution it follows.
+    let logits = full_logits(&model, &out.tokens);
+    let mut at = prompt.len();
+    for (step, &accepted) in out.accepted.iter().enumerate() {
+        for k in 0..=accepted {
+            if at == out.tokens.len() {
+                break;
+            }
+            let probs = typical.probs(&logits[at - 1]);
+            let threshold = typical.threshold(&probs);
+            let p = probs[out.tokens[at] as usize];
+            if k == 0 {
+                let best = probs.iter().copied().fold(0.0, f32::max);
+                assert!(
+                    p >= threshold || p == best,
+                    "step {step}: root {p} < {threshold}"
+                );
+            } else {
+                assert!(p > threshold, "step {step}, draft {k}: {p} <= {threshold}");
+                assert_eq!(out.tokens[at], out.drafts[step][k - 1]);
+            }
+            at += 1;
+        }
+    }
+    assert_eq!(at, out.tokens.len());
+    // Reproducible per seed; another seed samples other text.
+    let again = medusa_generate(&model, &heads, &tree, &prompt, 40, &[], Some(&typical)).unwrap();
+    assert_eq!(again, out);
+    let other = TypicalAcceptance { seed: 4, ..typical };
+    let other = medusa_generate(&model, &heads, &tree, &prompt, 40, &[], Some(&other)).unwrap();
+    assert_ne!(other.tokens, out.tokens);
+}
+
+#[test]
+fn typical_acceptance_near_zero_temperature_is_greedy() {
+    let model = llama();
+    let heads = heads("llama-tiny-medusa");
+    let tree = MedusaTree::mc_sim_7b_63();
+    let typical = TypicalAcceptance {
+        temperature: 1e-4,
+        ..Default::default()
+    };
+    for prompt in [vec![5u32, 17, 42], vec![9]] {
+        let mut step = LlamaStep {
+            model: &model,
+            cache: KvCache::new(),
+        };
+        let cfg = GenerationConfig {
+            max_new_tokens: 30,
+            ..GenerationConfig::default()
+        };
+        let plain = generate(&mut step, vec![prompt.clone()], &cfg)
+            .unwrap()
+            .remove(0);
+        let out = medusa_generate(&model, &heads, &tree, &prompt, 30, &[], Some(&typical)).unwrap();
+        assert_eq!(out.tokens, plain, "prompt {prompt:?}");
+    }
 }

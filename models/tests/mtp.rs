@@ -1,12 +1,13 @@
 //! MTP modules: weights named as DeepSeek-V3 names them, and greedy self-speculative decoding
-//! token-identical to plain greedy decoding with random modules of depth 1 to 3.
+//! token-identical to plain greedy decoding with random modules of depth 1 to 3; sampling that
+//! stays in the backbone's sampling support and repeats per seed.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use zoo_models::generation::{generate, GenerationConfig};
+use zoo_models::generation::{generate, GenerationConfig, SamplingOptions};
 use zoo_models::hub::ModelRepo;
 use zoo_models::llm::{
     mtp_generate, KvCache, LlamaConfig, LlamaForCausalLM, LlamaStep, MtpModules,
@@ -110,7 +111,7 @@ fn greedy_mtp_decoding_is_token_identical_to_plain_greedy() {
                 let plain = generate(&mut step, vec![prompt.clone()], &cfg)
                     .unwrap()
                     .remove(0);
-                let out = mtp_generate(&model, &mtp, &prompt, max, &[]).unwrap();
+                let out = mtp_generate(&model, &mtp, &prompt, max, &[], None).unwrap();
                 assert_eq!(
                     out.tokens, plain,
                     "depth {depth}, prompt {prompt:?}, {max} tokens"
@@ -143,7 +144,7 @@ fn mtp_decoding_stops_at_a_stop_token() {
         .iter()
         .position(|&t| t == stop)
         .unwrap();
-    let out = mtp_generate(&model, &mtp, &prompt, 20, &[stop]).unwrap();
+    let out = mtp_generate(&model, &mtp, &prompt, 20, &[stop], None).unwrap();
     assert_eq!(out.tokens, plain[..prompt.len() + first + 1]);
 }
 
@@ -196,7 +197,7 @@ fn cached_drafts_equal_drafts_computed_from_scratch() {
     let dir = tempfile::tempdir().unwrap();
     let (model, mtp) = with_mtp(dir.path(), 3);
     let prompt = vec![260u32, 284, 261, 269, 261, 270];
-    let out = mtp_generate(&model, &mtp, &prompt, 25, &[]).unwrap();
+    let out = mtp_generate(&model, &mtp, &prompt, 25, &[], None).unwrap();
     // Round r starts after the prompt, the first token and the tokens of the rounds before it.
     let mut len = prompt.len() + 1;
     for (r, drafts) in out.drafts.iter().enumerate() {
@@ -213,4 +214,59 @@ fn cached_drafts_equal_drafts_computed_from_scratch() {
         }
     }
     assert!(out.drafts.len() > 3);
+}
+
+#[test]
+fn sampled_mtp_tokens_stay_in_the_backbones_top_k_and_repeat_per_seed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, mtp) = with_mtp(dir.path(), 2);
+    let prompt = vec![5u32, 17, 42];
+    let sampling = SamplingOptions {
+        temperature: 1.0,
+        top_k: 5,
+        top_p: 1.0,
+        seed: 11,
+    };
+    let out = mtp_generate(&model, &mtp, &prompt, 30, &[], Some(&sampling)).unwrap();
+    assert_eq!(out.new_tokens, 30);
+    let ids = Tensor::new(vec![out.tokens.clone()], &Device::Cpu).unwrap();
+    let logits = model
+        .forward(&ids, &mut KvCache::new())
+        .unwrap()
+        .logits
+        .squeeze(0)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    for at in prompt.len()..out.tokens.len() {
+        let row = &logits[at - 1];
+        let token = out.tokens[at] as usize;
+        let higher = row.iter().filter(|&&v| v > row[token]).count();
+        assert!(higher < 5, "token {at} is outside the backbone's top 5");
+    }
+    let again = mtp_generate(&model, &mtp, &prompt, 30, &[], Some(&sampling)).unwrap();
+    assert_eq!(again, out);
+    let other = SamplingOptions {
+        seed: 12,
+        ..sampling
+    };
+    let other = mtp_generate(&model, &mtp, &prompt, 30, &[], Some(&other)).unwrap();
+    assert_ne!(other.tokens, out.tokens);
+}
+
+#[test]
+fn mtp_sampling_near_zero_temperature_is_greedy() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, mtp) = with_mtp(dir.path(), 2);
+    let sampling = SamplingOptions {
+        temperature: 1e-4,
+        top_k: 0,
+        top_p: 1.0,
+        seed: 0,
+    };
+    for prompt in [vec![5u32, 17, 42], vec![9]] {
+        let plain = mtp_generate(&model, &mtp, &prompt, 25, &[], None).unwrap();
+        let sampled = mtp_generate(&model, &mtp, &prompt, 25, &[], Some(&sampling)).unwrap();
+        assert_eq!(sampled.tokens, plain.tokens, "prompt {prompt:?}");
+    }
 }

@@ -1,15 +1,21 @@
 //! Multi-token training provably helps speculative decoding. On a small LM trained here on a
 //! templated corpus: Medusa-1 heads (frozen LM) and MTP modules (trained jointly with the LM)
 //! each lower every head's or depth's loss, and decoding with them accepts more than 1.5 tokens
-//! per step on held-out prompts while staying token-identical to plain greedy decoding. Every
-//! head parameter receives a gradient.
+//! per step on held-out prompts while staying token-identical to plain greedy decoding (and
+//! more than 1.5 under Medusa's typical acceptance); MTP speculative sampling follows the LM's
+//! own distribution (chi-square against the exact law). Every head parameter receives a
+//! gradient.
 
 use std::path::{Path, PathBuf};
 
-use candle_core::Device;
-use zoo_models::generation::{generate, GenerationConfig};
+use std::collections::HashMap;
+
+use candle_core::{Device, Tensor};
+use zoo_models::generation::{generate, nucleus_probs, GenerationConfig, SamplingOptions};
 use zoo_models::hub::ModelRepo;
-use zoo_models::llm::{medusa_generate, KvCache, LlamaForCausalLM, LlamaStep, MedusaTree};
+use zoo_models::llm::{
+    medusa_generate, KvCache, LlamaForCausalLM, LlamaStep, MedusaTree, TypicalAcceptance,
+};
 use zoo_trainers::lm;
 use zoo_trainers::medusa;
 use zoo_trainers::optim::AdamWConfig;
@@ -139,9 +145,9 @@ fn trained_medusa_heads_accept_more_than_one_and_a_half_tokens_per_step() {
         let plain = generate(&mut step, vec![prompt.clone()], &cfg)
             .unwrap()
             .remove(0);
-        let deep = medusa_generate(&model, &heads, &small, &prompt, 24, &[]).unwrap();
+        let deep = medusa_generate(&model, &heads, &small, &prompt, 24, &[], None).unwrap();
         assert_eq!(deep.tokens, plain);
-        let out = medusa_generate(&model, &heads, &tree, &prompt, 24, &[]).unwrap();
+        let out = medusa_generate(&model, &heads, &tree, &prompt, 24, &[], None).unwrap();
         assert_eq!(out.tokens, plain);
         new_tokens += out.new_tokens;
         steps += out.steps;
@@ -149,6 +155,23 @@ fn trained_medusa_heads_accept_more_than_one_and_a_half_tokens_per_step() {
     let mean = new_tokens as f64 / steps as f64;
     eprintln!("mean accepted tokens per step on held-out prompts: {mean:.2}");
     assert!(mean > 1.5, "mean accepted {mean}");
+
+    // Typical acceptance at FasterDecoding's defaults (temperature 0.7, ε 0.09, δ 0.3).
+    let typical = TypicalAcceptance::default();
+    let (mut new_tokens, mut steps) = (0, 0);
+    for (i, sentence) in sentences(true).iter().step_by(3).enumerate() {
+        let prompt = tokenizer.encode(&sentence[..sentence.len() / 2]).unwrap();
+        let typical = TypicalAcceptance {
+            seed: i as u64,
+            ..typical
+        };
+        let out = medusa_generate(&model, &heads, &tree, &prompt, 24, &[], Some(&typical)).unwrap();
+        new_tokens += out.new_tokens;
+        steps += out.steps;
+    }
+    let mean = new_tokens as f64 / steps as f64;
+    eprintln!("typical acceptance: mean accepted tokens per step {mean:.2}");
+    assert!(mean > 1.5, "typical acceptance: mean accepted {mean}");
 }
 
 #[test]
@@ -279,7 +302,7 @@ fn trained_mtp_modules_accept_more_than_one_and_a_half_tokens_per_step() {
         let plain = generate(&mut step, vec![prompt.clone()], &cfg)
             .unwrap()
             .remove(0);
-        let out = zoo_models::llm::mtp_generate(&model, &mtp, &prompt, 24, &[]).unwrap();
+        let out = zoo_models::llm::mtp_generate(&model, &mtp, &prompt, 24, &[], None).unwrap();
         assert_eq!(out.tokens, plain);
         new_tokens += out.new_tokens;
         steps += out.steps;
@@ -287,4 +310,93 @@ fn trained_mtp_modules_accept_more_than_one_and_a_half_tokens_per_step() {
     let mean = new_tokens as f64 / steps as f64;
     eprintln!("MTP mean accepted tokens per step on held-out prompts: {mean:.2}");
     assert!(mean > 1.5, "mean accepted {mean}");
+
+    // Speculative sampling draws from the backbone's own distribution: the first three new
+    // tokens (one from the prefill, two drafted and verified) against their exact joint law. A
+    // high temperature spreads the trained model's mass; top-3 keeps the continuations few.
+    let prompt = tokenizer.encode("the purple circle is").unwrap();
+    let sampling = SamplingOptions {
+        temperature: 2.0,
+        top_k: 3,
+        top_p: 1.0,
+        seed: 0,
+    };
+    let exact = exact_continuations(&model, &prompt, 3, &sampling);
+    let runs = 1500u64;
+    let mut counts: HashMap<Vec<u32>, usize> = HashMap::new();
+    let (mut kept, mut replaced) = (0usize, 0usize);
+    for seed in 0..runs {
+        let s = SamplingOptions { seed, ..sampling };
+        let out = zoo_models::llm::mtp_generate(&model, &mtp, &prompt, 3, &[], Some(&s)).unwrap();
+        *counts
+            .entry(out.tokens[prompt.len()..].to_vec())
+            .or_default() += 1;
+        kept += out.accepted.iter().sum::<usize>();
+        replaced += out.accepted.iter().filter(|&&a| a < 2).count();
+    }
+    eprintln!("speculative sampling: {kept} drafts kept, {replaced} replaced");
+    assert!(kept > 0 && replaced > 0, "both outcomes must be exercised");
+    let (stat, dof) = chi_square(&counts, &exact, runs as usize);
+    let bound = dof as f64 + 5.0 * (2.0 * dof as f64).sqrt();
+    eprintln!("chi-square {stat:.1} over {dof} degrees of freedom (bound {bound:.1})");
+    assert!(stat < bound, "chi-square {stat} >= {bound}");
+}
+
+/// The exact probability of every continuation of `prompt` by `len` tokens under plain
+/// sampling with `sampling`'s warpers.
+fn exact_continuations(
+    model: &LlamaForCausalLM,
+    prompt: &[u32],
+    len: usize,
+    sampling: &SamplingOptions,
+) -> HashMap<Vec<u32>, f64> {
+    let mut frontier: Vec<(Vec<u32>, f64)> = vec![(Vec::new(), 1.0)];
+    for _ in 0..len {
+        let mut next = Vec::new();
+        for (tail, p) in frontier {
+            let row: Vec<u32> = prompt.iter().chain(&tail).copied().collect();
+            let ids = Tensor::new(vec![row.clone()], &Device::Cpu).unwrap();
+            let out = model.forward(&ids, &mut KvCache::new()).unwrap();
+            let logits = out.logits.get(0).unwrap().get(row.len() - 1).unwrap();
+            let probs = nucleus_probs(&logits.to_vec1::<f32>().unwrap(), sampling);
+            for (t, &q) in probs.iter().enumerate() {
+                let joint = p * f64::from(q);
+                if joint > 0.0 {
+                    let mut longer = tail.clone();
+                    longer.push(t as u32);
+                    next.push((longer, joint));
+                }
+            }
+        }
+        frontier = next;
+    }
+    frontier.into_iter().collect()
+}
+
+/// Pearson's chi-square of observed continuations against `exact`, over the continuations
+/// expected at least 5 times and one bin for all the others; returns the statistic and its
+/// degrees of freedom.
+fn chi_square(
+    counts: &HashMap<Vec<u32>, usize>,
+    exact: &HashMap<Vec<u32>, f64>,
+    n: usize,
+) -> (f64, usize) {
+    let mut stat = 0.0;
+    let (mut bins, mut rest_expected, mut rest_observed) = (0, n as f64, n as f64);
+    for (seq, &p) in exact {
+        let expected = p * n as f64;
+        if expected < 5.0 {
+            continue;
+        }
+        let observed = *counts.get(seq).unwrap_or(&0) as f64;
+        stat += (observed - expected).powi(2) / expected;
+        rest_expected -= expected;
+        rest_observed -= observed;
+        bins += 1;
+    }
+    if rest_expected >= 1.0 {
+        stat += (rest_observed - rest_expected).powi(2) / rest_expected;
+        bins += 1;
+    }
+    (stat, bins - 1)
 }

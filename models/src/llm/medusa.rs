@@ -20,7 +20,9 @@ use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 use super::llama::{KvCache, LlamaForCausalLM};
+use super::speculative::{SpeculativeOutput, TypicalAcceptance};
 use crate::error::CandleContext;
+use crate::generation::{argmax, SplitMix64};
 use crate::layers::Linear;
 
 /// Candidates taken from each head (FasterDecoding's `TOPK`); tree choices index below it.
@@ -321,48 +323,29 @@ impl MedusaTree {
     }
 }
 
-/// The outcome of a speculative generation.
-#[derive(Debug, Clone, PartialEq)]
-pub struct SpeculativeOutput {
-    /// Prompt and new tokens.
-    pub tokens: Vec<u32>,
-    pub new_tokens: usize,
-    /// Forward passes that produced tokens: Medusa's verifications; MTP's prefill (which gives
-    /// the first token) and verifications. Plain decoding would take `new_tokens`.
-    pub steps: usize,
-    /// The tokens drafted at each step (Medusa: the chosen path after the root; MTP: the
-    /// chain), for statistics and tests.
-    pub drafts: Vec<Vec<u32>>,
-}
-
-impl SpeculativeOutput {
-    /// New tokens per verification step, the bonus token included.
-    pub fn mean_accepted(&self) -> f64 {
-        if self.steps == 0 {
-            0.0
-        } else {
-            self.new_tokens as f64 / self.steps as f64
-        }
-    }
-}
-
 /// Indices of the `k` largest values, largest first (ties: lower index first).
 fn top_k(values: &[f32], k: usize) -> Vec<usize> {
+    let order = |&a: &usize, &b: &usize| values[b].total_cmp(&values[a]).then(a.cmp(&b));
     let mut idx: Vec<usize> = (0..values.len()).collect();
-    idx.sort_by(|&a, &b| values[b].total_cmp(&values[a]).then(a.cmp(&b)));
-    idx.truncate(k);
+    if k < idx.len() {
+        idx.select_nth_unstable_by(k, order);
+        idx.truncate(k);
+    }
+    idx.sort_by(order);
     idx
 }
 
-fn argmax(values: &[f32]) -> usize {
-    top_k(values, 1)[0]
-}
-
-/// Greedy decoding of `prompt` with Medusa tree verification: at each step the base model's
-/// next token and the heads' top candidates form `tree`, verified in one forward pass; the
-/// longest path whose every token is the base model's own greedy choice is accepted, with the
-/// base model's next token after it, and the cache is compacted to that path. The output is
-/// token-identical to plain greedy decoding. Stops after `max_new_tokens` or a `stop` token.
+/// Medusa decoding of `prompt` with tree verification: at each step the base model's next
+/// token and the heads' top candidates form `tree`, verified in one forward pass; the longest
+/// path the base model accepts is kept, with the base model's next token after it, and the
+/// cache is compacted to that path. Stops after `max_new_tokens` or a `stop` token.
+///
+/// - `typical: None` (greedy): the base model's token is its argmax and a drafted token is
+///   accepted when it is the base model's argmax there. The output is token-identical to plain
+///   greedy decoding.
+/// - `typical: Some(..)`: the base model's token is drawn by typical sampling, and drafted
+///   tokens pass [`TypicalAcceptance`]; of the longest accepted paths, the most likely one is
+///   kept (FasterDecoding's `evaluate_posterior`).
 pub fn medusa_generate(
     model: &LlamaForCausalLM,
     heads: &MedusaHeads,
@@ -370,6 +353,7 @@ pub fn medusa_generate(
     prompt: &[u32],
     max_new_tokens: usize,
     stop: &[u32],
+    typical: Option<&TypicalAcceptance>,
 ) -> Result<SpeculativeOutput> {
     if prompt.is_empty() {
         candle_core::bail!("Medusa decoding needs a non-empty prompt");
@@ -383,6 +367,10 @@ pub fn medusa_generate(
             heads.heads.len()
         );
     }
+    if let Some(t) = typical {
+        t.validate().map_err(candle_core::Error::msg)?;
+    }
+    let mut rng = typical.map(|t| SplitMix64::new(t.seed));
     let device = model.model.embeddings().device().clone();
     let mut cache = KvCache::new();
     let mut tokens = prompt.to_vec();
@@ -391,10 +379,15 @@ pub fn medusa_generate(
     let mut logits = prefill.logits.get(0)?.get(last)?;
     let mut hidden = prefill.hidden.get(0)?.get(last)?;
     let (mut new_tokens, mut steps) = (0, 0);
-    let mut drafts = Vec::new();
+    let (mut drafts, mut accepted) = (Vec::new(), Vec::new());
     'decode: while new_tokens < max_new_tokens {
         // Candidates: the base model's token, then each head's top-k.
-        let mut flat = vec![argmax(&logits.to_dtype(DType::F32)?.to_vec1::<f32>()?) as u32];
+        let root_logits = logits.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        let root = match (typical, rng.as_mut()) {
+            (Some(t), Some(rng)) => t.sample(&t.probs(&root_logits), rng),
+            _ => argmax(&root_logits),
+        };
+        let mut flat = vec![root];
         for head_logits in heads.forward(&hidden.unsqueeze(0)?, model.lm_head())? {
             let values = head_logits
                 .squeeze(0)?
@@ -419,24 +412,32 @@ pub fn medusa_generate(
             &mut cache,
         )?;
         steps += 1;
-        let greedy: Vec<u32> = out
-            .logits
-            .squeeze(0)?
-            .to_dtype(DType::F32)?
-            .argmax(D::Minus1)?
-            .to_vec1::<u32>()?;
-
-        // The longest path the base model agrees with, token by token.
-        let (mut best, mut best_len) = (0, 0);
-        for (p, path) in tree.paths.iter().enumerate() {
-            let accepted = path
-                .windows(2)
-                .take_while(|w| tree_tokens[w[1]] == greedy[w[0]])
-                .count();
-            if accepted > best_len {
-                (best, best_len) = (p, accepted);
+        let node_logits = out.logits.squeeze(0)?.to_dtype(DType::F32)?;
+        let (best, best_len) = match typical {
+            None => {
+                let greedy: Vec<u32> = node_logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
+                longest_path(tree, |parent, child| {
+                    (tree_tokens[child] == greedy[parent]).then_some(0.0)
+                })
             }
-        }
+            Some(t) => {
+                let rows = node_logits.to_vec2::<f32>()?;
+                // Each node's distribution and threshold, computed once.
+                let judged: Vec<(Vec<f32>, f32)> = rows
+                    .iter()
+                    .map(|row| {
+                        let probs = t.probs(row);
+                        let threshold = t.threshold(&probs);
+                        (probs, threshold)
+                    })
+                    .collect();
+                longest_path(tree, |parent, child| {
+                    let (probs, threshold) = &judged[parent];
+                    let p = probs[tree_tokens[child] as usize];
+                    (p > *threshold).then(|| p.ln())
+                })
+            }
+        };
         let nodes = &tree.paths[best][..=best_len];
         drafts.push(
             tree.paths[best][1..]
@@ -444,6 +445,7 @@ pub fn medusa_generate(
                 .map(|&k| tree_tokens[k])
                 .collect(),
         );
+        accepted.push(best_len);
         let kept: Vec<usize> = nodes.iter().map(|&k| base + k).collect();
         cache.keep(base, &kept)?;
         let end = *nodes.last().unwrap_or(&0);
@@ -463,5 +465,32 @@ pub fn medusa_generate(
         new_tokens,
         steps,
         drafts,
+        accepted,
     })
+}
+
+/// The path of `tree` with the most accepted nodes after the root, and that count. `accept`
+/// judges a child given its parent: `Some(log-likelihood)` when accepted. Ties go to the higher
+/// summed log-likelihood, then to the earlier path.
+fn longest_path(
+    tree: &MedusaTree,
+    mut accept: impl FnMut(usize, usize) -> Option<f32>,
+) -> (usize, usize) {
+    let (mut best, mut best_len, mut best_score) = (0, 0, f32::NEG_INFINITY);
+    for (p, path) in tree.paths.iter().enumerate() {
+        let (mut len, mut score) = (0, 0.0);
+        for w in path.windows(2) {
+            match accept(w[0], w[1]) {
+                Some(s) => {
+                    len += 1;
+                    score += s;
+                }
+                None => break,
+            }
+        }
+        if len > best_len || (len == best_len && len > 0 && score > best_score) {
+            (best, best_len, best_score) = (p, len, score);
+        }
+    }
+    (best, best_len)
 }

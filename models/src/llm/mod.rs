@@ -8,8 +8,10 @@ pub mod config;
 pub mod llama;
 pub mod medusa;
 pub mod mtp;
+pub mod speculative;
 
 pub use config::LlamaConfig;
 pub use llama::{CausalLmOutput, KvCache, LlamaForCausalLM, LlamaModel, LlamaStep};
-pub use medusa::{medusa_generate, MedusaHeads, MedusaTree, SpeculativeOutput};
+pub use medusa::{medusa_generate, MedusaHeads, MedusaTree};
 pub use mtp::{mtp_generate, MtpModule, MtpModules};
+pub use speculative::{speculative_accept, SpeculativeOutput, TypicalAcceptance};

@@ -19,7 +19,8 @@ use candle_nn::VarBuilder;
 
 use super::config::LlamaConfig;
 use super::llama::{KvCache, LayerKv, LlamaDecoderLayer, LlamaForCausalLM};
-use super::medusa::SpeculativeOutput;
+use super::speculative::{speculative_accept, SpeculativeOutput};
+use crate::generation::{nucleus_probs, SamplingOptions, SplitMix64};
 use crate::layers::{causal_mask, Linear, RmsNorm};
 
 /// One MTP module.
@@ -142,18 +143,42 @@ impl ModuleCache {
     }
 }
 
-fn argmax_row(logits: &Tensor) -> Result<u32> {
-    logits
-        .to_dtype(DType::F32)?
-        .argmax(D::Minus1)?
-        .to_scalar::<u32>()
+/// Picks tokens from rows of logits: the argmax, or a draw from the sampling distribution
+/// (which it returns too).
+struct Chooser {
+    sampling: Option<(SamplingOptions, SplitMix64)>,
 }
 
-/// Greedy self-speculative decoding: after each verified step the modules draft one token each
+impl Chooser {
+    fn new(sampling: Option<&SamplingOptions>) -> Self {
+        Self {
+            sampling: sampling.map(|s| (*s, SplitMix64::new(s.seed))),
+        }
+    }
+
+    fn choose(&mut self, logits: &Tensor) -> Result<(u32, Option<Vec<f32>>)> {
+        let row = logits.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        Ok(match self.sampling.as_mut() {
+            None => (crate::generation::argmax(&row), None),
+            Some((s, rng)) => {
+                let probs = nucleus_probs(&row, s);
+                (rng.choose(&probs), Some(probs))
+            }
+        })
+    }
+}
+
+/// Self-speculative decoding: after each verified step the modules draft one token each
 /// (module `k` the `k`-th token after the next), the backbone verifies the next token and the
-/// drafts in one causal pass, and the longest agreeing prefix of the drafts is accepted with
-/// the backbone's own token after it. Token-identical to plain greedy decoding. Stops after
-/// `max_new_tokens` or a `stop` token.
+/// drafts in one causal pass, and a prefix of the drafts is accepted with one more token of the
+/// backbone's after it. Stops after `max_new_tokens` or a `stop` token.
+///
+/// - `sampling: None` (greedy): drafts are the modules' argmax and are accepted while they equal
+///   the backbone's argmax. Token-identical to plain greedy decoding.
+/// - `sampling: Some(..)`: drafts are drawn from the modules' distributions `q` and accepted by
+///   [`speculative_accept`] against the backbone's `p`, both after the same temperature, top-k
+///   and top-p. The output follows plain sampling's distribution exactly (the random draws
+///   differ, so a seed gives other text than plain sampling).
 ///
 /// Each module keeps a cache of the positions whose inputs are all known tokens; positions that
 /// depend on drafts are computed for the draft and then dropped.
@@ -163,10 +188,20 @@ pub fn mtp_generate(
     prompt: &[u32],
     max_new_tokens: usize,
     stop: &[u32],
+    sampling: Option<&SamplingOptions>,
 ) -> Result<SpeculativeOutput> {
     if prompt.is_empty() {
         candle_core::bail!("MTP decoding needs a non-empty prompt");
     }
+    if let Some(s) = sampling {
+        if !(s.temperature > 0.0 && s.temperature.is_finite()) {
+            candle_core::bail!(
+                "sampling needs a positive temperature, got {}",
+                s.temperature
+            );
+        }
+    }
+    let mut chooser = Chooser::new(sampling);
     let device: Device = model.model.embeddings().device().clone();
     let depth = mtp.len();
     let mut cache = KvCache::new();
@@ -178,18 +213,20 @@ pub fn mtp_generate(
             new_tokens: 0,
             steps: 0,
             drafts: Vec::new(),
+            accepted: Vec::new(),
         });
     }
-    let first = argmax_row(&prefill.logits.get(0)?.get(prompt.len() - 1)?)?;
+    let (first, _) = chooser.choose(&prefill.logits.get(0)?.get(prompt.len() - 1)?)?;
     tokens.push(first);
     let (mut new_tokens, mut steps) = (1, 1);
-    let mut rounds = Vec::new();
+    let (mut rounds, mut accepted_counts) = (Vec::new(), Vec::new());
     if stop.contains(&first) || new_tokens == max_new_tokens {
         return Ok(SpeculativeOutput {
             tokens,
             new_tokens,
             steps,
             drafts: rounds,
+            accepted: accepted_counts,
         });
     }
     // Positions are 1-based here: token t_i sits at rotary position i - 1.
@@ -204,6 +241,7 @@ pub fn mtp_generate(
     while new_tokens < max_new_tokens {
         let m = tokens.len();
         let mut drafts: Vec<u32> = Vec::with_capacity(depth);
+        let mut draft_probs: Vec<Option<Vec<f32>>> = Vec::with_capacity(depth);
         let mut next_pending: Vec<Option<Tensor>> = vec![None; depth.max(1)];
         let mut prev_out: Option<Tensor> = None;
         for (k0, (module, mcache)) in mtp.modules.iter().zip(caches.iter_mut()).enumerate() {
@@ -257,12 +295,14 @@ pub fn mtp_generate(
             )?;
             mcache.len += n;
             let last = out.narrow(1, n - 1, 1)?;
-            drafts.push(argmax_row(
+            let (draft, q) = chooser.choose(
                 &module
                     .logits(&last, model.lm_head())?
                     .squeeze(0)?
                     .squeeze(0)?,
-            )?);
+            )?;
+            drafts.push(draft);
+            draft_probs.push(q);
             // Keep the positions whose inputs are all known: those with i + k <= m.
             let permanent = m.saturating_sub(k);
             mcache.truncate(permanent)?;
@@ -283,24 +323,42 @@ pub fn mtp_generate(
         let base = cache.len();
         let out = model.forward(&Tensor::new(vec![verify.clone()], &device)?, &mut cache)?;
         steps += 1;
-        let greedy: Vec<u32> = out
-            .logits
-            .squeeze(0)?
-            .to_dtype(DType::F32)?
-            .argmax(D::Minus1)?
-            .to_vec1::<u32>()?;
-        let accepted = drafts
-            .iter()
-            .zip(&greedy)
-            .take_while(|(d, g)| d == g)
-            .count();
+        let rows = out.logits.squeeze(0)?;
+        let (accepted, next) = match chooser.sampling.as_mut() {
+            None => {
+                let greedy: Vec<u32> = rows
+                    .to_dtype(DType::F32)?
+                    .argmax(D::Minus1)?
+                    .to_vec1::<u32>()?;
+                let accepted = drafts
+                    .iter()
+                    .zip(&greedy)
+                    .take_while(|(d, g)| d == g)
+                    .count();
+                (accepted, greedy[accepted])
+            }
+            Some((s, rng)) => {
+                let rows = rows.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+                let mut verdict = None;
+                for (j, (&draft, q)) in drafts.iter().zip(&draft_probs).enumerate() {
+                    let p = nucleus_probs(&rows[j], s);
+                    let q = q.as_deref().unwrap_or(&p);
+                    if let Some(token) = speculative_accept(&p, q, draft, rng) {
+                        verdict = Some((j, token));
+                        break;
+                    }
+                }
+                match verdict {
+                    Some(v) => v,
+                    None => (depth, rng.choose(&nucleus_probs(&rows[depth], s))),
+                }
+            }
+        };
+        accepted_counts.push(accepted);
         cache.truncate(base + accepted + 1)?;
         next_pending[0] = Some(out.hidden.narrow(1, 0, accepted + 1)?);
         pending = next_pending;
-        for &token in drafts[..accepted]
-            .iter()
-            .chain(std::iter::once(&greedy[accepted]))
-        {
+        for &token in drafts[..accepted].iter().chain(std::iter::once(&next)) {
             tokens.push(token);
             new_tokens += 1;
             if stop.contains(&token) || new_tokens == max_new_tokens {
@@ -309,6 +367,7 @@ pub fn mtp_generate(
                     new_tokens,
                     steps,
                     drafts: rounds,
+                    accepted: accepted_counts,
                 });
             }
         }
@@ -318,5 +377,6 @@ pub fn mtp_generate(
         new_tokens,
         steps,
         drafts: rounds,
+        accepted: accepted_counts,
     })
 }
