@@ -87,6 +87,34 @@ pub struct TrainArgs {
     /// Medusa: ResBlocks per head.
     #[arg(long, default_value_t = 1)]
     pub medusa_num_layers: usize,
+    /// Medusa-2: train the backbone with the heads (LM loss + λ₀ · heads' loss); without it,
+    /// Medusa-1 trains the heads on the frozen backbone.
+    #[arg(long)]
+    pub joint: bool,
+    /// Medusa-2: λ₀, the weight of the heads' loss (FasterDecoding's medusa_heads_coefficient).
+    #[arg(long, default_value_t = 0.2)]
+    pub medusa_heads_coefficient: f64,
+    /// Medusa-2: the heads' learning rate over the backbone's (medusa_lr_multiplier).
+    #[arg(long, default_value_t = 4.0)]
+    pub medusa_lr_multiplier: f64,
+    /// Medusa-2: steps that train only the heads, on the frozen backbone, before joint training.
+    #[arg(long, default_value_t = 0)]
+    pub medusa_warmup_steps: u64,
+    /// Medusa: train on the backbone's own continuations of prompts cut from the corpus
+    /// (written to OUTPUT/self_distill.jsonl); with --joint the LM loss becomes the KL from the
+    /// original backbone.
+    #[arg(long)]
+    pub self_distill: bool,
+    /// Self-distillation: prompt tokens kept from each sequence (default: a quarter of
+    /// --seq-len).
+    #[arg(long)]
+    pub distill_prompt_len: Option<usize>,
+    /// Self-distillation: sampling temperature of the generations (0: greedy).
+    #[arg(long, default_value_t = 0.3)]
+    pub distill_temperature: f32,
+    /// Self-distillation: generate at most this many sequences.
+    #[arg(long)]
+    pub distill_sequences: Option<usize>,
     /// LM: tokens per training sequence (the corpus is packed into sequences of this length).
     #[arg(long, default_value_t = 256)]
     pub seq_len: usize,
@@ -131,7 +159,8 @@ pub struct TrainArgs {
     pub train_num_samples: Option<u64>,
     #[arg(long, default_value_t = 64)]
     pub batch_size: usize,
-    /// Train this many epochs (see --train-num-samples) ...
+    /// Train this many epochs (see --train-num-samples; for lm, mtp and medusa, passes over
+    /// the packed sequences) ...
     #[arg(long, conflicts_with = "steps")]
     pub epochs: Option<u64>,
     /// ... or this many optimizer steps.
@@ -530,13 +559,15 @@ fn run_lm(args: TrainArgs) -> Result<()> {
         (args.lock_image, "--lock-image"),
         (args.zeroshot_data.is_some(), "--zeroshot-data"),
         (args.image_size.is_some(), "--image-size"),
+        (args.joint, "--joint"),
+        (args.self_distill, "--self-distill"),
     ];
     if let Some((_, flag)) = not_lm.iter().find(|(given, _)| *given) {
         bail!("{flag} is not a `zoo train lm` flag");
     }
-    let Some(steps) = args.steps else {
-        bail!("`zoo train lm` needs --steps (--epochs is not supported for LM corpora yet)");
-    };
+    if args.steps.is_none() && args.epochs.is_none() {
+        bail!("give --steps or --epochs");
+    }
     if args.batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
@@ -558,7 +589,7 @@ fn run_lm(args: TrainArgs) -> Result<()> {
         model,
         tokenizer,
         seq_len: args.seq_len,
-        train: train_config(&args, steps),
+        train: train_config(&args, args.steps.unwrap_or(0)),
         batch_size: args.batch_size,
         optimizer: optimizer_config(&args),
         resume: args.resume.clone(),
@@ -568,6 +599,7 @@ fn run_lm(args: TrainArgs) -> Result<()> {
             lambda: args.mtp_lambda,
             freeze_backbone: args.freeze_backbone,
         }),
+        epochs: args.epochs,
     };
     let summary = lm::run(config, &train_files, val_files.as_deref()).context("training failed")?;
     if summary.skipped > 0 {
@@ -585,11 +617,25 @@ fn run_medusa(args: TrainArgs) -> Result<()> {
     let Some(model) = args.model.clone() else {
         bail!("`zoo train medusa` needs --model: the LlamaForCausalLM folder or hub id to add heads to");
     };
-    let Some(steps) = args.steps else {
-        bail!("`zoo train medusa` needs --steps");
-    };
+    if args.steps.is_none() && args.epochs.is_none() {
+        bail!("give --steps or --epochs");
+    }
     if args.medusa_num_heads == 0 || args.batch_size == 0 {
         bail!("--medusa-num-heads and --batch-size must be at least 1");
+    }
+    let medusa2_flags = [
+        (
+            args.medusa_heads_coefficient != 0.2,
+            "--medusa-heads-coefficient",
+        ),
+        (args.medusa_lr_multiplier != 4.0, "--medusa-lr-multiplier"),
+        (args.medusa_warmup_steps != 0, "--medusa-warmup-steps"),
+    ];
+    if let Some((_, flag)) = medusa2_flags
+        .iter()
+        .find(|(given, _)| *given && !args.joint)
+    {
+        bail!("{flag} is a Medusa-2 setting; add --joint to train the backbone too");
     }
     let train_files = text_files(&args.train_data)?;
     let config = medusa::RunConfig {
@@ -597,15 +643,33 @@ fn run_medusa(args: TrainArgs) -> Result<()> {
         num_heads: args.medusa_num_heads,
         num_layers: args.medusa_num_layers,
         seq_len: args.seq_len,
-        train: train_config(&args, steps),
+        train: train_config(&args, args.steps.unwrap_or(0)),
         batch_size: args.batch_size,
         optimizer: optimizer_config(&args),
         resume: args.resume.clone(),
         device: zoo_models::device::parse_device(&args.device)?,
+        joint: args.joint.then_some(medusa::Medusa2 {
+            heads_coefficient: args.medusa_heads_coefficient,
+            heads_lr_multiplier: args.medusa_lr_multiplier,
+            heads_warmup_steps: args.medusa_warmup_steps,
+        }),
+        self_distill: args.self_distill.then(|| medusa::SelfDistill {
+            prompt_len: args.distill_prompt_len.unwrap_or((args.seq_len / 4).max(1)),
+            temperature: args.distill_temperature,
+            max_sequences: args.distill_sequences,
+        }),
+        epochs: args.epochs,
     };
     let summary = medusa::run(config, &train_files).context("training failed")?;
     report(&summary.state.losses, summary.state.step);
-    println!("medusa heads: {}", summary.final_dir.display());
+    if args.joint {
+        println!(
+            "model with medusa heads (--model and --medusa): {}",
+            summary.final_dir.display()
+        );
+    } else {
+        println!("medusa heads: {}", summary.final_dir.display());
+    }
     println!("metrics: {}", args.output.join("metrics.jsonl").display());
     Ok(())
 }

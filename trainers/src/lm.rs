@@ -414,6 +414,24 @@ impl PackedSequences {
         Ok(Self { sequences, seed })
     }
 
+    /// Sequences made elsewhere (self-distillation's generations), all of one length.
+    pub fn from_sequences(sequences: Vec<Vec<u32>>, seed: u64) -> Result<Self> {
+        let len = sequences.first().map_or(0, Vec::len);
+        if len < 2 || sequences.iter().any(|s| s.len() != len) {
+            return Err(Error::Input(
+                "packed sequences must be non-empty, of one length of at least 2 tokens".into(),
+            ));
+        }
+        Ok(Self { sequences, seed })
+    }
+
+    /// Optimizer steps that visit every sequence `epochs` times, `per_step` sequences a step.
+    pub fn steps_for_epochs(&self, epochs: u64, per_step: usize) -> u64 {
+        (epochs * self.sequences.len() as u64)
+            .div_ceil(per_step.max(1) as u64)
+            .max(1)
+    }
+
     pub fn len(&self) -> usize {
         self.sequences.len()
     }
@@ -602,6 +620,8 @@ pub struct RunConfig {
     pub device: Device,
     /// `zoo train mtp`: train MTP modules with (or on top of) the LM.
     pub mtp: Option<MtpSettings>,
+    /// Train this many epochs over the packed corpus instead of `train.steps`.
+    pub epochs: Option<u64>,
 }
 
 pub struct RunSummary {
@@ -671,6 +691,11 @@ pub fn run(
         }
         None => (None, 0),
     };
+    let mut train = config.train.clone();
+    if let Some(epochs) = config.epochs {
+        train.steps = data.steps_for_epochs(epochs, config.batch_size * train.accum_freq.max(1));
+        train.warmup = train.warmup.min(train.steps);
+    }
     let state = initial_state(resume_dir.as_deref(), seed)?;
     let vars = model.trainable_vars(config.mtp.is_some_and(|m| m.freeze_backbone));
     let mut task = LmTask {
@@ -687,7 +712,7 @@ pub fn run(
         &mut task,
         &vars,
         config.optimizer,
-        &config.train,
+        &train,
         resume_dir.as_deref(),
         state,
         &config.device,
@@ -695,7 +720,7 @@ pub fn run(
     Ok(RunSummary {
         state,
         task,
-        final_dir: config.train.output.join("final"),
+        final_dir: train.output.join("final"),
         skipped: corpus.skipped + val_skipped,
     })
 }

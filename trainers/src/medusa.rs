@@ -1,25 +1,41 @@
-//! Medusa-1 training (`zoo train medusa`): the backbone is frozen and only the heads learn.
-//! Head `k` (1-based) reads the backbone's last hidden state at position `t` and is scored
-//! against token `t + k + 1` with cross-entropy weighted `λ_k = 0.8^k` (Cai et al. 2024, §2.2).
+//! Medusa training (`zoo train medusa`), as Cai et al. 2024 (§2.2) and FasterDecoding's
+//! training recipes do it. Head `k` (1-based) reads the backbone's last hidden state at
+//! position `t` and is scored against token `t + k + 1` with cross-entropy weighted
+//! `λ_k = 0.8^k`.
+//!
+//! - **Medusa-1**: the backbone is frozen and only the heads learn. Heads are saved in
+//!   FasterDecoding's layout (`medusa_lm_head.safetensors`, `config.json`).
+//! - **Medusa-2** ([`Medusa2`]): the backbone learns too, with the loss
+//!   `L_LM + λ₀ · Σ_k λ_k L_k` (λ₀ = 0.2), the heads at a multiple of the learning rate (4×),
+//!   after a heads-only warm-up stage so that untrained heads do not disturb the backbone. The
+//!   saved folder is the HF backbone whose `config.json` also names the heads, with
+//!   `medusa_lm_head.safetensors` beside `model.safetensors`: it is both `--model` and
+//!   `--medusa` for `zoo generate`.
+//! - **Self-distillation** ([`SelfDistill`]): the training sequences are the backbone's own
+//!   continuations of prompts cut from the corpus (FasterDecoding's `data_generation`), so
+//!   heads learn what the model will generate rather than what the corpus says. Under
+//!   Medusa-2 the LM loss becomes the KL divergence from the original backbone's
+//!   distribution, which keeps the model's behaviour.
+//!
 //! As FasterDecoding initialises them, each ResBlock starts as the identity (zero weight and
 //! bias) and each head's vocabulary projection as a copy of the backbone's `lm_head`, so every
-//! head starts out predicting the next token. Heads are saved in FasterDecoding's layout
-//! (`medusa_lm_head.safetensors`, `config.json`), which `zoo generate --medusa` loads.
+//! head starts out predicting the next token.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::{VarBuilder, VarMap};
 use serde_json::json;
+use zoo_models::generation::{generate, GenerationConfig, SamplingOptions, Strategy};
 use zoo_models::hub::ModelRepo;
 use zoo_models::llm::medusa::MedusaConfig;
-use zoo_models::llm::{KvCache, LlamaForCausalLM, MedusaHeads};
+use zoo_models::llm::{KvCache, LlamaForCausalLM, LlamaStep, MedusaHeads};
 
 use crate::checkpoint;
 use crate::data::DataPosition;
 use crate::error::{Error, Result};
-use crate::lm::{Corpus, PackedSequences};
+use crate::lm::{next_token_loss, Corpus, PackedSequences, TrainableLlama};
 use crate::loss::cross_entropy;
 use crate::optim::AdamWConfig;
 use crate::train::{initial_state, run_task, Task, TrainConfig, TrainState};
@@ -123,7 +139,7 @@ impl TrainableMedusa {
     }
 
     /// Each head's mean cross-entropy on `ids` `[B, L]`: head `k` at position `t` against token
-    /// `t + k + 1`, from the frozen backbone's `hidden` `[B, L, D]`.
+    /// `t + k + 1`, from the backbone's `hidden` `[B, L, D]`.
     pub fn head_losses(
         &self,
         backbone: &LlamaForCausalLM,
@@ -155,8 +171,9 @@ impl TrainableMedusa {
         Ok(losses)
     }
 
-    /// Writes `medusa_lm_head.safetensors` and `config.json` into `dir`.
-    pub fn save(&self, dir: &Path) -> Result<()> {
+    /// Writes `medusa_lm_head.safetensors` and `config.json` into `dir`. With `base_config`
+    /// (Medusa-2, where `dir` holds the backbone too) the heads' fields join that config.
+    pub fn save(&self, dir: &Path, base_config: Option<serde_json::Value>) -> Result<()> {
         std::fs::create_dir_all(dir)
             .map_err(|e| Error::Input(format!("cannot create {}: {e}", dir.display())))?;
         let tensors = crate::model::varmap_tensors(&self.varmap)?;
@@ -164,11 +181,10 @@ impl TrainableMedusa {
             &tensors,
             &dir.join("medusa_lm_head.safetensors"),
         )?;
-        let config = json!({
-            "medusa_num_heads": self.config.medusa_num_heads,
-            "medusa_num_layers": self.config.medusa_num_layers,
-            "base_model_name_or_path": self.base_model,
-        });
+        let mut config = base_config.unwrap_or_else(|| json!({}));
+        config["medusa_num_heads"] = self.config.medusa_num_heads.into();
+        config["medusa_num_layers"] = self.config.medusa_num_layers.into();
+        config["base_model_name_or_path"] = self.base_model.clone().into();
         let path = dir.join("config.json");
         std::fs::write(
             &path,
@@ -185,17 +201,68 @@ fn lock(varmap: &VarMap) -> Result<std::sync::MutexGuard<'_, HashMap<String, Var
         .map_err(|_| Error::Input("poisoned varmap".into()))
 }
 
-/// Medusa-1 on packed sequences.
+/// Medusa-2's joint training (FasterDecoding's `medusa_heads_coefficient`,
+/// `medusa_lr_multiplier`, and a `medusa_only_heads` first stage).
+#[derive(Debug, Clone, Copy)]
+pub struct Medusa2 {
+    /// λ₀: the weight of the heads' loss next to the LM loss (FasterDecoding: 0.2).
+    pub heads_coefficient: f64,
+    /// The heads' learning rate over the backbone's (FasterDecoding: 4).
+    pub heads_lr_multiplier: f64,
+    /// Steps that train the heads alone, on the frozen backbone, before joint training.
+    pub heads_warmup_steps: u64,
+}
+
+impl Default for Medusa2 {
+    fn default() -> Self {
+        Self {
+            heads_coefficient: 0.2,
+            heads_lr_multiplier: 4.0,
+            heads_warmup_steps: 0,
+        }
+    }
+}
+
+/// Self-distillation: train on the backbone's own continuations.
+#[derive(Debug, Clone, Copy)]
+pub struct SelfDistill {
+    /// Tokens of each corpus sequence kept as the prompt; the backbone writes the rest.
+    pub prompt_len: usize,
+    /// Sampling temperature of the generations (FasterDecoding's `data_generation`: 0.3); 0
+    /// generates greedily.
+    pub temperature: f32,
+    /// Generate at most this many sequences (all of the corpus's when `None`).
+    pub max_sequences: Option<usize>,
+}
+
+/// The name of head parameter `name` among the optimizer's variables.
+const HEAD_PREFIX: &str = "medusa_head.";
+
+/// Medusa training on packed sequences.
 pub struct MedusaTask {
-    pub backbone: LlamaForCausalLM,
+    /// The backbone, as variables; only Medusa-2 hands them to the optimizer.
+    pub backbone: TrainableLlama,
     pub heads: TrainableMedusa,
+    joint: Option<Medusa2>,
+    /// Medusa-2 with self-distillation: the original backbone, the LM loss's teacher.
+    teacher: Option<LlamaForCausalLM>,
     data: PackedSequences,
     position: DataPosition,
     batch_size: usize,
     device: Device,
-    /// Per-head losses summed over the current step's micro-batches, and their count.
-    sums: (Vec<f64>, usize),
+    /// Optimizer steps taken (for the warm-up stage).
+    step: u64,
+    /// Per-head losses and the LM loss summed over the current step's micro-batches, and their
+    /// count.
+    sums: (Vec<f64>, f64, usize),
     last: Vec<(String, f64)>,
+}
+
+impl MedusaTask {
+    /// Whether this step trains the backbone too.
+    fn joint_now(&self) -> Option<Medusa2> {
+        self.joint.filter(|j| self.step >= j.heads_warmup_steps)
+    }
 }
 
 impl Task for MedusaTask {
@@ -218,36 +285,62 @@ impl Task for MedusaTask {
     }
 
     fn loss(&mut self, batch: &Tensor) -> Result<Tensor> {
-        let hidden = self
-            .backbone
-            .forward(batch, &mut KvCache::new())?
-            .hidden
-            .detach();
-        let losses = self.heads.head_losses(&self.backbone, &hidden, batch)?;
+        let joint = self.joint_now();
+        let out = self.backbone.model.forward(batch, &mut KvCache::new())?;
+        let hidden = if joint.is_some() {
+            out.hidden.clone()
+        } else {
+            out.hidden.detach()
+        };
+        let losses = self
+            .heads
+            .head_losses(&self.backbone.model, &hidden, batch)?;
         self.sums.0.resize(losses.len(), 0.0);
-        let mut total: Option<Tensor> = None;
+        let mut heads: Option<Tensor> = None;
         for (i, loss) in losses.iter().enumerate() {
             self.sums.0[i] += f64::from(loss.to_scalar::<f32>()?);
             let weighted = (loss * HEAD_DECAY.powi(i as i32 + 1))?;
-            total = Some(match total {
+            heads = Some(match heads {
                 Some(t) => (t + weighted)?,
                 None => weighted,
             });
         }
-        self.sums.1 += 1;
-        total.ok_or_else(|| Error::Input("no Medusa heads to train".into()))
+        self.sums.2 += 1;
+        let heads = heads.ok_or_else(|| Error::Input("no Medusa heads to train".into()))?;
+        let Some(joint) = joint else {
+            return Ok(heads);
+        };
+        let lm = match &self.teacher {
+            Some(teacher) => {
+                let target = teacher.forward(batch, &mut KvCache::new())?.logits.detach();
+                kl_from_teacher(&target, &out.logits)?
+            }
+            None => next_token_loss(&out.logits, batch)?,
+        };
+        self.sums.1 += f64::from(lm.to_scalar::<f32>()?);
+        Ok((lm + (heads * joint.heads_coefficient)?)?)
     }
 
     fn after_step(&mut self) -> Result<()> {
-        let n = self.sums.1.max(1) as f64;
-        self.last = self
+        let n = self.sums.2.max(1) as f64;
+        let mut last: Vec<(String, f64)> = self
             .sums
             .0
             .iter()
             .enumerate()
             .map(|(i, s)| (format!("medusa{}_loss", i + 1), s / n))
             .collect();
-        self.sums = (Vec::new(), 0);
+        if self.joint_now().is_some() {
+            let name = if self.teacher.is_some() {
+                "lm_kl"
+            } else {
+                "lm_loss"
+            };
+            last.push((name.into(), self.sums.1 / n));
+        }
+        self.last = last;
+        self.sums = (Vec::new(), 0.0, 0);
+        self.step += 1;
         Ok(())
     }
 
@@ -259,12 +352,88 @@ impl Task for MedusaTask {
         Ok(Vec::new())
     }
 
+    /// Medusa-1: the heads' folder. Medusa-2: the backbone's HF folder with the heads in it.
     fn save_model(&self, dir: &Path) -> Result<()> {
-        self.heads.save(dir)
+        if self.joint.is_none() {
+            return self.heads.save(dir, None);
+        }
+        self.backbone.save_hf(dir)?;
+        self.heads.save(dir, Some(self.backbone.hf_config()))
+    }
+
+    fn lr_scale(&self, name: &str) -> f64 {
+        match self.joint {
+            Some(j) if name.starts_with(HEAD_PREFIX) => j.heads_lr_multiplier,
+            _ => 1.0,
+        }
     }
 }
 
-/// Everything a Medusa-1 run needs.
+/// Mean over positions `0..L-1` of `KL(softmax(teacher) ‖ softmax(student))`, logits
+/// `[B, L, V]` (FasterDecoding's self-distillation loss: summed over the vocabulary, averaged
+/// over positions).
+pub fn kl_from_teacher(teacher: &Tensor, student: &Tensor) -> Result<Tensor> {
+    let (b, l, v) = student.dims3()?;
+    let rows = |t: &Tensor| -> Result<Tensor> {
+        Ok(t.narrow(1, 0, l - 1)?
+            .reshape((b * (l - 1), v))?
+            .to_dtype(DType::F32)?)
+    };
+    let log_p = candle_nn::ops::log_softmax(&rows(teacher)?, D::Minus1)?;
+    let log_q = candle_nn::ops::log_softmax(&rows(student)?, D::Minus1)?;
+    let kl = (log_p.exp()? * (log_p - log_q)?)?.sum(D::Minus1)?;
+    Ok(kl.mean_all()?)
+}
+
+/// The backbone's own continuations of the first `prompt_len` tokens of each sequence, as
+/// sequences of the same length, generated in batches (sampled at `temperature` with `seed`,
+/// or greedily at 0; eos does not stop them, as the packed corpus runs on past it).
+pub fn self_distill(
+    model: &LlamaForCausalLM,
+    data: &PackedSequences,
+    settings: &SelfDistill,
+    seed: u64,
+) -> Result<PackedSequences> {
+    let seq_len = data.sequences().first().map_or(0, Vec::len);
+    if settings.prompt_len == 0 || settings.prompt_len >= seq_len {
+        return Err(Error::Input(format!(
+            "the self-distillation prompt length {} must lie in 1..{seq_len} (--seq-len)",
+            settings.prompt_len
+        )));
+    }
+    let count = settings
+        .max_sequences
+        .map_or(data.len(), |n| n.min(data.len()));
+    let mut out = Vec::with_capacity(count);
+    for (i, chunk) in data.sequences()[..count].chunks(16).enumerate() {
+        let starts: Vec<Vec<u32>> = chunk
+            .iter()
+            .map(|s| s[..settings.prompt_len].to_vec())
+            .collect();
+        let cfg = GenerationConfig {
+            max_new_tokens: seq_len - settings.prompt_len,
+            strategy: if settings.temperature > 0.0 {
+                Strategy::Sample(SamplingOptions {
+                    temperature: settings.temperature,
+                    top_k: 0,
+                    top_p: 1.0,
+                    seed: seed.wrapping_add(i as u64),
+                })
+            } else {
+                Strategy::Greedy
+            },
+            ..GenerationConfig::default()
+        };
+        let mut step = LlamaStep {
+            model,
+            cache: KvCache::new(),
+        };
+        out.extend(generate(&mut step, starts, &cfg)?);
+    }
+    PackedSequences::from_sequences(out, seed)
+}
+
+/// Everything a Medusa run needs.
 pub struct RunConfig {
     /// The backbone: an HF `LlamaForCausalLM` folder or hub id (with its tokenizer).
     pub model: String,
@@ -276,6 +445,12 @@ pub struct RunConfig {
     pub optimizer: AdamWConfig,
     pub resume: Option<PathBuf>,
     pub device: Device,
+    /// Medusa-2; Medusa-1 when `None`.
+    pub joint: Option<Medusa2>,
+    pub self_distill: Option<SelfDistill>,
+    /// Train this many epochs over the (packed or generated) sequences instead of
+    /// `train.steps`.
+    pub epochs: Option<u64>,
 }
 
 pub struct RunSummary {
@@ -284,60 +459,86 @@ pub struct RunSummary {
     pub final_dir: PathBuf,
 }
 
-/// Loads the frozen backbone, packs the corpus with its tokenizer, and trains the heads with
-/// the shared loop.
+/// Loads the backbone, packs the corpus with its tokenizer (or has the backbone write it), and
+/// trains with the shared loop.
 pub fn run(config: RunConfig, train_files: &[PathBuf]) -> Result<RunSummary> {
-    let repo = ModelRepo::open(&config.model)?;
-    let backbone = LlamaForCausalLM::load(&repo, Some(DType::F32), &config.device)?;
-    let tokenizer = zoo_datasets::tokenize::TextTokenizer::from_files(
-        &repo.get("tokenizer.json")?,
-        repo.get_optional("tokenizer_config.json")?.as_deref(),
-    )?;
-    let eos = backbone
-        .config
-        .eos_token_ids()
-        .first()
-        .copied()
-        .ok_or_else(|| Error::Input("the backbone config has no eos_token_id".into()))?;
-    let corpus = Corpus::read(train_files)?;
-    let data = PackedSequences::new(
-        &corpus.tokens(&tokenizer, eos)?,
-        config.seq_len,
-        config.train.seed,
-    )?;
     let resume_dir = config
         .resume
         .as_deref()
         .map(checkpoint::resolve)
         .transpose()?;
+    // Medusa-2 checkpoints hold the trained backbone; Medusa-1 ones only the heads.
+    let backbone_spec = match (&resume_dir, config.joint) {
+        (Some(dir), Some(_)) => dir.to_string_lossy().into_owned(),
+        _ => config.model.clone(),
+    };
+    let backbone = TrainableLlama::from_pretrained(&backbone_spec, &config.device)?;
+    let eos = backbone.eos()?;
+    let corpus = Corpus::read(train_files)?;
+    let seed = config.train.seed;
+    let mut data = PackedSequences::new(
+        &corpus.tokens(&backbone.tokenizer, eos)?,
+        config.seq_len,
+        seed,
+    )?;
+    let mut teacher = None;
+    if let Some(settings) = &config.self_distill {
+        // The original backbone writes the data (also when resuming Medusa-2, whose backbone
+        // has moved on), and teaches the LM loss.
+        let original = LlamaForCausalLM::load(
+            &ModelRepo::open(&config.model)?,
+            Some(DType::F32),
+            &config.device,
+        )?;
+        data = self_distill(&original, &data, settings, seed)?;
+        write_generations(&config.train.output, &data, &backbone)?;
+        if config.joint.is_some() {
+            teacher = Some(original);
+        }
+    }
+    let mut train = config.train.clone();
+    if let Some(epochs) = config.epochs {
+        train.steps = data.steps_for_epochs(epochs, config.batch_size * train.accum_freq.max(1));
+        train.warmup = train.warmup.min(train.steps);
+    }
     let heads = match &resume_dir {
-        Some(dir) => TrainableMedusa::load(dir, &backbone, &config.model)?,
+        Some(dir) => TrainableMedusa::load(dir, &backbone.model, &config.model)?,
         None => TrainableMedusa::new(
             MedusaConfig {
                 medusa_num_heads: config.num_heads,
                 medusa_num_layers: config.num_layers,
             },
-            &backbone,
+            &backbone.model,
             &config.model,
         )?,
     };
-    let state = initial_state(resume_dir.as_deref(), config.train.seed)?;
-    let vars = heads.trainable_vars();
+    let state = initial_state(resume_dir.as_deref(), seed)?;
+    let mut vars: Vec<(String, Var)> = heads
+        .trainable_vars()
+        .into_iter()
+        .map(|(n, v)| (format!("{HEAD_PREFIX}{n}"), v))
+        .collect();
+    if config.joint.is_some() {
+        vars.extend(backbone.trainable_vars(false));
+    }
     let mut task = MedusaTask {
         backbone,
         heads,
+        joint: config.joint,
+        teacher,
         data,
         position: state.data,
         batch_size: config.batch_size,
         device: config.device.clone(),
-        sums: (Vec::new(), 0),
+        step: state.step,
+        sums: (Vec::new(), 0.0, 0),
         last: Vec::new(),
     };
     let state = run_task(
         &mut task,
         &vars,
         config.optimizer,
-        &config.train,
+        &train,
         resume_dir.as_deref(),
         state,
         &config.device,
@@ -345,6 +546,26 @@ pub fn run(config: RunConfig, train_files: &[PathBuf]) -> Result<RunSummary> {
     Ok(RunSummary {
         state,
         task,
-        final_dir: config.train.output.join("final"),
+        final_dir: train.output.join("final"),
     })
+}
+
+/// Writes the self-distilled sequences as `self_distill.jsonl` (`{"text": ...}` per line, as
+/// FasterDecoding's `data_generation` writes them) into `output`, for inspection and reuse.
+fn write_generations(output: &Path, data: &PackedSequences, model: &TrainableLlama) -> Result<()> {
+    std::fs::create_dir_all(output)
+        .map_err(|e| Error::Input(format!("cannot create {}: {e}", output.display())))?;
+    let mut lines = String::new();
+    for seq in data.sequences() {
+        let text = model
+            .tokenizer
+            .inner()
+            .decode(seq, false)
+            .map_err(|e| Error::Input(format!("cannot decode a generation: {e}")))?;
+        lines.push_str(&json!({ "text": text }).to_string());
+        lines.push('\n');
+    }
+    let path = output.join("self_distill.jsonl");
+    std::fs::write(&path, lines)
+        .map_err(|e| Error::Input(format!("cannot write {}: {e}", path.display())))
 }

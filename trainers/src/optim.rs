@@ -42,6 +42,11 @@ struct Param {
     name: String,
     var: Var,
     decay: bool,
+    /// Multiplies the learning rate (PyTorch's per-group `lr`).
+    lr_scale: f64,
+    /// Updates this parameter has had (PyTorch's per-parameter `step`): one that gets no
+    /// gradient for a while (a frozen warm-up stage) starts its bias correction when it does.
+    steps: u64,
     m: Tensor,
     v: Tensor,
 }
@@ -62,6 +67,8 @@ impl AdamW {
                 let zeros = Tensor::zeros(var.shape(), DType::F32, var.device())?;
                 Ok(Param {
                     decay: !exempt_from_decay(&name, var.rank()),
+                    lr_scale: 1.0,
+                    steps: 0,
                     name,
                     m: zeros.clone(),
                     v: zeros,
@@ -80,6 +87,14 @@ impl AdamW {
         self.step
     }
 
+    /// Multiplies each parameter's learning rate by `scale(name)` (parameter groups with their
+    /// own `lr`, as Medusa-2 gives its heads).
+    pub fn scale_lr(&mut self, scale: impl Fn(&str) -> f64) {
+        for p in &mut self.params {
+            p.lr_scale = scale(&p.name);
+        }
+    }
+
     /// Names of the parameters that get weight decay.
     pub fn decayed(&self) -> Vec<&str> {
         self.params
@@ -89,17 +104,20 @@ impl AdamW {
             .collect()
     }
 
-    /// One update with learning rate `lr` from (already clipped) gradients.
+    /// One update with learning rate `lr` from (already clipped) gradients. Parameters
+    /// without a gradient are left alone, moments and step count included.
     pub fn step(&mut self, grads: &HashMap<String, Tensor>, lr: f64) -> Result<()> {
         self.step += 1;
         let c = self.config;
-        let t = self.step as i32;
-        let bc1 = 1.0 - c.beta1.powi(t);
-        let bc2 = 1.0 - c.beta2.powi(t);
         for p in &mut self.params {
             let Some(g) = grads.get(&p.name) else {
                 continue;
             };
+            p.steps += 1;
+            let t = p.steps as i32;
+            let bc1 = 1.0 - c.beta1.powi(t);
+            let bc2 = 1.0 - c.beta2.powi(t);
+            let lr = lr * p.lr_scale;
             let g = g.to_dtype(DType::F32)?;
             p.m = ((&p.m * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
             p.v = ((&p.v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
@@ -114,12 +132,16 @@ impl AdamW {
         Ok(())
     }
 
-    /// The moments and step count as named tensors, for a checkpoint.
+    /// The moments and step counts as named tensors, for a checkpoint.
     pub fn state_tensors(&self) -> Result<HashMap<String, Tensor>> {
         let mut out = HashMap::new();
         for p in &self.params {
             out.insert(format!("exp_avg.{}", p.name), p.m.clone());
             out.insert(format!("exp_avg_sq.{}", p.name), p.v.clone());
+            out.insert(
+                format!("step.{}", p.name),
+                Tensor::new(&[p.steps as i64], p.var.device())?,
+            );
         }
         out.insert(
             "step".into(),
@@ -157,10 +179,19 @@ impl AdamW {
             p.m = m.to_device(p.var.device())?;
             p.v = v.to_device(p.var.device())?;
         }
+        let count =
+            |t: &Tensor| -> Result<u64> { Ok(t.flatten_all()?.to_vec1::<i64>()?[0] as u64) };
         let step = state
             .get("step")
             .ok_or_else(|| candle_core::Error::Msg("optimizer state lacks `step`".into()))?;
-        self.step = step.flatten_all()?.to_vec1::<i64>()?[0] as u64;
+        self.step = count(step)?;
+        for p in &mut self.params {
+            // Checkpoints from before per-parameter counts: every parameter took every step.
+            p.steps = match state.get(&format!("step.{}", p.name)) {
+                Some(t) => count(t)?,
+                None => self.step,
+            };
+        }
         Ok(())
     }
 }
@@ -283,6 +314,51 @@ mod tests {
                 assert!((a - b).abs() < 1e-5, "{got:?} vs {expected:?}");
             }
         }
+    }
+
+    #[test]
+    fn a_parameter_first_updated_late_gets_a_first_step_update_at_its_lr_scale() {
+        // "late" gets no gradient for three steps (a frozen warm-up), then its first: as in
+        // PyTorch, its bias correction starts then, so the update is lr · scale · sign(g).
+        let early = Var::new(&[0.0f32], &Device::Cpu).unwrap();
+        let late = Var::new(&[0.0f32], &Device::Cpu).unwrap();
+        let mut opt = AdamW::new(
+            vec![
+                ("early".into(), early.clone()),
+                ("late".into(), late.clone()),
+            ],
+            AdamWConfig::default(),
+        )
+        .unwrap();
+        opt.scale_lr(|name| if name == "late" { 4.0 } else { 1.0 });
+        let g = |x: f32| Tensor::new(&[x], &Device::Cpu).unwrap();
+        for _ in 0..3 {
+            opt.step(&HashMap::from([("early".to_string(), g(1.0))]), 0.01)
+                .unwrap();
+        }
+        assert_eq!(late.as_tensor().to_vec1::<f32>().unwrap(), [0.0]);
+        opt.step(
+            &HashMap::from([("early".to_string(), g(1.0)), ("late".to_string(), g(0.5))]),
+            0.01,
+        )
+        .unwrap();
+        let moved = late.as_tensor().to_vec1::<f32>().unwrap()[0];
+        assert!((moved + 0.04).abs() < 1e-6, "{moved}");
+        // The counts survive a checkpoint.
+        let state = opt.state_tensors().unwrap();
+        let mut again = AdamW::new(
+            vec![
+                ("early".into(), early.clone()),
+                ("late".into(), late.clone()),
+            ],
+            AdamWConfig::default(),
+        )
+        .unwrap();
+        again.load_state(&state).unwrap();
+        assert_eq!(
+            again.params.iter().map(|p| p.steps).collect::<Vec<_>>(),
+            [4, 1]
+        );
     }
 
     #[test]

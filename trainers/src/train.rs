@@ -39,6 +39,10 @@ pub trait Task {
     fn evaluate(&mut self, output: &Path, step: u64) -> Result<Vec<(String, f64)>>;
     /// Writes the model in HF layout into `dir`.
     fn save_model(&self, dir: &Path) -> Result<()>;
+    /// What the learning rate of parameter `name` is multiplied by (a parameter group).
+    fn lr_scale(&self, _name: &str) -> f64 {
+        1.0
+    }
 }
 
 /// Loop settings, named after open_clip's flags.
@@ -207,6 +211,7 @@ pub fn run_task<T: Task>(
     device: &candle_core::Device,
 ) -> Result<TrainState> {
     let mut optimizer = AdamW::new(vars.to_vec(), optimizer)?;
+    optimizer.scale_lr(|name| task.lr_scale(name));
     if let Some(dir) = resume {
         checkpoint::load_optimizer(dir, &mut optimizer, device)?;
     }

@@ -57,6 +57,7 @@ fn config(output: &Path, steps: u64, seed: u64) -> RunConfig {
         resume: None,
         device: Device::Cpu,
         mtp: None,
+        epochs: None,
     }
 }
 
