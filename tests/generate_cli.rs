@@ -419,18 +419,59 @@ fn zoo_train_lm_then_eval_lm_and_generate_use_the_saved_folder() {
         "the frozen LM decodes as before"
     );
 
-    let bad = zoo(&[
-        "train",
-        "lm",
-        "--train-data",
-        corpus.to_str().unwrap(),
-        "--epochs",
-        "1",
-        "--output",
-        out.to_str().unwrap(),
-    ]);
-    assert_eq!(bad.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&bad.stderr).contains("needs --steps"));
+    // Medusa-2 with self-distillation, for an epoch: one folder is the model and its heads.
+    let joint_out = dir.path().join("medusa2");
+    let medusa2 = |extra: &[&str]| {
+        let mut args = vec![
+            "train",
+            "medusa",
+            "--model",
+            model.to_str().unwrap(),
+            "--train-data",
+            corpus.to_str().unwrap(),
+            "--medusa-num-heads",
+            "2",
+            "--seq-len",
+            "8",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "2",
+            "--output",
+            joint_out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        zoo(&args)
+    };
+    let train = medusa2(&["--joint", "--medusa-warmup-steps", "1", "--self-distill"]);
+    let stdout = String::from_utf8_lossy(&train.stdout);
+    assert!(
+        train.status.success() && stdout.contains("--model and --medusa"),
+        "{stdout}{}",
+        String::from_utf8_lossy(&train.stderr)
+    );
+    assert!(joint_out.join("self_distill.jsonl").is_file());
+    let both = joint_out.join("final");
+    let out = json_stdout(&zoo(&[
+        "generate",
+        "--model",
+        both.to_str().unwrap(),
+        "--prompt",
+        "the cat",
+        "--max-new-tokens",
+        "4",
+        "--medusa",
+        both.to_str().unwrap(),
+        "--medusa-choices",
+        tree.to_str().unwrap(),
+        "--json",
+    ]));
+    assert_eq!(out["new_tokens"], 4);
+
+    let bad = medusa2(&["--medusa-lr-multiplier", "2"]);
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert_eq!(bad.status.code(), Some(2), "{err}");
+    assert!(err.contains("add --joint"), "{err}");
 }
 
 #[test]

@@ -2,7 +2,7 @@
 //! templated corpus: Medusa-1 heads (frozen LM) and MTP modules (trained jointly with the LM)
 //! each lower every head's or depth's loss, and decoding with them accepts more than 1.5 tokens
 //! per step on held-out prompts while staying token-identical to plain greedy decoding (and
-//! more than 1.5 under Medusa's typical acceptance); MTP speculative sampling follows the LM's
+//! more than 1.5 under Medusa's typical acceptance, and after Medusa-2 with self-distillation); MTP speculative sampling follows the LM's
 //! own distribution (chi-square against the exact law). Every head parameter receives a
 //! gradient.
 
@@ -176,6 +176,85 @@ fn trained_medusa_heads_accept_more_than_one_and_a_half_tokens_per_step() {
     let mean = new_tokens as f64 / steps as f64;
     eprintln!("typical acceptance: mean accepted tokens per step {mean:.2}");
     assert!(mean > 1.5, "typical acceptance: mean accepted {mean}");
+
+    // Medusa-2 on the same LM: 40 heads-only steps, then joint training on self-distilled
+    // data, the KL from the original LM holding the backbone near what it was.
+    let joint_out = dir.path().join("medusa2");
+    let joint = medusa::run(
+        medusa::RunConfig {
+            model: lm_run.final_dir.to_string_lossy().into_owned(),
+            num_heads: 4,
+            num_layers: 1,
+            seq_len: 32,
+            train: train_config(&joint_out, 120, 1e-3),
+            batch_size: 8,
+            optimizer: AdamWConfig::default(),
+            resume: None,
+            device: Device::Cpu,
+            joint: Some(medusa::Medusa2 {
+                heads_warmup_steps: 40,
+                ..medusa::Medusa2::default()
+            }),
+            self_distill: Some(medusa::SelfDistill {
+                prompt_len: 8,
+                temperature: 0.3,
+                max_sequences: None,
+            }),
+            epochs: None,
+        },
+        std::slice::from_ref(&corpus),
+    )
+    .unwrap();
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(joint_out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    for k in 1..=4 {
+        let key = format!("medusa{k}_loss");
+        let (first, last) = (
+            rows.first().unwrap()[&key].as_f64().unwrap(),
+            rows.last().unwrap()[&key].as_f64().unwrap(),
+        );
+        eprintln!("Medusa-2 {key}: {first} -> {last}");
+        assert!(last < first * 0.5, "{key} did not fall: {first} -> {last}");
+    }
+    let kl = rows.last().unwrap()["lm_kl"].as_f64().unwrap();
+    eprintln!("Medusa-2 final KL from the original LM: {kl}");
+    assert!(kl < 0.05, "the backbone drifted: KL {kl}");
+    let repo = ModelRepo::open(&joint.final_dir.to_string_lossy()).unwrap();
+    let model2 = LlamaForCausalLM::load(&repo, None, &Device::Cpu).unwrap();
+    let heads2 = zoo_models::llm::MedusaHeads::load(
+        &joint.final_dir,
+        model2.config.hidden_size,
+        model2.config.vocab_size,
+        candle_core::DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let (mut new_tokens, mut steps) = (0, 0);
+    let held_out = sentences(true);
+    for sentence in held_out.iter().step_by(3) {
+        let prompt = tokenizer.encode(&sentence[..sentence.len() / 2]).unwrap();
+        let cfg = GenerationConfig {
+            max_new_tokens: 24,
+            ..GenerationConfig::default()
+        };
+        let mut step = LlamaStep {
+            model: &model2,
+            cache: KvCache::new(),
+        };
+        let plain = generate(&mut step, vec![prompt.clone()], &cfg)
+            .unwrap()
+            .remove(0);
+        let out = medusa_generate(&model2, &heads2, &tree, &prompt, 24, &[], None).unwrap();
+        assert_eq!(out.tokens, plain);
+        new_tokens += out.new_tokens;
+        steps += out.steps;
+    }
+    let mean = new_tokens as f64 / steps as f64;
+    eprintln!("Medusa-2: mean accepted tokens per step {mean:.2}");
+    assert!(mean > 1.5, "Medusa-2: mean accepted {mean}");
 }
 
 #[test]
