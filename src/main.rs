@@ -74,8 +74,21 @@ fn tune_allocator() {
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
 }
 
+/// Fixes the CPU thread count once. Candle asks for it at every matmul and, unless
+/// `RAYON_NUM_THREADS` is set, counts physical cores by reading `/proc/cpuinfo` each time
+/// (`num_cpus::get_physical`): a fifth of the run time of `zoo bench generate` on a small LM
+/// was spent formatting and parsing that file.
+fn pin_thread_count() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let threads = candle_core::utils::get_num_threads();
+        // Runs first in main, before any other thread exists.
+        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    }
+}
+
 fn main() -> ExitCode {
     tune_allocator();
+    pin_thread_count();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Embed(args) => embed::run(args),

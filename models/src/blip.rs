@@ -259,7 +259,7 @@ impl BlipTextLmHead {
             dense: Linear::new(d, d, true, transform.pp("dense"))?,
             act: cfg.hidden_act,
             layer_norm: LayerNorm::new(d, cfg.layer_norm_eps, transform.pp("LayerNorm"))?,
-            decoder: Linear::from_weights(weight, Some(bias)),
+            decoder: Linear::from_weights(weight, Some(bias))?,
         })
     }
 

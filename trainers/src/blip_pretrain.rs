@@ -386,7 +386,9 @@ impl TrainableBlipPretrain {
                 )));
             }
             let copy = Var::from_tensor(&value)?;
-            tensors.insert(name.clone(), copy.as_tensor().detach());
+            // The variable itself, not a detached view: the momentum step updates it in place,
+            // and layers keep derived copies (transposed weights) of plain tensors only.
+            tensors.insert(name.clone(), copy.as_tensor().clone());
             pairs.push((name.clone(), copy, vars[name].clone()));
         }
         let momentum_model = BlipForImageTextRetrieval::new(
@@ -504,8 +506,11 @@ impl TrainableBlipPretrain {
 
         self.momentum.update(momentum)?;
         let m = &self.momentum.model;
-        let image_feat_m = m.image_features(&m.vision_model.forward(pixel_values)?)?;
-        let text_feat_m = m.text_features(&ids, Some(attention_mask))?;
+        // Momentum features carry no gradient (BLIP computes them under `no_grad`).
+        let image_feat_m = m
+            .image_features(&m.vision_model.forward(pixel_values)?)?
+            .detach();
+        let text_feat_m = m.text_features(&ids, Some(attention_mask))?.detach();
         let with_queue = |feat: &Tensor, queue: &Tensor| -> Result<Tensor> {
             Ok(if queue.dim(1)? == 0 {
                 feat.t()?

@@ -27,7 +27,7 @@ use crate::rng::Rng;
 use crate::train::{initial_state, run_task, Task, TrainConfig, TrainState};
 
 /// The presets `zoo train lm` can start from scratch.
-pub const PRESETS: &str = "llama-tiny";
+pub const PRESETS: &str = "llama-tiny, llama-small";
 
 /// Standard deviation of initial weights (HF's `initializer_range`).
 const INIT_STD: f64 = 0.02;
@@ -40,6 +40,16 @@ pub fn preset_config(name: &str, vocab_size: usize, bos: u32, eos: u32) -> Resul
             "model_type": "llama", "vocab_size": vocab_size, "hidden_size": 128,
             "intermediate_size": 344, "num_hidden_layers": 4, "num_attention_heads": 4,
             "num_key_value_heads": 2, "max_position_embeddings": 512, "rms_norm_eps": 1e-6,
+            "rope_theta": 10000.0, "tie_word_embeddings": true, "hidden_act": "silu",
+            "bos_token_id": bos, "eos_token_id": eos, "pad_token_id": 0,
+        }),
+        // 8 layers of width 512 (about 24M parameters besides the embedding): small enough to
+        // train on two cores, large enough that a decoding step reads more weights than
+        // it computes with.
+        "llama-small" => json!({
+            "model_type": "llama", "vocab_size": vocab_size, "hidden_size": 512,
+            "intermediate_size": 1376, "num_hidden_layers": 8, "num_attention_heads": 8,
+            "num_key_value_heads": 4, "max_position_embeddings": 1024, "rms_norm_eps": 1e-6,
             "rope_theta": 10000.0, "tie_word_embeddings": true, "hidden_act": "silu",
             "bos_token_id": bos, "eos_token_id": eos, "pad_token_id": 0,
         }),

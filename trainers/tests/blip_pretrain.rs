@@ -354,10 +354,18 @@ fn the_saved_folder_is_both_hf_architectures() {
     let retrieval = BlipForImageTextRetrieval::load(&repo, None, &Device::Cpu).unwrap();
     let want = m.retrieval.itm_score(&pixels, &ids, Some(&mask)).unwrap();
     let got = retrieval.itm_score(&pixels, &ids, Some(&mask)).unwrap();
-    assert_eq!(
-        want.to_vec2::<f32>().unwrap(),
-        got.to_vec2::<f32>().unwrap()
-    );
+    // Equal up to rounding: the loaded model multiplies by contiguous transposed weights (a
+    // different GEMM kernel, so a different summation order) where the training variables are
+    // read transposed in place.
+    let diff: f32 = (want - got)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    assert!(diff < 1e-6, "ITM logits differ by {diff}");
 
     let captioner = BlipForConditionalGeneration::load(&repo, None, &Device::Cpu).unwrap();
     let dec_ids = {

@@ -265,7 +265,7 @@ pub fn repeat_kv(x: &Tensor, n: usize) -> Result<Tensor> {
 fn split_fused(w: &Tensor, b: Option<&Tensor>, e: usize) -> Result<(Linear, Linear, Linear)> {
     let part = |i: usize| -> Result<Linear> {
         let bias = b.map(|b| b.narrow(0, i * e, e)).transpose()?;
-        Ok(Linear::from_weights(w.narrow(0, i * e, e)?, bias))
+        Linear::from_weights(w.narrow(0, i * e, e)?, bias)
     };
     Ok((part(0)?, part(1)?, part(2)?))
 }

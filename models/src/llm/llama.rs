@@ -349,7 +349,7 @@ impl LlamaForCausalLM {
     pub fn new(cfg: &LlamaConfig, vb: VarBuilder) -> Result<Self> {
         let model = LlamaModel::new(cfg, vb.pp("model"))?;
         let lm_head = if cfg.tie_word_embeddings {
-            Linear::from_weights(model.embeddings().clone(), None)
+            Linear::from_weights(model.embeddings().clone(), None)?
         } else {
             Linear::new(cfg.hidden_size, cfg.vocab_size, false, vb.pp("lm_head"))?
         };
