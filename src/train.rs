@@ -51,8 +51,9 @@ pub struct TrainArgs {
     #[arg(value_enum, value_name = "FAMILY")]
     pub family: Objective,
     /// A preset to train from scratch (clip-tiny, siglip-tiny, clip-vit-b-32,
-    /// siglip-base-patch16-224; blip-tiny), or an HF folder / hub id to fine-tune (for blip, a
-    /// BlipForConditionalGeneration such as Salesforce/blip-image-captioning-base). Default: the
+    /// siglip-base-patch16-224; blip-tiny; llama-tiny, llama-small), or an HF folder / hub id to
+    /// fine-tune (for blip, a BlipForConditionalGeneration such as
+    /// Salesforce/blip-image-captioning-base; for medusa, the LM to add heads to). Default: the
     /// tiny preset.
     #[arg(long)]
     pub model: Option<String>,

@@ -135,6 +135,10 @@ impl KvCache {
                 self.len
             );
         }
+        // The path right after the prefix, in order (a chain's accepted drafts): a truncation.
+        if positions.iter().enumerate().all(|(i, &p)| p == prefix + i) {
+            return self.truncate(prefix + positions.len());
+        }
         let device = self
             .layers
             .iter()
