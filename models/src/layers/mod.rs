@@ -12,6 +12,7 @@ mod mlp;
 mod norm;
 mod pooling;
 mod position;
+mod resample;
 mod vit;
 
 pub use activation::Activation;
@@ -28,6 +29,7 @@ pub use position::{
     apply_rotary, default_inv_freq, rotary_cos_sin, sinusoidal_table, LearnedPositionEmbedding,
     RopeConfig, RopeScaling, RotaryEmbedding,
 };
+pub use resample::{interpolate, pixel_shuffle, pixel_unshuffle, resampling_matrix, Interpolation};
 pub use vit::{ClassToken, PatchEmbedding, PositionTable, VitEmbeddings, VitEmbeddingsConfig};
 
 /// The dtype to accumulate statistics in: f32 for half-precision inputs (as PyTorch does),
