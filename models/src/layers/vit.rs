@@ -1,5 +1,7 @@
 //! ViT input embeddings (Dosovitskiy et al. 2021, eq. 1): split the image into `P×P` patches,
 //! project each linearly, optionally prepend a class token, add learned position embeddings.
+//! Images of another size than the checkpoint's get the position table resized bicubically, as
+//! HF's `interpolate_pos_encoding=True` does.
 //!
 //! The patch projection is a reshape plus one matmul rather than a strided conv2d: the two are
 //! the same function, and the matmul is faster and has a trustworthy backward in Candle
@@ -7,6 +9,8 @@
 
 use candle_core::{Result, Tensor, D};
 use candle_nn::VarBuilder;
+
+use super::resample::{interpolate, Interpolation};
 
 /// How a checkpoint stores the class token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -148,15 +152,52 @@ impl VitEmbeddings {
             }
             None => patches,
         };
-        let n = tokens.dim(1)?;
-        let expected = self.position_embedding.dim(0)?;
-        if n != expected {
+        let (_, _, h, w) = pixel_values.dims4()?;
+        let p = self.patch_embedding.patch_size;
+        let positions = self.positions_for_grid(h / p, w / p)?;
+        tokens.broadcast_add(&positions.to_dtype(tokens.dtype())?.unsqueeze(0)?)
+    }
+
+    /// The position table for a `rows × cols` patch grid: the learned one for its own square
+    /// grid, else its patch part resized bicubically (`align_corners = False`), the class
+    /// position kept, as HF's `interpolate_pos_encoding=True` does; differentiable.
+    pub fn positions_for_grid(&self, rows: usize, cols: usize) -> Result<Tensor> {
+        let table = &self.position_embedding;
+        let (n, d) = table.dims2()?;
+        let class = usize::from(self.class_embedding.is_some());
+        let side = ((n - class) as f64).sqrt().round() as usize;
+        if rows == side && cols == side {
+            return Ok(table.clone());
+        }
+        if side * side != n - class {
             candle_core::bail!(
-                "the image gives {n} tokens but the position table has {expected}: \
-                 resize the image to the model's image_size"
+                "the position table has {} patch positions, not a square grid, so it cannot be \
+                 resized to {rows}×{cols} patches",
+                n - class
             );
         }
-        tokens.broadcast_add(&self.position_embedding.unsqueeze(0)?)
+        if rows == 0 || cols == 0 {
+            candle_core::bail!("the image is smaller than one patch");
+        }
+        let grid = table
+            .narrow(0, class, n - class)?
+            .reshape((1, side, side, d))?
+            .permute((0, 3, 1, 2))?;
+        let resized = interpolate(
+            &grid,
+            rows,
+            cols,
+            Interpolation::Bicubic {
+                align_corners: false,
+            },
+        )?
+        .permute((0, 2, 3, 1))?
+        .reshape((rows * cols, d))?;
+        if class == 0 {
+            Ok(resized)
+        } else {
+            Tensor::cat(&[&table.narrow(0, 0, class)?, &resized], 0)
+        }
     }
 
     /// The model width `D`.
