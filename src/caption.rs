@@ -12,12 +12,14 @@ use zoo_models::generation::{
 use zoo_models::hub::ModelRepo;
 use zoo_trainers::capfilt::Captioner;
 
-use crate::common::{progress, ModelArgs};
+use crate::common::{progress, ImageSizeArgs, ModelArgs};
 
 #[derive(Args, Debug)]
 pub struct CaptionArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub image: ImageSizeArgs,
     /// Text the caption continues, e.g. "a picture of" (left out of the printed caption).
     #[arg(long)]
     pub prompt: Option<String>,
@@ -113,7 +115,8 @@ pub fn run(args: CaptionArgs) -> Result<()> {
     }
     let device = args.model.device()?;
     let repo = ModelRepo::open(&args.model.model)?;
-    let captioner = Captioner::load(&repo, args.model.dtype()?, &device)?;
+    let mut captioner = Captioner::load(&repo, args.model.dtype()?, &device)?;
+    args.image.apply(&mut captioner.processor)?;
     let hf = match repo.get_optional("generation_config.json")? {
         Some(path) => HfGenerationConfig::from_file(&path)?,
         None => HfGenerationConfig::default(),

@@ -9,12 +9,14 @@ use serde_json::json;
 use zoo_trainers::pipeline::{DualEncoderPipeline, IMAGE_CHUNK};
 use zoo_trainers::zeroshot::{build_classifier, classify};
 
-use crate::common::{progress, ModelArgs};
+use crate::common::{progress, ImageSizeArgs, ModelArgs};
 
 #[derive(Args, Debug)]
 pub struct ClassifyArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub image: ImageSizeArgs,
     /// Comma-separated class labels, e.g. "cat,dog,a red car".
     #[arg(long)]
     pub labels: Option<String>,
@@ -71,7 +73,8 @@ fn read_labels(args: &ClassifyArgs) -> Result<Vec<String>> {
 pub fn run(args: ClassifyArgs) -> Result<()> {
     let labels = read_labels(&args)?;
     let device = args.model.device()?;
-    let pipeline = DualEncoderPipeline::load(&args.model.model, &device, args.model.dtype()?)?;
+    let mut pipeline = DualEncoderPipeline::load(&args.model.model, &device, args.model.dtype()?)?;
+    args.image.apply(&mut pipeline.processor)?;
     let classifier = build_classifier(&pipeline, &labels, &args.templates)?;
 
     let bar = progress(args.images.len(), "images");

@@ -22,6 +22,29 @@ pub struct ModelArgs {
     pub dtype: Option<String>,
 }
 
+/// `--image-size` for the vision commands.
+#[derive(Args, Debug, Clone)]
+pub struct ImageSizeArgs {
+    /// Run the vision tower on N×N images instead of the checkpoint's size: the images are
+    /// resized and cropped to N and the learned position embeddings interpolated bicubically
+    /// (HF's `interpolate_pos_encoding=True`). N should be a multiple of the patch size.
+    #[arg(long, value_name = "N")]
+    pub image_size: Option<usize>,
+}
+
+impl ImageSizeArgs {
+    /// Sets `processor` to the requested size, if any.
+    pub fn apply(&self, processor: &mut zoo_datasets::preprocess::ImageProcessor) -> Result<()> {
+        if let Some(n) = self.image_size {
+            if n == 0 {
+                anyhow::bail!("--image-size must be at least 1");
+            }
+            processor.config = processor.config.clone().with_image_size(n);
+        }
+        Ok(())
+    }
+}
+
 impl ModelArgs {
     pub fn device(&self) -> Result<Device> {
         Ok(zoo_models::device::parse_device(&self.device)?)

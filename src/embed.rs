@@ -9,12 +9,14 @@ use clap::Args;
 use serde_json::json;
 use zoo_trainers::pipeline::{DualEncoderPipeline, IMAGE_CHUNK};
 
-use crate::common::{progress, save_safetensors, ModelArgs};
+use crate::common::{progress, save_safetensors, ImageSizeArgs, ModelArgs};
 
 #[derive(Args, Debug)]
 pub struct EmbedArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub image: ImageSizeArgs,
     /// An image to embed (repeatable).
     #[arg(long = "image")]
     pub images: Vec<PathBuf>,
@@ -34,7 +36,8 @@ pub fn run(args: EmbedArgs) -> Result<()> {
         bail!("nothing to embed: give at least one --image or --text");
     }
     let device = args.model.device()?;
-    let pipeline = DualEncoderPipeline::load(&args.model.model, &device, args.model.dtype()?)?;
+    let mut pipeline = DualEncoderPipeline::load(&args.model.model, &device, args.model.dtype()?)?;
+    args.image.apply(&mut pipeline.processor)?;
 
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     let mut image_embeds = None;

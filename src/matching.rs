@@ -10,7 +10,7 @@ use serde_json::json;
 use zoo_models::hub::ModelRepo;
 use zoo_trainers::capfilt::ItmFilter;
 
-use crate::common::{progress, ModelArgs};
+use crate::common::{progress, ImageSizeArgs, ModelArgs};
 
 /// Images are decoded and encoded this many at a time.
 const IMAGE_CHUNK: usize = 16;
@@ -19,6 +19,8 @@ const IMAGE_CHUNK: usize = 16;
 pub struct MatchArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub image: ImageSizeArgs,
     /// An image (repeatable).
     #[arg(long = "image")]
     pub images: Vec<PathBuf>,
@@ -44,7 +46,8 @@ pub fn run(args: MatchArgs) -> Result<()> {
     }
     let device = args.model.device()?;
     let repo = ModelRepo::open(&args.model.model)?;
-    let filter = ItmFilter::load(&repo, args.model.dtype()?, &device)?;
+    let mut filter = ItmFilter::load(&repo, args.model.dtype()?, &device)?;
+    args.image.apply(&mut filter.processor)?;
     let model = &filter.model;
     let texts: Vec<&str> = args.texts.iter().map(String::as_str).collect();
     let (input_ids, mask) = filter.tokenize(&texts)?;

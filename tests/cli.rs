@@ -468,3 +468,69 @@ fn bf16_on_cpu_is_refused_with_advice() {
         &["bf16", "f32"],
     );
 }
+
+/// `--image-size`: the images are preprocessed to the new size and the model runs on them (its
+/// position table interpolated; the interpolation itself is checked against HF in
+/// `models/tests/interpolate_pos.rs`); BLIP captions at another size too.
+#[test]
+fn image_size_runs_vision_towers_at_another_resolution() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = fixtures().join("images/chelsea.png");
+    let model = fixtures().join("clip-tiny-eos");
+    let embed = |extra: &[&str], out: &Path| {
+        let mut args = vec![
+            "embed",
+            "--model",
+            model.to_str().unwrap(),
+            "--image",
+            image.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let out = zoo(&args);
+        assert!(out.status.success(), "{}", stderr(&out));
+    };
+    let (base, big) = (
+        dir.path().join("48.safetensors"),
+        dir.path().join("64.safetensors"),
+    );
+    embed(&[], &base);
+    embed(&["--image-size", "64"], &big);
+    let (base, big) = (load(&base), load(&big));
+    assert_eq!(base["pixel_values"].dims(), [1, 3, 48, 48]);
+    assert_eq!(big["pixel_values"].dims(), [1, 3, 64, 64]);
+    let norm: f32 = big["image_embeds"]
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    assert!((norm - 1.0).abs() < 1e-4, "{norm}");
+    assert!(max_abs(&base["image_embeds"], &big["image_embeds"]) > 1e-4);
+
+    let model = fixtures().join("blip-tiny-caption");
+    let out = zoo(&[
+        "caption",
+        "--model",
+        model.to_str().unwrap(),
+        image.to_str().unwrap(),
+        "--image-size",
+        "48",
+        "--max-new-tokens",
+        "3",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let bad = zoo(&[
+        "caption",
+        "--model",
+        model.to_str().unwrap(),
+        image.to_str().unwrap(),
+        "--image-size",
+        "0",
+    ]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(stderr(&bad).contains("--image-size must be at least 1"));
+}

@@ -62,6 +62,21 @@ struct RawConfig {
 }
 
 impl ImageProcessorConfig {
+    /// The same processing for `n × n` model inputs (a model run at another resolution, its
+    /// position table interpolated): a shortest-edge resize goes to `n`, an exact resize to
+    /// `n × n`, and the center crop to `n × n`, as HF's `size` / `crop_size` overrides do.
+    pub fn with_image_size(mut self, n: usize) -> Self {
+        self.size = match self.size {
+            ResizeTarget::ShortestEdge(_) => ResizeTarget::ShortestEdge(n),
+            ResizeTarget::Exact { .. } => ResizeTarget::Exact {
+                height: n,
+                width: n,
+            },
+        };
+        self.crop_size = (n, n);
+        self
+    }
+
     /// Reads `preprocessor_config.json`, filling missing fields with the defaults of the
     /// processor class it names (CLIP's when it names none).
     pub fn from_file(path: &Path) -> Result<Self> {
