@@ -220,7 +220,9 @@ pub struct TrainArgs {
     /// projection still trains).
     #[arg(long)]
     pub lock_text: bool,
-    /// Image size for a preset.
+    /// Image size: a preset's; for a pretrained CLIP or SigLIP, fine-tune at this size (images
+    /// prepared at N, position embeddings interpolated at every forward, as HF's
+    /// interpolate_pos_encoding=True). BLIP checkpoints keep their own size.
     #[arg(long)]
     pub image_size: Option<usize>,
     /// Data-loading threads.

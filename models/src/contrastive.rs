@@ -76,6 +76,15 @@ impl DualEncoderConfig {
         }
     }
 
+    /// The side of the image tower's square patches.
+    pub fn patch_size(&self) -> usize {
+        match self {
+            Self::Clip(c) => c.vision_config.patch_size,
+            Self::Siglip(c) => c.vision_config.patch_size,
+            Self::VisionText(c) => c.vision_config.patch_size,
+        }
+    }
+
     /// The longest token sequence the text tower takes.
     pub fn max_text_len(&self) -> usize {
         match self {

@@ -245,14 +245,6 @@ impl TrainableDualEncoder {
         let repo = ModelRepo::open(spec)?;
         let config_path = repo.get("config.json")?;
         let config = DualEncoderConfig::from_file(&config_path)?;
-        if let Some(size) = image_size {
-            if size != config.image_size() {
-                return Err(Error::Input(format!(
-                    "--image-size {size} differs from the checkpoint's {}; resizing position embeddings is not supported yet",
-                    config.image_size()
-                )));
-            }
-        }
         let weights = SafetensorsWeights::open(&repo.weight_files()?)?;
         let names = weights.names();
         let vb = weights.into_var_builder(DType::F32, device);
@@ -273,8 +265,20 @@ impl TrainableDualEncoder {
         let tokenizer_config = repo.get_optional("tokenizer_config.json")?;
         let tokenizer = TextTokenizer::from_files(&tokenizer_json, tokenizer_config.as_deref())?;
         let processor_path = repo.get("preprocessor_config.json")?;
-        let processor_json: Value =
+        let mut processor_json: Value =
             zoo_models::hub::read_json(&processor_path, "preprocessor config")?;
+        // Another resolution: images are prepared at `size` and the vision tower interpolates
+        // its learned position table at every forward (HF's `interpolate_pos_encoding=True`),
+        // so the gradient reaches the table as the checkpoint stores it.
+        if let Some(size) = image_size.filter(|&s| s != config.image_size()) {
+            if size < config.patch_size() {
+                return Err(Error::Input(format!(
+                    "--image-size {size} is smaller than one {}-pixel patch",
+                    config.patch_size()
+                )));
+            }
+            resize_processor_json(&mut processor_json, size);
+        }
         let out = Self::assemble(config, varmap, tokenizer, processor_json, device)?;
         out.drop_unused_variables()?;
         Ok(out)
@@ -436,6 +440,26 @@ impl TrainableDualEncoder {
             var.set(&t.to_dtype(var.dtype())?)?;
         }
         Ok(())
+    }
+}
+
+/// Sets an HF `preprocessor_config.json` to prepare `n × n` images: `size` (shortest edge, or
+/// height and width) and `crop_size`.
+fn resize_processor_json(json: &mut Value, n: usize) {
+    if let Some(size) = json.get_mut("size") {
+        match size {
+            Value::Object(map) if map.contains_key("shortest_edge") => {
+                map.insert("shortest_edge".into(), n.into());
+            }
+            Value::Object(map) => {
+                map.insert("height".into(), n.into());
+                map.insert("width".into(), n.into());
+            }
+            other => *other = n.into(),
+        }
+    }
+    if json.get("crop_size").is_some() {
+        json["crop_size"] = serde_json::json!({ "height": n, "width": n });
     }
 }
 

@@ -268,3 +268,53 @@ fn too_many_bad_samples_stop_the_run_with_an_example() {
         "{err}"
     );
 }
+
+/// Fine-tuning at another resolution: images are prepared at the new size, and the vision
+/// tower interpolates its position table at every forward, so the table as the checkpoint
+/// stores it receives the gradient.
+#[test]
+fn fine_tuning_at_another_image_size_trains_the_stored_position_table() {
+    let fixture = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/clip-tiny-eos");
+    let model =
+        TrainableDualEncoder::from_pretrained(&fixture.to_string_lossy(), Some(64), &Device::Cpu)
+            .unwrap();
+    assert_eq!(model.processor.config.crop_size, (64, 64));
+    let image = fixture.join("../images/chelsea.png");
+    let pixels = model.pipeline().pixel_values(&[&image]).unwrap();
+    assert_eq!(pixels.dims(), [1, 3, 64, 64]);
+    let features = model.model.image_features(&pixels).unwrap();
+    let grads = features
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let vars = model.trainable_vars(false, false);
+    let (_, table) = vars
+        .iter()
+        .find(|(n, _)| n == "vision_model.embeddings.position_embedding.weight")
+        .unwrap();
+    assert_eq!(
+        table.dims(),
+        [10, 32],
+        "the stored 3×3 grid + class position"
+    );
+    let g: f32 = grads
+        .get(table.as_tensor())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    assert!(g > 0.0);
+    assert!(TrainableDualEncoder::from_pretrained(
+        &fixture.to_string_lossy(),
+        Some(8),
+        &Device::Cpu
+    )
+    .is_err());
+}
