@@ -61,6 +61,69 @@ fn train_config(output: &Path, steps: u64, lr: f64) -> TrainConfig {
     }
 }
 
+/// The step rows of a run's `metrics.jsonl` that log `key`.
+fn metric_rows(dir: &Path, key: &str) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|v: &serde_json::Value| v.get(key).is_some())
+        .collect()
+}
+
+/// Asserts that `{prefix}{k}_loss` at least halves over the run, for `k` in `1..=n`.
+fn assert_losses_halve(rows: &[serde_json::Value], prefix: &str, n: usize) {
+    for k in 1..=n {
+        let key = format!("{prefix}{k}_loss");
+        let (first, last) = (
+            rows.first().unwrap()[&key].as_f64().unwrap(),
+            rows.last().unwrap()[&key].as_f64().unwrap(),
+        );
+        eprintln!("{key}: {first} -> {last}");
+        assert!(last < first * 0.5, "{key} did not fall: {first} -> {last}");
+    }
+}
+
+/// Plain greedy decoding of `prompt` by 24 tokens.
+fn greedy(model: &LlamaForCausalLM, prompt: &[u32]) -> Vec<u32> {
+    let mut step = LlamaStep {
+        model,
+        cache: KvCache::new(),
+    };
+    let cfg = GenerationConfig {
+        max_new_tokens: 24,
+        ..GenerationConfig::default()
+    };
+    generate(&mut step, vec![prompt.to_vec()], &cfg)
+        .unwrap()
+        .remove(0)
+}
+
+/// Mean accepted tokens per step of greedy Medusa decoding with the last of `trees` over the
+/// held-out prompts (half of every third held-out sentence, 24 new tokens); every tree's output
+/// is checked token-identical to plain greedy.
+fn held_out_medusa_acceptance(
+    model: &LlamaForCausalLM,
+    heads: &zoo_models::llm::MedusaHeads,
+    trees: &[&MedusaTree],
+    tokenizer: &zoo_datasets::tokenize::TextTokenizer,
+) -> f64 {
+    let (mut new_tokens, mut steps) = (0, 0);
+    for sentence in sentences(true).iter().step_by(3) {
+        let prompt = tokenizer.encode(&sentence[..sentence.len() / 2]).unwrap();
+        let plain = greedy(model, &prompt);
+        for (i, tree) in trees.iter().enumerate() {
+            let out = medusa_generate(model, heads, tree, &prompt, 24, &[], None).unwrap();
+            assert_eq!(out.tokens, plain);
+            if i + 1 == trees.len() {
+                new_tokens += out.new_tokens;
+                steps += out.steps;
+            }
+        }
+    }
+    new_tokens as f64 / steps as f64
+}
+
 #[test]
 fn trained_medusa_heads_accept_more_than_one_and_a_half_tokens_per_step() {
     let dir = tempfile::tempdir().unwrap();
@@ -105,20 +168,7 @@ fn trained_medusa_heads_accept_more_than_one_and_a_half_tokens_per_step() {
         std::slice::from_ref(&corpus),
     )
     .unwrap();
-    let metrics = std::fs::read_to_string(heads_out.join("metrics.jsonl")).unwrap();
-    let rows: Vec<serde_json::Value> = metrics
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    for k in 1..=4 {
-        let key = format!("medusa{k}_loss");
-        let (first, last) = (
-            rows.first().unwrap()[&key].as_f64().unwrap(),
-            rows.last().unwrap()[&key].as_f64().unwrap(),
-        );
-        eprintln!("{key}: {first} -> {last}");
-        assert!(last < first * 0.5, "{key} did not fall: {first} -> {last}");
-    }
+    assert_losses_halve(&metric_rows(&heads_out, "medusa1_loss"), "medusa", 4);
 
     // Held-out prompts (a colour never seen in training), decoded with the saved heads.
     let repo = ModelRepo::open(&lm_run.final_dir.to_string_lossy()).unwrap();
@@ -135,28 +185,7 @@ fn trained_medusa_heads_accept_more_than_one_and_a_half_tokens_per_step() {
     let tree = MedusaTree::mc_sim_7b_63();
     let small: Vec<Vec<usize>> = vec![vec![0], vec![1], vec![0, 0], vec![0, 0, 0]];
     let small = MedusaTree::new(&small).unwrap();
-    let (mut new_tokens, mut steps) = (0, 0);
-    for sentence in sentences(true).iter().step_by(3) {
-        let prompt = tokenizer.encode(&sentence[..sentence.len() / 2]).unwrap();
-        let mut step = LlamaStep {
-            model: &model,
-            cache: KvCache::new(),
-        };
-        let cfg = GenerationConfig {
-            max_new_tokens: 24,
-            ..GenerationConfig::default()
-        };
-        let plain = generate(&mut step, vec![prompt.clone()], &cfg)
-            .unwrap()
-            .remove(0);
-        let deep = medusa_generate(&model, &heads, &small, &prompt, 24, &[], None).unwrap();
-        assert_eq!(deep.tokens, plain);
-        let out = medusa_generate(&model, &heads, &tree, &prompt, 24, &[], None).unwrap();
-        assert_eq!(out.tokens, plain);
-        new_tokens += out.new_tokens;
-        steps += out.steps;
-    }
-    let mean = new_tokens as f64 / steps as f64;
+    let mean = held_out_medusa_acceptance(&model, &heads, &[&small, &tree], tokenizer);
     eprintln!("mean accepted tokens per step on held-out prompts: {mean:.2}");
     assert!(mean > 1.5, "mean accepted {mean}");
 
@@ -205,20 +234,8 @@ fn trained_medusa_heads_accept_more_than_one_and_a_half_tokens_per_step() {
         std::slice::from_ref(&corpus),
     )
     .unwrap();
-    let rows: Vec<serde_json::Value> = std::fs::read_to_string(joint_out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    for k in 1..=4 {
-        let key = format!("medusa{k}_loss");
-        let (first, last) = (
-            rows.first().unwrap()[&key].as_f64().unwrap(),
-            rows.last().unwrap()[&key].as_f64().unwrap(),
-        );
-        eprintln!("Medusa-2 {key}: {first} -> {last}");
-        assert!(last < first * 0.5, "{key} did not fall: {first} -> {last}");
-    }
+    let rows = metric_rows(&joint_out, "medusa1_loss");
+    assert_losses_halve(&rows, "medusa", 4);
     let kl = rows.last().unwrap()["lm_kl"].as_f64().unwrap();
     eprintln!("Medusa-2 final KL from the original LM: {kl}");
     assert!(kl < 0.05, "the backbone drifted: KL {kl}");
@@ -232,27 +249,7 @@ fn trained_medusa_heads_accept_more_than_one_and_a_half_tokens_per_step() {
         &Device::Cpu,
     )
     .unwrap();
-    let (mut new_tokens, mut steps) = (0, 0);
-    let held_out = sentences(true);
-    for sentence in held_out.iter().step_by(3) {
-        let prompt = tokenizer.encode(&sentence[..sentence.len() / 2]).unwrap();
-        let cfg = GenerationConfig {
-            max_new_tokens: 24,
-            ..GenerationConfig::default()
-        };
-        let mut step = LlamaStep {
-            model: &model2,
-            cache: KvCache::new(),
-        };
-        let plain = generate(&mut step, vec![prompt.clone()], &cfg)
-            .unwrap()
-            .remove(0);
-        let out = medusa_generate(&model2, &heads2, &tree, &prompt, 24, &[], None).unwrap();
-        assert_eq!(out.tokens, plain);
-        new_tokens += out.new_tokens;
-        steps += out.steps;
-    }
-    let mean = new_tokens as f64 / steps as f64;
+    let mean = held_out_medusa_acceptance(&model2, &heads2, &[&tree], tokenizer);
     eprintln!("Medusa-2: mean accepted tokens per step {mean:.2}");
     assert!(mean > 1.5, "Medusa-2: mean accepted {mean}");
 }
@@ -344,21 +341,7 @@ fn trained_mtp_modules_accept_more_than_one_and_a_half_tokens_per_step() {
         None,
     )
     .unwrap();
-    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
-    let rows: Vec<serde_json::Value> = metrics
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .filter(|v: &serde_json::Value| v.get("mtp1_loss").is_some())
-        .collect();
-    for k in 1..=2 {
-        let key = format!("mtp{k}_loss");
-        let (first, last) = (
-            rows.first().unwrap()[&key].as_f64().unwrap(),
-            rows.last().unwrap()[&key].as_f64().unwrap(),
-        );
-        eprintln!("{key}: {first} -> {last}");
-        assert!(last < first * 0.5, "{key} did not fall: {first} -> {last}");
-    }
+    assert_losses_halve(&metric_rows(&out, "mtp1_loss"), "mtp", 2);
 
     // The saved folder holds the modules as model.layers.{4, 5}; decode held-out prompts.
     let repo = ModelRepo::open(&run.final_dir.to_string_lossy()).unwrap();
@@ -375,19 +358,8 @@ fn trained_mtp_modules_accept_more_than_one_and_a_half_tokens_per_step() {
     let (mut new_tokens, mut steps) = (0, 0);
     for sentence in sentences(true).iter().step_by(3) {
         let prompt = tokenizer.encode(&sentence[..sentence.len() / 2]).unwrap();
-        let mut step = LlamaStep {
-            model: &model,
-            cache: KvCache::new(),
-        };
-        let cfg = GenerationConfig {
-            max_new_tokens: 24,
-            ..GenerationConfig::default()
-        };
-        let plain = generate(&mut step, vec![prompt.clone()], &cfg)
-            .unwrap()
-            .remove(0);
         let out = zoo_models::llm::mtp_generate(&model, &mtp, &prompt, 24, &[], None).unwrap();
-        assert_eq!(out.tokens, plain);
+        assert_eq!(out.tokens, greedy(&model, &prompt));
         new_tokens += out.new_tokens;
         steps += out.steps;
     }
