@@ -359,7 +359,7 @@ fn data_spec(args: &TrainArgs, path: &str) -> Result<DataSpec> {
 /// `--epochs` over its length).
 fn train_stream(args: &TrainArgs) -> Result<(StreamFactory, u64)> {
     let train_spec = data_spec(args, &args.train_data)?;
-    let per_step = (args.batch_size * args.accum_freq.max(1)) as u64;
+    let per_step = args.batch_size * args.accum_freq.max(1);
     let (factory, epoch_size) = if train_spec.resolved_kind() == DatasetType::Synthetic {
         let n = args.train_num_samples.unwrap_or(10_000);
         let size = args.image_size.unwrap_or(32) as u32;
@@ -377,7 +377,7 @@ fn train_stream(args: &TrainArgs) -> Result<(StreamFactory, u64)> {
     };
     let steps = match (args.steps, args.epochs, epoch_size) {
         (Some(s), _, _) => s,
-        (None, Some(e), Some(n)) => (e * n).div_ceil(per_step).max(1),
+        (None, Some(e), Some(n)) => zoo_trainers::train::steps_for_epochs(e, n, per_step),
         (None, Some(_), None) => bail!("--epochs with WebDataset shards needs --train-num-samples"),
         (None, None, _) => bail!("give --steps or --epochs"),
     };
@@ -592,7 +592,9 @@ fn run_lm(args: TrainArgs) -> Result<()> {
         model,
         tokenizer,
         seq_len: args.seq_len,
-        train: train_config(&args, args.steps.unwrap_or(0)),
+        // With --epochs the trainer sets the steps (and caps the warmup) once it has packed the
+        // corpus.
+        train: train_config(&args, args.steps.unwrap_or(u64::MAX)),
         batch_size: args.batch_size,
         optimizer: optimizer_config(&args),
         resume: args.resume.clone(),
@@ -646,7 +648,9 @@ fn run_medusa(args: TrainArgs) -> Result<()> {
         num_heads: args.medusa_num_heads,
         num_layers: args.medusa_num_layers,
         seq_len: args.seq_len,
-        train: train_config(&args, args.steps.unwrap_or(0)),
+        // With --epochs the trainer sets the steps (and caps the warmup) once it has packed the
+        // corpus.
+        train: train_config(&args, args.steps.unwrap_or(u64::MAX)),
         batch_size: args.batch_size,
         optimizer: optimizer_config(&args),
         resume: args.resume.clone(),

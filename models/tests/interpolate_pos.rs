@@ -47,50 +47,38 @@ fn check(r: &HashMap<String, Tensor>, key: &str, hidden: Tensor, pooled: Option<
     }
 }
 
-#[test]
-fn clip_vision_matches_hf_at_other_image_sizes() {
+/// A CLIP or SigLIP fixture's vision tower (hidden states and pooled output) at `sizes`.
+fn check_dual_encoder(name: &str, sizes: &[&str]) {
     let r = reference();
-    let DualEncoder::Clip(model) =
-        load_dual_encoder(&repo("clip-tiny-eos"), Some(DType::F32), &Device::Cpu)
-            .unwrap()
-            .model
-    else {
-        panic!("clip-tiny-eos is a CLIP");
-    };
-    for size in ["64x64", "48x80", "48x48"] {
-        let key = format!("clip-tiny-eos.{size}");
+    let model = load_dual_encoder(&repo(name), Some(DType::F32), &Device::Cpu)
+        .unwrap()
+        .model;
+    for size in sizes {
+        let key = format!("{name}.{size}");
         let pixels = &r[&format!("{key}.pixel_values")];
-        let v = &model.vision_model;
-        check(
-            &r,
-            &key,
-            v.last_hidden_state(pixels).unwrap(),
-            Some(v.pooled_output(pixels).unwrap()),
-        );
+        let (hidden, pooled) = match &model {
+            DualEncoder::Clip(m) => (
+                m.vision_model.last_hidden_state(pixels),
+                m.vision_model.pooled_output(pixels),
+            ),
+            DualEncoder::Siglip(m) => (
+                m.vision_model.last_hidden_state(pixels),
+                m.vision_model.pooled_output(pixels),
+            ),
+            DualEncoder::VisionText(_) => panic!("{name} is not CLIP or SigLIP"),
+        };
+        check(&r, &key, hidden.unwrap(), Some(pooled.unwrap()));
     }
 }
 
 #[test]
+fn clip_vision_matches_hf_at_other_image_sizes() {
+    check_dual_encoder("clip-tiny-eos", &["64x64", "48x80", "48x48"]);
+}
+
+#[test]
 fn siglip_vision_matches_hf_at_other_image_sizes() {
-    let r = reference();
-    let DualEncoder::Siglip(model) =
-        load_dual_encoder(&repo("siglip-tiny"), Some(DType::F32), &Device::Cpu)
-            .unwrap()
-            .model
-    else {
-        panic!("siglip-tiny is a SigLIP");
-    };
-    for size in ["48x48", "24x40", "32x32"] {
-        let key = format!("siglip-tiny.{size}");
-        let pixels = &r[&format!("{key}.pixel_values")];
-        let v = &model.vision_model;
-        check(
-            &r,
-            &key,
-            v.last_hidden_state(pixels).unwrap(),
-            Some(v.pooled_output(pixels).unwrap()),
-        );
-    }
+    check_dual_encoder("siglip-tiny", &["48x48", "24x40", "32x32"]);
 }
 
 #[test]

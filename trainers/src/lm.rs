@@ -435,13 +435,6 @@ impl PackedSequences {
         Ok(Self { sequences, seed })
     }
 
-    /// Optimizer steps that visit every sequence `epochs` times, `per_step` sequences a step.
-    pub fn steps_for_epochs(&self, epochs: u64, per_step: usize) -> u64 {
-        (epochs * self.sequences.len() as u64)
-            .div_ceil(per_step.max(1) as u64)
-            .max(1)
-    }
-
     pub fn len(&self) -> usize {
         self.sequences.len()
     }
@@ -701,11 +694,12 @@ pub fn run(
         }
         None => (None, 0),
     };
-    let mut train = config.train.clone();
-    if let Some(epochs) = config.epochs {
-        train.steps = data.steps_for_epochs(epochs, config.batch_size * train.accum_freq.max(1));
-        train.warmup = train.warmup.min(train.steps);
-    }
+    let train = match config.epochs {
+        Some(epochs) => config
+            .train
+            .for_epochs(epochs, data.len() as u64, config.batch_size),
+        None => config.train.clone(),
+    };
     let state = initial_state(resume_dir.as_deref(), seed)?;
     let vars = model.trainable_vars(config.mtp.is_some_and(|m| m.freeze_backbone));
     let mut task = LmTask {

@@ -238,10 +238,37 @@ pub struct SelfDistill {
 /// The name of head parameter `name` among the optimizer's variables.
 const HEAD_PREFIX: &str = "medusa_head.";
 
+/// The LM under the heads. One per run, so the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
+pub enum Backbone {
+    /// Medusa-1: plain tensors, read-only (no gradient graph, contiguous inference weights).
+    Frozen {
+        model: LlamaForCausalLM,
+        tokenizer: zoo_datasets::tokenize::TextTokenizer,
+    },
+    /// Medusa-2: every weight a variable.
+    Joint(TrainableLlama),
+}
+
+impl Backbone {
+    pub fn model(&self) -> &LlamaForCausalLM {
+        match self {
+            Self::Frozen { model, .. } => model,
+            Self::Joint(t) => &t.model,
+        }
+    }
+
+    pub fn tokenizer(&self) -> &zoo_datasets::tokenize::TextTokenizer {
+        match self {
+            Self::Frozen { tokenizer, .. } => tokenizer,
+            Self::Joint(t) => &t.tokenizer,
+        }
+    }
+}
+
 /// Medusa training on packed sequences.
 pub struct MedusaTask {
-    /// The backbone, as variables; only Medusa-2 hands them to the optimizer.
-    pub backbone: TrainableLlama,
+    pub backbone: Backbone,
     pub heads: TrainableMedusa,
     joint: Option<Medusa2>,
     /// Medusa-2 with self-distillation: the original backbone, the LM loss's teacher.
@@ -286,7 +313,7 @@ impl Task for MedusaTask {
 
     fn loss(&mut self, batch: &Tensor) -> Result<Tensor> {
         let joint = self.joint_now();
-        let out = self.backbone.model.forward(batch, &mut KvCache::new())?;
+        let out = self.backbone.model().forward(batch, &mut KvCache::new())?;
         let hidden = if joint.is_some() {
             out.hidden.clone()
         } else {
@@ -294,7 +321,7 @@ impl Task for MedusaTask {
         };
         let losses = self
             .heads
-            .head_losses(&self.backbone.model, &hidden, batch)?;
+            .head_losses(self.backbone.model(), &hidden, batch)?;
         self.sums.0.resize(losses.len(), 0.0);
         let mut heads: Option<Tensor> = None;
         for (i, loss) in losses.iter().enumerate() {
@@ -354,11 +381,13 @@ impl Task for MedusaTask {
 
     /// Medusa-1: the heads' folder. Medusa-2: the backbone's HF folder with the heads in it.
     fn save_model(&self, dir: &Path) -> Result<()> {
-        if self.joint.is_none() {
-            return self.heads.save(dir, None);
+        match &self.backbone {
+            Backbone::Frozen { .. } => self.heads.save(dir, None),
+            Backbone::Joint(backbone) => {
+                backbone.save_hf(dir)?;
+                self.heads.save(dir, Some(backbone.hf_config()))
+            }
         }
-        self.backbone.save_hf(dir)?;
-        self.heads.save(dir, Some(self.backbone.hf_config()))
     }
 
     fn lr_scale(&self, name: &str) -> f64 {
@@ -467,48 +496,68 @@ pub fn run(config: RunConfig, train_files: &[PathBuf]) -> Result<RunSummary> {
         .as_deref()
         .map(checkpoint::resolve)
         .transpose()?;
+    let original_repo = ModelRepo::open(&config.model)?;
+    let load_original = || LlamaForCausalLM::load(&original_repo, Some(DType::F32), &config.device);
     // Medusa-2 checkpoints hold the trained backbone; Medusa-1 ones only the heads.
-    let backbone_spec = match (&resume_dir, config.joint) {
-        (Some(dir), Some(_)) => dir.to_string_lossy().into_owned(),
-        _ => config.model.clone(),
+    let backbone = match (&resume_dir, config.joint) {
+        (_, None) => Backbone::Frozen {
+            model: load_original()?,
+            tokenizer: zoo_datasets::tokenize::TextTokenizer::from_files(
+                &original_repo.get("tokenizer.json")?,
+                original_repo
+                    .get_optional("tokenizer_config.json")?
+                    .as_deref(),
+            )?,
+        },
+        (Some(dir), Some(_)) => Backbone::Joint(TrainableLlama::from_pretrained(
+            &dir.to_string_lossy(),
+            &config.device,
+        )?),
+        (None, Some(_)) => Backbone::Joint(TrainableLlama::from_pretrained(
+            &config.model,
+            &config.device,
+        )?),
     };
-    let backbone = TrainableLlama::from_pretrained(&backbone_spec, &config.device)?;
-    let eos = backbone.eos()?;
+    let eos = backbone
+        .model()
+        .config
+        .eos_token_ids()
+        .first()
+        .copied()
+        .ok_or_else(|| Error::Input("the backbone config has no eos_token_id".into()))?;
     let corpus = Corpus::read(train_files)?;
     let seed = config.train.seed;
     let mut data = PackedSequences::new(
-        &corpus.tokens(&backbone.tokenizer, eos)?,
+        &corpus.tokens(backbone.tokenizer(), eos)?,
         config.seq_len,
         seed,
     )?;
-    let mut teacher = None;
+    // Medusa-2's frozen copy of the original LM: the LM loss's teacher under self-distillation.
+    let teacher = match (&config.self_distill, config.joint) {
+        (Some(_), Some(_)) => Some(load_original()?),
+        _ => None,
+    };
     if let Some(settings) = &config.self_distill {
-        // The original backbone writes the data (also when resuming Medusa-2, whose backbone
-        // has moved on), and teaches the LM loss.
-        let original = LlamaForCausalLM::load(
-            &ModelRepo::open(&config.model)?,
-            Some(DType::F32),
-            &config.device,
-        )?;
-        data = self_distill(&original, &data, settings, seed)?;
-        write_generations(&config.train.output, &data, &backbone)?;
-        if config.joint.is_some() {
-            teacher = Some(original);
-        }
+        // The original LM writes the data: Medusa-1's frozen backbone, or Medusa-2's teacher
+        // (its backbone moves on, also when resuming).
+        let writer = teacher.as_ref().unwrap_or(backbone.model());
+        data = self_distill(writer, &data, settings, seed)?;
+        write_generations(&config.train.output, &data, backbone.tokenizer())?;
     }
-    let mut train = config.train.clone();
-    if let Some(epochs) = config.epochs {
-        train.steps = data.steps_for_epochs(epochs, config.batch_size * train.accum_freq.max(1));
-        train.warmup = train.warmup.min(train.steps);
-    }
+    let train = match config.epochs {
+        Some(epochs) => config
+            .train
+            .for_epochs(epochs, data.len() as u64, config.batch_size),
+        None => config.train.clone(),
+    };
     let heads = match &resume_dir {
-        Some(dir) => TrainableMedusa::load(dir, &backbone.model, &config.model)?,
+        Some(dir) => TrainableMedusa::load(dir, backbone.model(), &config.model)?,
         None => TrainableMedusa::new(
             MedusaConfig {
                 medusa_num_heads: config.num_heads,
                 medusa_num_layers: config.num_layers,
             },
-            &backbone.model,
+            backbone.model(),
             &config.model,
         )?,
     };
@@ -518,8 +567,8 @@ pub fn run(config: RunConfig, train_files: &[PathBuf]) -> Result<RunSummary> {
         .into_iter()
         .map(|(n, v)| (format!("{HEAD_PREFIX}{n}"), v))
         .collect();
-    if config.joint.is_some() {
-        vars.extend(backbone.trainable_vars(false));
+    if let Backbone::Joint(b) = &backbone {
+        vars.extend(b.trainable_vars(false));
     }
     let mut task = MedusaTask {
         backbone,
@@ -552,13 +601,16 @@ pub fn run(config: RunConfig, train_files: &[PathBuf]) -> Result<RunSummary> {
 
 /// Writes the self-distilled sequences as `self_distill.jsonl` (`{"text": ...}` per line, as
 /// FasterDecoding's `data_generation` writes them) into `output`, for inspection and reuse.
-fn write_generations(output: &Path, data: &PackedSequences, model: &TrainableLlama) -> Result<()> {
+fn write_generations(
+    output: &Path,
+    data: &PackedSequences,
+    tokenizer: &zoo_datasets::tokenize::TextTokenizer,
+) -> Result<()> {
     std::fs::create_dir_all(output)
         .map_err(|e| Error::Input(format!("cannot create {}: {e}", output.display())))?;
     let mut lines = String::new();
     for seq in data.sequences() {
-        let text = model
-            .tokenizer
+        let text = tokenizer
             .inner()
             .decode(seq, false)
             .map_err(|e| Error::Input(format!("cannot decode a generation: {e}")))?;

@@ -196,6 +196,28 @@ impl AdamW {
     }
 }
 
+/// The names of `vars` whose gradient in `grads` is missing or all zero: what a gradient-flow
+/// check looks for (Candle's fused ops drop gradients silently).
+pub fn without_gradient(vars: &[(String, Var)], grads: &GradStore) -> Result<Vec<String>> {
+    let mut missing = Vec::new();
+    for (name, var) in vars {
+        let reached = match grads.get(var.as_tensor()) {
+            Some(g) => {
+                g.abs()?
+                    .sum_all()?
+                    .to_dtype(DType::F32)?
+                    .to_scalar::<f32>()?
+                    != 0.0
+            }
+            None => false,
+        };
+        if !reached {
+            missing.push(name.clone());
+        }
+    }
+    Ok(missing)
+}
+
 /// Collects the gradients of `vars` from a backward pass, by name.
 pub fn named_grads(vars: &[(String, Var)], store: &GradStore) -> HashMap<String, Tensor> {
     vars.iter()

@@ -61,6 +61,26 @@ pub struct TrainConfig {
     pub progress: bool,
 }
 
+impl TrainConfig {
+    /// The same run lasting `epochs` passes over `samples` samples, `batch_size` per
+    /// micro-batch: `ceil(epochs · samples / (batch_size · accum_freq))` steps, the warmup no
+    /// longer than the run.
+    pub fn for_epochs(&self, epochs: u64, samples: u64, batch_size: usize) -> Self {
+        let steps = steps_for_epochs(epochs, samples, batch_size * self.accum_freq.max(1));
+        Self {
+            steps,
+            warmup: self.warmup.min(steps),
+            ..self.clone()
+        }
+    }
+}
+
+/// Optimizer steps that visit `samples` samples `epochs` times, `per_step` samples a step (at
+/// least one step).
+pub fn steps_for_epochs(epochs: u64, samples: u64, per_step: usize) -> u64 {
+    (epochs * samples).div_ceil(per_step.max(1) as u64).max(1)
+}
+
 /// Everything besides weights and optimizer moments that a resumed run needs.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct TrainState {
@@ -217,4 +237,28 @@ pub fn run_task<T: Task>(
     }
     let mut log = MetricsLog::open(&config.output, resume.map(|_| state.step))?;
     train(task, vars, &mut optimizer, config, state, &mut log)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn epochs_count_steps_of_whole_accumulated_batches_and_cap_the_warmup() {
+        let cfg = TrainConfig {
+            steps: u64::MAX,
+            lr: 1e-3,
+            warmup: 100,
+            accum_freq: 2,
+            grad_clip_norm: None,
+            save_every: None,
+            eval_every: None,
+            output: PathBuf::from("out"),
+            seed: 0,
+            progress: false,
+        };
+        let run = cfg.for_epochs(3, 10, 4);
+        assert_eq!((run.steps, run.warmup), (4, 4)); // ceil(30 / 8)
+        assert_eq!(steps_for_epochs(1, 0, 8), 1);
+    }
 }

@@ -12,7 +12,7 @@ use zoo_trainers::contrastive::{run, ModelSpec, RunConfig, RunData, RunSummary};
 use zoo_trainers::data::{RecordStream, SyntheticStream};
 use zoo_trainers::loss::{clip_loss, siglip_loss};
 use zoo_trainers::model::TrainableDualEncoder;
-use zoo_trainers::optim::AdamWConfig;
+use zoo_trainers::optim::{without_gradient, AdamWConfig};
 use zoo_trainers::train::TrainConfig;
 
 /// The same `n` synthetic pairs every epoch.
@@ -125,24 +125,7 @@ fn assert_gradient_reaches_everything(preset: &str) {
     let grads = loss.backward().unwrap();
     let vars = m.trainable_vars(false, false);
     assert!(vars.len() > 30);
-    let missing: Vec<&str> = vars
-        .iter()
-        .filter(|(_, v)| {
-            grads
-                .get(v.as_tensor())
-                .map(|g| {
-                    g.abs()
-                        .unwrap()
-                        .sum_all()
-                        .unwrap()
-                        .to_scalar::<f32>()
-                        .unwrap()
-                        == 0.0
-                })
-                .unwrap_or(true)
-        })
-        .map(|(n, _)| n.as_str())
-        .collect();
+    let missing = without_gradient(&vars, &grads).unwrap();
     assert!(
         missing.is_empty(),
         "{preset}: no gradient reached {missing:?}"

@@ -157,11 +157,12 @@ impl Chooser {
     }
 
     fn choose(&mut self, logits: &Tensor) -> Result<(u32, Option<Vec<f32>>)> {
-        let row = logits.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        let logits = logits.to_dtype(DType::F32)?;
         Ok(match self.sampling.as_mut() {
-            None => (crate::generation::argmax(&row), None),
+            // On the device: only the index comes back.
+            None => (logits.argmax(D::Minus1)?.to_scalar::<u32>()?, None),
             Some((s, rng)) => {
-                let probs = nucleus_probs(&row, s);
+                let probs = nucleus_probs(&logits.to_vec1::<f32>()?, s);
                 (rng.choose(&probs), Some(probs))
             }
         })
