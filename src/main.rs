@@ -15,6 +15,7 @@ mod embed;
 mod eval;
 mod generate;
 mod matching;
+mod memory;
 mod train;
 
 #[derive(Parser)]
@@ -24,8 +25,18 @@ mod train;
     about = "CLIP, SigLIP, BLIP and Medusa/MTP LLMs on Candle"
 )]
 struct Cli {
+    /// Attention backend for every model: `naive` (matmuls and a softmax, the N×N scores in
+    /// memory), `fused` (tiled online-softmax kernel on the CPU with its own backward; Metal
+    /// inference takes candle's sdpa), or `auto`, fused where `zoo bench attention` measured it
+    /// faster.
+    #[arg(long, global = true, default_value = "auto", value_parser = parse_backend)]
+    attention: zoo_models::layers::AttentionBackend,
     #[command(subcommand)]
     command: Command,
+}
+
+fn parse_backend(s: &str) -> Result<zoo_models::layers::AttentionBackend, String> {
+    s.parse()
 }
 
 #[derive(Subcommand)]
@@ -40,7 +51,7 @@ enum Command {
     Match(matching::MatchArgs),
     /// Generate text with a Llama-architecture LLM.
     Generate(generate::GenerateArgs),
-    /// Benchmarks: `zoo bench generate` (plain greedy, Medusa and MTP side by side).
+    /// Benchmarks: `zoo bench embed|train-step|caption|generate|attention`, JSON and a table.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
     /// Train a model: `zoo train clip|siglip|blip`.
@@ -59,8 +70,9 @@ enum Command {
 /// threshold (at most 32 MiB by default) with a fresh `mmap`, so a large activation, such as
 /// BLIP's `[32, 16, 30524]` logits, is page-faulted in anew at every training step; with glibc,
 /// `zoo demo caption` spent more time in the kernel than computing.
+/// Wrapped to count peak memory while `zoo bench` measures it (see [`memory`]).
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: memory::Tracking<mimalloc::MiMalloc> = memory::Tracking(mimalloc::MiMalloc);
 
 /// `mi_option_purge_delay` in mimalloc.h's `mi_option_e` (v2 and v3).
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
@@ -90,6 +102,7 @@ fn main() -> ExitCode {
     tune_allocator();
     pin_thread_count();
     let cli = Cli::parse();
+    zoo_models::layers::set_attention_backend(cli.attention);
     let result = match cli.command {
         Command::Embed(args) => embed::run(args),
         Command::Classify(args) => classify::run(args),

@@ -61,9 +61,16 @@ fn caption_json_matches_hf_generate_for_greedy_and_beams_with_and_without_a_prom
     let r = cli_reference("blip-tiny-caption");
     let model = fixtures().join("blip-tiny-caption");
     let images = image_paths(&r);
-    for run in ["greedy", "greedy_prompt", "beams", "beams_prompt"] {
+    // Under either attention backend (the fused kernel takes the padding and causal masks).
+    let runs = ["greedy", "greedy_prompt", "beams", "beams_prompt"];
+    for (backend, run) in ["naive", "fused"]
+        .into_iter()
+        .flat_map(|b| runs.map(|r| (b, r)))
+    {
         let opts = &r[run]["options"];
         let mut args: Vec<String> = vec![
+            "--attention".into(),
+            backend.into(),
             "caption".into(),
             "--model".into(),
             model.to_str().unwrap().into(),
@@ -92,11 +99,11 @@ fn caption_json_matches_hf_generate_for_greedy_and_beams_with_and_without_a_prom
             assert_eq!(item["image"].as_str().unwrap(), images[i]);
             assert_eq!(
                 item["token_ids"], r[run]["token_ids"][i],
-                "{run}: token ids of image {i}"
+                "{backend} {run}: token ids of image {i}"
             );
             assert_eq!(
                 item["caption"], r[run]["captions"][i],
-                "{run}: caption of image {i}"
+                "{backend} {run}: caption of image {i}"
             );
         }
         if run.ends_with("prompt") {

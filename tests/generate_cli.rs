@@ -32,12 +32,21 @@ fn json_stdout(out: &Output) -> Value {
 
 #[test]
 fn greedy_generation_matches_hf_generate_token_for_token() {
-    for name in ["llama-tiny", "qwen2-tiny"] {
+    // Under both attention backends (grouped-query heads, causal prefill with the cache).
+    let runs = [
+        ("llama-tiny", "naive"),
+        ("qwen2-tiny", "naive"),
+        ("llama-tiny", "fused"),
+        ("qwen2-tiny", "fused"),
+    ];
+    for (name, backend) in runs {
         let dir = fixtures().join(name);
         let reference: Value =
             serde_json::from_str(&std::fs::read_to_string(dir.join("cli_reference.json")).unwrap())
                 .unwrap();
         let out = json_stdout(&zoo(&[
+            "--attention",
+            backend,
             "generate",
             "--model",
             dir.to_str().unwrap(),
@@ -47,7 +56,7 @@ fn greedy_generation_matches_hf_generate_token_for_token() {
             "12",
             "--json",
         ]));
-        assert_eq!(out["token_ids"], reference["token_ids"], "{name}");
+        assert_eq!(out["token_ids"], reference["token_ids"], "{name} {backend}");
         assert_eq!(out["new_tokens"], 12);
         assert_eq!(out["steps"], 12);
         assert_eq!(out["mean_accepted"], 1.0);

@@ -9,14 +9,14 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_core::{Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use crate::hub::read_json;
 use crate::layers::{
-    causal_mask, combine_masks, padding_mask, upcast, Activation, AttentionConfig, LayerNorm,
-    LearnedPositionEmbedding, Linear, MultiHeadAttention, QkvLayout,
+    upcast, Activation, AttentionConfig, AttentionMask, LayerNorm, LearnedPositionEmbedding,
+    Linear, MultiHeadAttention, QkvLayout,
 };
 
 /// How positions enter the model. Only `absolute` (a learned table added to the embeddings) is
@@ -240,7 +240,7 @@ impl BertAttention {
         &self,
         x: &Tensor,
         keys_values: &Tensor,
-        mask: Option<&Tensor>,
+        mask: &AttentionMask,
     ) -> Result<Tensor> {
         let h = self.attention.forward_cross(x, keys_values, mask)?;
         self.output.forward(&h, x)
@@ -253,7 +253,7 @@ impl BertAttention {
         x: &Tensor,
         k: &Tensor,
         v: &Tensor,
-        mask: Option<&Tensor>,
+        mask: &AttentionMask,
     ) -> Result<Tensor> {
         let h = self.attention.attend(x, k, v, mask)?;
         self.output.forward(&h, x)
@@ -300,15 +300,15 @@ impl BertLayer {
         })
     }
 
-    /// `x` `[B, L, D]`; `mask` is the additive self-attention mask, `encoder_mask` the additive
-    /// mask over `encoder_hidden_states` `[B, Lk, Dk]`. Cross-attention runs when encoder states
-    /// are given, as in HF.
+    /// `x` `[B, L, D]`; `mask` is the self-attention mask, `encoder_mask` the mask over
+    /// `encoder_hidden_states` `[B, Lk, Dk]`. Cross-attention runs when encoder states are
+    /// given, as in HF.
     pub fn forward(
         &self,
         x: &Tensor,
-        mask: Option<&Tensor>,
+        mask: &AttentionMask,
         encoder_hidden_states: Option<&Tensor>,
-        encoder_mask: Option<&Tensor>,
+        encoder_mask: &AttentionMask,
     ) -> Result<Tensor> {
         let x = self.attention.forward(x, x, mask)?;
         let x = match (&self.crossattention, encoder_hidden_states) {
@@ -328,7 +328,7 @@ impl BertLayer {
     pub fn forward_cached(
         &self,
         x: &Tensor,
-        mask: Option<&Tensor>,
+        mask: &AttentionMask,
         encoder_hidden_states: Option<&Tensor>,
         cache: &mut LayerKvCache,
     ) -> Result<Tensor> {
@@ -345,7 +345,7 @@ impl BertLayer {
                     Some(kv) => kv.clone(),
                     None => cross.key_values(enc)?,
                 };
-                let out = cross.forward_kv(&x, &k, &v, None)?;
+                let out = cross.forward_kv(&x, &k, &v, &AttentionMask::none())?;
                 cache.cross_kv = Some((k, v));
                 out
             }
@@ -426,13 +426,13 @@ impl BertEncoder {
         Ok(Self { layers })
     }
 
-    /// Runs every layer with the same additive masks (see [`self_attention_mask`]).
+    /// Runs every layer with the same masks (see [`self_attention_mask`]).
     pub fn forward(
         &self,
         x: &Tensor,
-        mask: Option<&Tensor>,
+        mask: &AttentionMask,
         encoder_hidden_states: Option<&Tensor>,
-        encoder_mask: Option<&Tensor>,
+        encoder_mask: &AttentionMask,
     ) -> Result<Tensor> {
         self.layers.iter().try_fold(x.clone(), |h, layer| {
             layer.forward(&h, mask, encoder_hidden_states, encoder_mask)
@@ -503,26 +503,10 @@ impl BertModel {
         encoder_attention_mask: Option<&Tensor>,
     ) -> Result<Tensor> {
         let x = self.embeddings.forward(input_ids, token_type_ids)?;
-        let (dtype, dev) = (x.dtype(), x.device());
-        let mask = self_attention_mask(
-            attention_mask,
-            x.dim(1)?,
-            self.config.is_decoder,
-            dtype,
-            dev,
-        )?;
-        let encoder_mask = match encoder_hidden_states {
-            Some(_) => encoder_attention_mask
-                .map(|m| padding_mask(m, dtype))
-                .transpose()?,
-            None => None,
-        };
-        self.encoder.forward(
-            &x,
-            mask.as_ref(),
-            encoder_hidden_states,
-            encoder_mask.as_ref(),
-        )
+        let mask = self_attention_mask(attention_mask, self.config.is_decoder);
+        let encoder_mask = AttentionMask::padding(encoder_attention_mask);
+        self.encoder
+            .forward(&x, &mask, encoder_hidden_states, &encoder_mask)
     }
 
     /// Hidden states `[B, L, D]` of the next `input_ids` `[B, L]` of a decoder, given the tokens
@@ -540,16 +524,16 @@ impl BertModel {
         let x = self.embeddings.forward_at(input_ids, None, offset)?;
         let l = x.dim(1)?;
         let mask = if self.config.is_decoder && l > 1 {
-            Some(causal_mask(l, offset + l, offset, x.dtype(), x.device())?)
+            AttentionMask::causal(offset)
         } else {
-            None
+            AttentionMask::none()
         };
         cache
             .layers
             .resize_with(self.encoder.layers.len(), LayerKvCache::default);
         let mut h = x;
         for (layer, layer_cache) in self.encoder.layers.iter().zip(cache.layers.iter_mut()) {
-            h = layer.forward_cached(&h, mask.as_ref(), encoder_hidden_states, layer_cache)?;
+            h = layer.forward_cached(&h, &mask, encoder_hidden_states, layer_cache)?;
         }
         cache.len += l;
         Ok(h)
@@ -566,23 +550,15 @@ impl BertModel {
     }
 }
 
-/// The additive self-attention mask for a sequence of `len` tokens: padding from an HF
-/// `attention_mask` `[B, len]`, plus the causal mask when `causal`, merged as HF's
-/// `get_extended_attention_mask` does. `None` when nothing is masked.
-pub fn self_attention_mask(
-    attention_mask: Option<&Tensor>,
-    len: usize,
-    causal: bool,
-    dtype: DType,
-    dev: &Device,
-) -> Result<Option<Tensor>> {
-    let padding = attention_mask.map(|m| padding_mask(m, dtype)).transpose()?;
-    let causal = if causal {
-        Some(causal_mask(len, len, 0, dtype, dev)?)
+/// The self-attention mask: padding from an HF `attention_mask` `[B, L]`, plus the causal
+/// mask when `causal`, as HF's `get_extended_attention_mask` merges them.
+pub fn self_attention_mask(attention_mask: Option<&Tensor>, causal: bool) -> AttentionMask {
+    let mask = if causal {
+        AttentionMask::causal(0)
     } else {
-        None
+        AttentionMask::none()
     };
-    combine_masks(causal, padding)
+    mask.with_padding(attention_mask)
 }
 
 /// Mean pooling as sentence-transformers' `Pooling(pooling_mode_mean_tokens=True)` and
@@ -609,6 +585,7 @@ pub fn mean_pool(hidden: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::{DType, Device};
 
     fn parse(json: &str) -> crate::Result<BertConfig> {
         let dir = tempfile::tempdir().unwrap();

@@ -18,8 +18,8 @@ use crate::error::CandleContext;
 use crate::generation::{self, GenerationConfig, StepModel};
 use crate::hub::{read_json, ModelRepo};
 use crate::layers::{
-    Activation, AttentionConfig, ClassToken, Encoder, EncoderConfig, LayerNorm, Linear,
-    PositionTable, QkvLayout, VitEmbeddings, VitEmbeddingsConfig,
+    Activation, AttentionConfig, AttentionMask, ClassToken, Encoder, EncoderConfig, LayerNorm,
+    Linear, PositionTable, QkvLayout, VitEmbeddings, VitEmbeddingsConfig,
 };
 use crate::weights::SafetensorsWeights;
 
@@ -223,7 +223,7 @@ impl BlipVisionModel {
     /// text models cross-attend to (`image_embeds`).
     pub fn forward(&self, pixel_values: &Tensor) -> Result<Tensor> {
         let x = self.embeddings.forward(pixel_values)?;
-        let x = self.encoder.forward(&x, None)?;
+        let x = self.encoder.forward(&x, &AttentionMask::none())?;
         self.post_layernorm.forward(&x)
     }
 }

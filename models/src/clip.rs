@@ -9,8 +9,8 @@ use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use crate::layers::{
-    causal_mask, combine_masks, padding_mask, Activation, ClassToken, Encoder, EncoderConfig,
-    LayerNorm, LearnedPositionEmbedding, Linear, PositionTable, VitEmbeddings, VitEmbeddingsConfig,
+    Activation, AttentionMask, ClassToken, Encoder, EncoderConfig, LayerNorm,
+    LearnedPositionEmbedding, Linear, PositionTable, VitEmbeddings, VitEmbeddingsConfig,
 };
 
 /// HF `CLIPTextConfig`, with its defaults for missing fields.
@@ -169,11 +169,8 @@ impl ClipTextTransformer {
         let (_, l) = input_ids.dims2()?;
         let tokens = self.token_embedding.forward(input_ids)?;
         let x = tokens.broadcast_add(&self.position_embedding.forward(l, 0)?)?;
-        let dtype = x.dtype();
-        let causal = causal_mask(l, l, 0, dtype, x.device())?;
-        let padding = attention_mask.map(|m| padding_mask(m, dtype)).transpose()?;
-        let mask = combine_masks(Some(causal), padding)?;
-        let x = self.encoder.forward(&x, mask.as_ref())?;
+        let mask = AttentionMask::causal(0).with_padding(attention_mask);
+        let x = self.encoder.forward(&x, &mask)?;
         self.final_layer_norm.forward(&x)
     }
 
@@ -255,7 +252,7 @@ impl ClipVisionTransformer {
     pub fn last_hidden_state(&self, pixel_values: &Tensor) -> Result<Tensor> {
         let x = self.embeddings.forward(pixel_values)?;
         let x = self.pre_layrnorm.forward(&x)?;
-        self.encoder.forward(&x, None)
+        self.encoder.forward(&x, &AttentionMask::none())
     }
 
     /// `post_layernorm` of the class token, `[B, D]`.

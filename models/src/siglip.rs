@@ -9,7 +9,7 @@ use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use crate::layers::{
-    padding_mask, Activation, AttentionPoolingHead, ClassToken, Encoder, EncoderConfig, LayerNorm,
+    Activation, AttentionMask, AttentionPoolingHead, ClassToken, Encoder, EncoderConfig, LayerNorm,
     LearnedPositionEmbedding, Linear, PositionTable, VitEmbeddings, VitEmbeddingsConfig,
 };
 
@@ -145,10 +145,9 @@ impl SiglipTextTransformer {
             .token_embedding
             .forward(input_ids)?
             .broadcast_add(&self.position_embedding.forward(l, 0)?)?;
-        let mask = attention_mask
-            .map(|m| padding_mask(m, x.dtype()))
-            .transpose()?;
-        let x = self.encoder.forward(&x, mask.as_ref())?;
+        let x = self
+            .encoder
+            .forward(&x, &AttentionMask::padding(attention_mask))?;
         self.final_layer_norm.forward(&x)
     }
 
@@ -218,7 +217,7 @@ impl SiglipVisionTransformer {
     pub fn last_hidden_state(&self, pixel_values: &Tensor) -> Result<Tensor> {
         let x = self.embeddings.forward(pixel_values)?;
         self.post_layernorm
-            .forward(&self.encoder.forward(&x, None)?)
+            .forward(&self.encoder.forward(&x, &AttentionMask::none())?)
     }
 
     /// The attention-pooled image state `[B, D]`.

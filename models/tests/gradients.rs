@@ -8,8 +8,8 @@ use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use zoo_models::contrastive::{DualEncoder, DualEncoderConfig};
 use zoo_models::layers::{
-    causal_mask, padding_mask, Activation, AttentionConfig, LayerNorm, MultiHeadAttention,
-    PatchEmbedding, QkvLayout, RmsNorm, RotaryEmbedding,
+    Activation, AttentionConfig, AttentionMask, LayerNorm, MultiHeadAttention, PatchEmbedding,
+    QkvLayout, RmsNorm, RotaryEmbedding,
 };
 
 fn fixture(name: &str) -> PathBuf {
@@ -232,16 +232,13 @@ fn attention_with_masks_backward_matches_finite_differences() {
         let attn = MultiHeadAttention::new(&cfg, vb_from(ws)).unwrap();
         let x = randn(&[2, 5, d], 60);
         let am = Tensor::new(&[[1i64, 1, 1, 1, 0], [1, 1, 1, 0, 0]], &Device::Cpu).unwrap();
-        let mask = (causal_mask(5, 5, 0, DType::F64, &Device::Cpu)
-            .unwrap()
-            .broadcast_add(&padding_mask(&am, DType::F64).unwrap()))
-        .unwrap();
+        let mask = AttentionMask::causal(0).with_padding(Some(&am));
         check_grad(&format!("attention {layout:?}"), &x, |x| {
-            attn.forward(x, Some(&mask)).unwrap()
+            attn.forward(x, &mask).unwrap()
         });
         let kv = randn(&[2, 3, d], 61);
         check_grad(&format!("cross attention {layout:?}"), &x, |x| {
-            attn.forward_cross(x, &kv, None).unwrap()
+            attn.forward_cross(x, &kv, &AttentionMask::none()).unwrap()
         });
     }
 }

@@ -201,7 +201,7 @@ fn a_tree_of_siblings_verified_at_once_compacts_to_the_chosen_branch() {
         LlamaForCausalLM::tree_mask(5, &[vec![true, false], vec![false, true]], &Device::Cpu)
             .unwrap();
     let out = model
-        .forward_at(&siblings, &[5, 5], mask.as_ref(), &mut cache)
+        .forward_at(&siblings, &[5, 5], &mask, &mut cache)
         .unwrap();
     assert!(max_abs_diff(&out.logits.narrow(1, 1, 1).unwrap(), &want_b) < 1e-5);
     cache.keep(5, &[6]).unwrap();

@@ -165,7 +165,7 @@ fn drafts_from_scratch(model: &LlamaForCausalLM, mtp: &MtpModules, tokens: &[u32
     let mut drafts = Vec::new();
     let positions: Vec<u32> = (0..(m - 1) as u32).collect();
     let (cos, sin) = model.model.rotary_cos_sin(&positions, &dev).unwrap();
-    let mask = zoo_models::layers::causal_mask(m - 1, m - 1, 0, DType::F32, &dev).unwrap();
+    let mask = zoo_models::layers::AttentionMask::causal(0);
     for (k0, module) in mtp.modules.iter().enumerate() {
         let k = k0 + 1;
         let ahead: Vec<u32> = (1..m).map(|i| known[i + k - 1]).collect();
@@ -175,7 +175,7 @@ fn drafts_from_scratch(model: &LlamaForCausalLM, mtp: &MtpModules, tokens: &[u32
             .unwrap();
         let mut kv = None;
         hidden = module
-            .forward(&hidden, &embeds, &cos, &sin, Some(&mask), &mut kv)
+            .forward(&hidden, &embeds, &cos, &sin, &mask, &mut kv)
             .unwrap();
         let last = hidden.narrow(1, m - 2, 1).unwrap();
         let logits = module.logits(&last, model.lm_head()).unwrap();

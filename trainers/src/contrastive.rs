@@ -216,6 +216,37 @@ pub fn parse_templates(spec: &str) -> Result<Vec<String>> {
     Ok(list)
 }
 
+/// The training loss of one batch: CLIP's symmetric InfoNCE or SigLIP's sigmoid loss (in
+/// `siglip_chunk`-sized blocks when set) on the normalised features. A tower locked by
+/// `(lock_image, lock_text)` gets no backward pass.
+pub fn contrastive_loss(
+    model: &TrainableDualEncoder,
+    batch: &ContrastiveBatch,
+    (lock_image, lock_text): (bool, bool),
+    siglip_chunk: Option<usize>,
+) -> Result<Tensor> {
+    let mut img = l2_normalize(&model.model.image_features(&batch.pixel_values)?)?;
+    if lock_image {
+        img = img.detach();
+    }
+    let txt = l2_normalize(&model.text_features_for_loss(
+        &batch.input_ids,
+        batch.attention_mask.as_ref(),
+        lock_text,
+    )?)?;
+    let (scale, bias) = model.logit_vars();
+    Ok(match (model.config.score_kind(), bias) {
+        (ScoreKind::Softmax, _) => clip_loss(&img, &txt, scale.as_tensor())?,
+        (ScoreKind::Sigmoid, Some(bias)) => match siglip_chunk {
+            Some(c) => siglip_loss_chunked(&img, &txt, scale.as_tensor(), bias.as_tensor(), c)?,
+            None => siglip_loss(&img, &txt, scale.as_tensor(), bias.as_tensor())?,
+        },
+        (ScoreKind::Sigmoid, None) => {
+            return Err(Error::Input("SigLIP model without logit_bias".into()))
+        }
+    })
+}
+
 /// Dual encoder training on contrastive batches.
 pub struct ContrastiveTask {
     pub model: TrainableDualEncoder,
@@ -248,28 +279,12 @@ impl Task for ContrastiveTask {
     }
 
     fn loss(&mut self, batch: &ContrastiveBatch) -> Result<Tensor> {
-        let model = &self.model.model;
-        let mut img = l2_normalize(&model.image_features(&batch.pixel_values)?)?;
-        // A locked tower needs no backward pass.
-        if self.lock_image {
-            img = img.detach();
-        }
-        let txt = l2_normalize(&self.model.text_features_for_loss(
-            &batch.input_ids,
-            batch.attention_mask.as_ref(),
-            self.lock_text,
-        )?)?;
-        let (scale, bias) = self.model.logit_vars();
-        Ok(match (self.model.config.score_kind(), bias) {
-            (ScoreKind::Softmax, _) => clip_loss(&img, &txt, scale.as_tensor())?,
-            (ScoreKind::Sigmoid, Some(bias)) => match self.siglip_chunk {
-                Some(c) => siglip_loss_chunked(&img, &txt, scale.as_tensor(), bias.as_tensor(), c)?,
-                None => siglip_loss(&img, &txt, scale.as_tensor(), bias.as_tensor())?,
-            },
-            (ScoreKind::Sigmoid, None) => {
-                return Err(Error::Input("SigLIP model without logit_bias".into()))
-            }
-        })
+        contrastive_loss(
+            &self.model,
+            batch,
+            (self.lock_image, self.lock_text),
+            self.siglip_chunk,
+        )
     }
 
     fn after_step(&mut self) -> Result<()> {

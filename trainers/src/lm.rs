@@ -228,14 +228,13 @@ impl TrainableLlama {
                 let n = t - k;
                 let positions: Vec<u32> = (0..n as u32).collect();
                 let (cos, sin) = self.model.model.rotary_cos_sin(&positions, &self.device)?;
-                let mask = zoo_models::layers::causal_mask(n, n, 0, DType::F32, &self.device)?;
                 let ahead = self.model.model.embed(&ids.narrow(1, k, n)?)?;
                 hidden = module.forward(
                     &hidden.narrow(1, 0, n)?,
                     &ahead,
                     &cos,
                     &sin,
-                    Some(&mask),
+                    &zoo_models::layers::AttentionMask::causal(0),
                     &mut None,
                 )?;
                 let logits = module.logits(&hidden.narrow(1, 0, n - 1)?, self.model.lm_head())?;

@@ -1,12 +1,20 @@
 //! Multi-head scaled dot-product attention (Vaswani et al. 2017, eq. 1) over the three weight
-//! layouts found in HF checkpoints, plus the additive masks it takes.
+//! layouts found in HF checkpoints, the masks it takes, and its two backends.
 //!
-//! The softmax is `candle_nn::ops::softmax`, which has a backward, and is taken in f32 as HF's
-//! eager attention does (`softmax(..., dtype=torch.float32)`).
+//! - **naive**: `softmax(Q Kᵀ / √d + mask) V` from matmuls and `candle_nn::ops::softmax` (which
+//!   has a backward), the softmax in f32 as HF's eager attention takes it; the mask is the
+//!   additive tensor HF builds.
+//! - **fused**: [`fused_attention`] on the CPU, tiled with an online softmax, which never builds
+//!   the `Lq × Lk` scores and has its own backward. On Metal, inference takes candle's `sdpa`.
+//!
+//! [`set_attention_backend`] chooses for the whole process (`zoo --attention`); the default,
+//! `auto`, takes the fused kernel where `zoo bench attention` measured it faster.
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
+use super::fused_attention::{fused_attention, KeyVisibility, MAX_HEAD_DIM};
 use super::Linear;
 
 /// How the query/key/value projections are stored in the checkpoint.
@@ -175,8 +183,8 @@ impl MultiHeadAttention {
         })
     }
 
-    /// Self-attention over `x` `[B, L, D]`. `mask` is additive and broadcasts to `[B, H, L, L]`.
-    pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    /// Self-attention over `x` `[B, L, D]`.
+    pub fn forward(&self, x: &Tensor, mask: &AttentionMask) -> Result<Tensor> {
         self.forward_cross(x, x, mask)
     }
 
@@ -185,7 +193,7 @@ impl MultiHeadAttention {
         &self,
         queries: &Tensor,
         keys_values: &Tensor,
-        mask: Option<&Tensor>,
+        mask: &AttentionMask,
     ) -> Result<Tensor> {
         let (k, v) = self.key_values(keys_values)?;
         self.attend(queries, &k, &v, mask)
@@ -212,24 +220,22 @@ impl MultiHeadAttention {
         queries: &Tensor,
         k: &Tensor,
         v: &Tensor,
-        mask: Option<&Tensor>,
+        mask: &AttentionMask,
     ) -> Result<Tensor> {
         self.attend_heads(&self.queries(queries)?, k, v, mask)
     }
 
     /// Attention of projected query heads `q` `[B, H, Lq, d]` (e.g. after a rotary embedding)
     /// over key/value heads `[B, Hkv, Lk, d]`, each shared by `H / Hkv` query heads; then the
-    /// heads are merged and projected out. `mask` broadcasts to `[B, H, Lq, Lk]`.
+    /// heads are merged and projected out.
     pub fn attend_heads(
         &self,
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
-        mask: Option<&Tensor>,
+        mask: &AttentionMask,
     ) -> Result<Tensor> {
-        let groups = self.num_heads / self.num_kv_heads;
-        let (k, v) = (repeat_kv(k, groups)?, repeat_kv(v, groups)?);
-        let ctx = scaled_dot_product_attention(q, &k, &v, self.scale, mask)?;
+        let ctx = attention(q, k, v, self.scale, mask)?;
         let (b, _, lq, _) = ctx.dims4()?;
         let ctx = ctx
             .transpose(1, 2)?
@@ -268,6 +274,199 @@ fn split_fused(w: &Tensor, b: Option<&Tensor>, e: usize) -> Result<(Linear, Line
         Linear::from_weights(w.narrow(0, i * e, e)?, bias)
     };
     Ok((part(0)?, part(1)?, part(2)?))
+}
+
+/// Which keys each query sees, kept structured so the fused backend never builds an
+/// `Lq × Lk` tensor; [`Self::additive`] builds the additive mask HF uses, for the naive one.
+#[derive(Debug, Clone, Default)]
+pub struct AttentionMask {
+    causal_offset: Option<usize>,
+    keep: Option<Tensor>,
+    additive: Option<Tensor>,
+}
+
+impl AttentionMask {
+    /// Every query sees every key.
+    pub fn none() -> Self {
+        Self::default()
+    }
+
+    /// Query `i`, at absolute position `offset + i` (after `offset` cached tokens), sees keys
+    /// `0..=offset + i`.
+    pub fn causal(offset: usize) -> Self {
+        Self {
+            causal_offset: Some(offset),
+            ..Self::default()
+        }
+    }
+
+    /// Also hides the padding of an HF `attention_mask` `[B, Lk]` (1 = keep, 0 = pad).
+    pub fn with_padding(mut self, attention_mask: Option<&Tensor>) -> Self {
+        self.keep = attention_mask.cloned();
+        self
+    }
+
+    /// Key padding only (see [`Self::with_padding`]).
+    pub fn padding(attention_mask: Option<&Tensor>) -> Self {
+        Self::none().with_padding(attention_mask)
+    }
+
+    /// An arbitrary additive mask broadcasting to `[B, H, Lq, Lk]` (e.g. a Medusa tree);
+    /// always taken by the naive backend.
+    pub fn additive(mask: Tensor) -> Self {
+        Self {
+            additive: Some(mask),
+            ..Self::default()
+        }
+    }
+
+    /// The additive mask for `lq` queries over `lk` keys in `dtype`, merged as HF merges its
+    /// causal and padding masks; `None` when nothing is hidden.
+    pub fn to_additive(
+        &self,
+        lq: usize,
+        lk: usize,
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<Option<Tensor>> {
+        let causal = self
+            .causal_offset
+            .map(|offset| causal_mask(lq, lk, offset, dtype, dev))
+            .transpose()?;
+        let padding = self
+            .keep
+            .as_ref()
+            .map(|m| padding_mask(m, dtype))
+            .transpose()?;
+        combine_masks(combine_masks(causal, padding)?, self.additive.clone())
+    }
+
+    /// The structured form the fused kernel takes, or `None` for an additive mask.
+    fn visibility(&self) -> Result<Option<KeyVisibility>> {
+        if self.additive.is_some() {
+            return Ok(None);
+        }
+        let keep = match &self.keep {
+            Some(m) => Some(
+                m.to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?
+                    .into_iter()
+                    .map(|x| x != 0.0)
+                    .collect(),
+            ),
+            None => None,
+        };
+        Ok(Some(KeyVisibility {
+            causal_offset: self.causal_offset,
+            keep,
+        }))
+    }
+}
+
+/// How attention is computed (`zoo --attention`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttentionBackend {
+    /// The fused kernel for shapes where it was measured faster ([`fused_is_faster`]), else naive.
+    Auto,
+    Naive,
+    /// The fused kernel wherever it applies (CPU, f32/f16, head width ≤ 256, no additive mask;
+    /// Metal inference takes `sdpa`); naive elsewhere.
+    Fused,
+}
+
+impl std::str::FromStr for AttentionBackend {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "naive" => Ok(Self::Naive),
+            "fused" => Ok(Self::Fused),
+            other => Err(format!(
+                "unknown attention backend {other:?}: use auto, naive or fused"
+            )),
+        }
+    }
+}
+
+static BACKEND: AtomicU8 = AtomicU8::new(0);
+
+/// Chooses the attention backend for every model in this process.
+pub fn set_attention_backend(backend: AttentionBackend) {
+    let code = match backend {
+        AttentionBackend::Auto => 0,
+        AttentionBackend::Naive => 1,
+        AttentionBackend::Fused => 2,
+    };
+    BACKEND.store(code, Ordering::Relaxed);
+}
+
+/// The backend chosen by [`set_attention_backend`] (`Auto` until then).
+pub fn attention_backend() -> AttentionBackend {
+    match BACKEND.load(Ordering::Relaxed) {
+        1 => AttentionBackend::Naive,
+        2 => AttentionBackend::Fused,
+        _ => AttentionBackend::Auto,
+    }
+}
+
+/// Where `auto` takes the fused kernel on the CPU: from `Lq · Lk` ≥ this many scores per head.
+/// `zoo bench attention` (8 heads of 64, 2 cores) measured the fused kernel faster from 64
+/// tokens on, forward and backward, causal or not, and about even below (BENCHMARKS.md).
+pub const AUTO_FUSED_MIN_SCORES: usize = 64 * 64;
+
+/// Whether `auto` takes the fused kernel for `lq` queries over `lk` keys.
+pub fn fused_is_faster(lq: usize, lk: usize) -> bool {
+    lq * lk >= AUTO_FUSED_MIN_SCORES
+}
+
+/// `softmax(q kᵀ · scale + mask) v` for q `[B, H, Lq, d]` over k and v `[B, Hkv, Lk, d]`, each
+/// key/value head shared by `H / Hkv` query heads, by the backend [`set_attention_backend`]
+/// chose.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    mask: &AttentionMask,
+) -> Result<Tensor> {
+    let (lq, lk, d) = (q.dim(2)?, k.dim(2)?, q.dim(3)?);
+    let fused = match attention_backend() {
+        AttentionBackend::Naive => false,
+        AttentionBackend::Fused => true,
+        AttentionBackend::Auto => fused_is_faster(lq, lk),
+    };
+    let kernel_fits = matches!(q.dtype(), DType::F32 | DType::F16) && d <= MAX_HEAD_DIM;
+    if fused && kernel_fits {
+        if q.device().is_cpu() {
+            if let Some(visibility) = mask.visibility()? {
+                return fused_attention(q, k, v, scale, visibility);
+            }
+        } else if q.device().is_metal() && !(q.track_op() || k.track_op() || v.track_op()) {
+            // candle's Metal sdpa has no backward: inference only.
+            let additive = mask
+                .to_additive(lq, lk, q.dtype(), q.device())?
+                .map(|m| m.broadcast_as((q.dim(0)?, q.dim(1)?, lq, lk))?.contiguous())
+                .transpose()?;
+            return candle_nn::ops::sdpa(q, k, v, additive.as_ref(), false, scale as f32, 1.0);
+        }
+    }
+    naive_attention(q, k, v, scale, mask)
+}
+
+/// The naive backend of [`attention`]: keys and values repeated per query head, the additive
+/// mask built, then [`scaled_dot_product_attention`].
+pub fn naive_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    mask: &AttentionMask,
+) -> Result<Tensor> {
+    let groups = q.dim(1)? / k.dim(1)?.max(1);
+    let (k, v) = (repeat_kv(k, groups)?, repeat_kv(v, groups)?);
+    let additive = mask.to_additive(q.dim(2)?, k.dim(2)?, q.dtype(), q.device())?;
+    scaled_dot_product_attention(q, &k, &v, scale, additive.as_ref())
 }
 
 /// `softmax(q kᵀ · scale + mask) v` on `[B, H, L, d]` tensors; the softmax runs in f32.

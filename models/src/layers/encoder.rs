@@ -4,7 +4,7 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::{Activation, AttentionConfig, LayerNorm, Mlp, MultiHeadAttention};
+use super::{Activation, AttentionConfig, AttentionMask, LayerNorm, Mlp, MultiHeadAttention};
 
 /// Widths and names shared by every layer of one encoder.
 #[derive(Debug, Clone)]
@@ -56,7 +56,7 @@ impl EncoderLayer {
         })
     }
 
-    pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, mask: &AttentionMask) -> Result<Tensor> {
         let h = self
             .self_attn
             .forward(&self.layer_norm1.forward(x)?, mask)?;
@@ -80,7 +80,7 @@ impl Encoder {
         Ok(Self { layers })
     }
 
-    pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, mask: &AttentionMask) -> Result<Tensor> {
         self.layers
             .iter()
             .try_fold(x.clone(), |h, layer| layer.forward(&h, mask))

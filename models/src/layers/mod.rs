@@ -7,6 +7,7 @@
 mod activation;
 mod attention;
 mod encoder;
+mod fused_attention;
 mod linear;
 mod mlp;
 mod norm;
@@ -17,10 +18,13 @@ mod vit;
 
 pub use activation::Activation;
 pub use attention::{
-    causal_mask, combine_masks, mask_min, padding_mask, repeat_kv, scaled_dot_product_attention,
-    AttentionConfig, MultiHeadAttention, QkvLayout,
+    attention, attention_backend, causal_mask, combine_masks, fused_is_faster, mask_min,
+    naive_attention, padding_mask, repeat_kv, scaled_dot_product_attention, set_attention_backend,
+    AttentionBackend, AttentionConfig, AttentionMask, MultiHeadAttention, QkvLayout,
+    AUTO_FUSED_MIN_SCORES,
 };
 pub use encoder::{Encoder, EncoderConfig, EncoderLayer};
+pub use fused_attention::{fused_attention, KeyVisibility, MAX_HEAD_DIM};
 pub use linear::Linear;
 pub use mlp::Mlp;
 pub use norm::{LayerNorm, RmsNorm};

@@ -4,7 +4,9 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::{Activation, AttentionConfig, LayerNorm, Mlp, MultiHeadAttention, QkvLayout};
+use super::{
+    Activation, AttentionConfig, AttentionMask, LayerNorm, Mlp, MultiHeadAttention, QkvLayout,
+};
 
 /// HF's `SiglipMultiheadAttentionPoolingHead`: `probe`, `attention` (a
 /// `torch.nn.MultiheadAttention`), `layernorm`, `mlp`.
@@ -45,7 +47,9 @@ impl AttentionPoolingHead {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, _, d) = x.dims3()?;
         let probe = self.probe.broadcast_as((b, 1, d))?.to_dtype(x.dtype())?;
-        let pooled = self.attention.forward_cross(&probe, x, None)?;
+        let pooled = self
+            .attention
+            .forward_cross(&probe, x, &AttentionMask::none())?;
         let pooled = (&pooled + self.mlp.forward(&self.layernorm.forward(&pooled)?)?)?;
         pooled.squeeze(1)
     }

@@ -16,7 +16,7 @@ use crate::error::CandleContext;
 use crate::generation::StepModel;
 use crate::hub::ModelRepo;
 use crate::layers::{
-    apply_rotary, causal_mask, rotary_cos_sin, Activation, AttentionConfig, Linear,
+    apply_rotary, rotary_cos_sin, Activation, AttentionConfig, AttentionMask, Linear,
     MultiHeadAttention, QkvLayout, RmsNorm, RopeConfig, RopeScaling,
 };
 use crate::weights::SafetensorsWeights;
@@ -202,7 +202,7 @@ impl LlamaAttention {
         x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        mask: Option<&Tensor>,
+        mask: &AttentionMask,
         cache: &mut LayerKv,
     ) -> Result<Tensor> {
         let q = rotate(&self.attn.queries(x)?, cos, sin)?;
@@ -259,7 +259,7 @@ impl LlamaDecoderLayer {
         x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        mask: Option<&Tensor>,
+        mask: &AttentionMask,
         cache: &mut LayerKv,
     ) -> Result<Tensor> {
         let attn =
@@ -312,21 +312,19 @@ impl LlamaModel {
     }
 
     /// The final-norm hidden states `[B, L, D]` of `input_ids` `[B, L]` at `positions` `[L]`,
-    /// attending to the cached tokens and to each other under `mask` (additive, broadcasting to
-    /// `[B, H, L, cached + L]`; `None` for a single token).
+    /// attending to the cached tokens and to each other under `mask`.
     pub fn forward_at(
         &self,
         input_ids: &Tensor,
         positions: &[u32],
-        mask: Option<&Tensor>,
+        mask: &AttentionMask,
         cache: &mut KvCache,
     ) -> Result<Tensor> {
         let (cos, sin) = self.rotary.cos_sin(positions, input_ids.device())?;
         let mut h = self.embed(input_ids)?;
-        let mask = mask.map(|m| m.to_dtype(h.dtype())).transpose()?;
         cache.layers.resize(self.layers.len(), None);
         for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            h = layer.forward(&h, &cos, &sin, mask.as_ref(), kv)?;
+            h = layer.forward(&h, &cos, &sin, mask, kv)?;
         }
         cache.len += input_ids.dim(1)?;
         self.norm.forward(&h)
@@ -386,17 +384,11 @@ impl LlamaForCausalLM {
         let (offset, l) = (cache.len(), input_ids.dim(1)?);
         let positions: Vec<u32> = (offset..offset + l).map(|p| p as u32).collect();
         let mask = if l > 1 {
-            Some(causal_mask(
-                l,
-                offset + l,
-                offset,
-                DType::F32,
-                input_ids.device(),
-            )?)
+            AttentionMask::causal(offset)
         } else {
-            None
+            AttentionMask::none()
         };
-        self.forward_at(input_ids, &positions, mask.as_ref(), cache)
+        self.forward_at(input_ids, &positions, &mask, cache)
     }
 
     /// [`Self::forward`] with explicit positions and mask (see [`LlamaModel::forward_at`]).
@@ -404,7 +396,7 @@ impl LlamaForCausalLM {
         &self,
         input_ids: &Tensor,
         positions: &[u32],
-        mask: Option<&Tensor>,
+        mask: &AttentionMask,
         cache: &mut KvCache,
     ) -> Result<CausalLmOutput> {
         let hidden = self.model.forward_at(input_ids, positions, mask, cache)?;
@@ -418,7 +410,7 @@ impl LlamaForCausalLM {
         cached: usize,
         visible: &[Vec<bool>],
         device: &Device,
-    ) -> Result<Option<Tensor>> {
+    ) -> Result<AttentionMask> {
         let l = visible.len();
         let min = crate::layers::mask_min(DType::F32) as f32;
         let data: Vec<f32> = visible
@@ -428,7 +420,11 @@ impl LlamaForCausalLM {
                     .chain(row.iter().map(move |&v| if v { 0.0 } else { min }))
             })
             .collect();
-        Ok(Some(Tensor::from_vec(data, (1, 1, l, cached + l), device)?))
+        Ok(AttentionMask::additive(Tensor::from_vec(
+            data,
+            (1, 1, l, cached + l),
+            device,
+        )?))
     }
 }
 

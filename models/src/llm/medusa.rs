@@ -408,7 +408,7 @@ pub fn medusa_generate(
         let out = model.forward_at(
             &Tensor::new(vec![tree_tokens.clone()], &device)?,
             &positions,
-            mask.as_ref(),
+            &mask,
             &mut cache,
         )?;
         steps += 1;

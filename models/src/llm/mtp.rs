@@ -21,7 +21,7 @@ use super::config::LlamaConfig;
 use super::llama::{KvCache, LayerKv, LlamaDecoderLayer, LlamaForCausalLM};
 use super::speculative::{speculative_accept, SpeculativeOutput};
 use crate::generation::{nucleus_probs, SamplingOptions, SplitMix64};
-use crate::layers::{causal_mask, Linear, RmsNorm};
+use crate::layers::{AttentionMask, Linear, RmsNorm};
 
 /// One MTP module.
 #[derive(Debug, Clone)]
@@ -54,7 +54,7 @@ impl MtpModule {
         ahead_embeds: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        mask: Option<&Tensor>,
+        mask: &AttentionMask,
         cache: &mut LayerKv,
     ) -> Result<Tensor> {
         let x = Tensor::cat(
@@ -276,24 +276,11 @@ pub fn mtp_generate(
             let (cos, sin) = model.model.rotary_cos_sin(&positions, &device)?;
             let n = positions.len();
             let mask = if n > 1 {
-                Some(causal_mask(
-                    n,
-                    mcache.len + n,
-                    mcache.len,
-                    DType::F32,
-                    &device,
-                )?)
+                AttentionMask::causal(mcache.len)
             } else {
-                None
+                AttentionMask::none()
             };
-            let out = module.forward(
-                &hidden_in,
-                &embeds,
-                &cos,
-                &sin,
-                mask.as_ref(),
-                &mut mcache.kv,
-            )?;
+            let out = module.forward(&hidden_in, &embeds, &cos, &sin, &mask, &mut mcache.kv)?;
             mcache.len += n;
             let last = out.narrow(1, n - 1, 1)?;
             let (draft, q) = chooser.choose(

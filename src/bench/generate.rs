@@ -1,12 +1,12 @@
-//! `zoo bench`: measured side by side in one run. `zoo bench generate` decodes the same prompts
-//! with plain greedy decoding, Medusa and MTP, and reports tokens/s, verification steps, mean
-//! accepted tokens per step and the speedup over plain greedy.
+//! `zoo bench generate` decodes the same prompts with plain greedy decoding, Medusa and MTP, and
+//! reports tokens/s, verification steps, mean accepted tokens per step and the speedup over
+//! plain greedy.
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use clap::{Args, Subcommand};
+use clap::Args;
 use serde_json::json;
 use zoo_datasets::tokenize::TextTokenizer;
 use zoo_models::generation::{generate, GenerationConfig, HfGenerationConfig};
@@ -17,12 +17,6 @@ use zoo_models::llm::{
 };
 
 use crate::common::ModelArgs;
-
-#[derive(Subcommand, Debug)]
-pub enum BenchCommand {
-    /// Plain greedy, Medusa and MTP decoding of the same prompts, side by side.
-    Generate(GenerateBenchArgs),
-}
 
 #[derive(Args, Debug)]
 pub struct GenerateBenchArgs {
@@ -52,12 +46,6 @@ pub struct GenerateBenchArgs {
     pub json: bool,
 }
 
-pub fn run(cmd: BenchCommand) -> Result<()> {
-    match cmd {
-        BenchCommand::Generate(args) => bench_generate(args),
-    }
-}
-
 /// One method's totals over all prompts.
 struct Totals {
     name: &'static str,
@@ -67,7 +55,7 @@ struct Totals {
     outputs: Vec<Vec<u32>>,
 }
 
-fn bench_generate(args: GenerateBenchArgs) -> Result<()> {
+pub fn bench_generate(args: GenerateBenchArgs) -> Result<()> {
     let mut prompts = args.prompt.clone();
     if let Some(path) = &args.prompts {
         let text = std::fs::read_to_string(path)
@@ -208,9 +196,11 @@ fn bench_generate(args: GenerateBenchArgs) -> Result<()> {
         println!(
             "{}",
             serde_json::to_string_pretty(&json!({
-                "model": args.model.model,
+                "bench": "generate",
+                "impl": "candle-zoo",
+                "model": super::model_name(&args.model.model),
                 "max_new_tokens": max,
-                "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+                "threads": candle_core::utils::get_num_threads(),
                 "results": rows,
             }))?
         );
