@@ -88,6 +88,7 @@ pub fn run_demo(args: DemoArgs) -> Result<()> {
         model: ModelSpec::Preset(args.model.clone()),
         objective,
         train: TrainConfig {
+            precision: Default::default(),
             steps: args.steps,
             lr: 3e-3,
             warmup: args.steps / 10,
@@ -208,6 +209,7 @@ fn run_caption_demo(args: CaptionDemoArgs) -> Result<()> {
         prompt: DEFAULT_PROMPT.into(),
         label_smoothing: blip_caption::DEFAULT_LABEL_SMOOTHING,
         train: TrainConfig {
+            precision: Default::default(),
             steps: args.steps,
             lr: 2e-3,
             warmup: args.steps / 10,

@@ -17,6 +17,7 @@ use zoo_trainers::contrastive::{
 use zoo_trainers::data::{synthetic_factory, DataSpec, DatasetType, StreamFactory};
 use zoo_trainers::model::PRESETS;
 use zoo_trainers::optim::AdamWConfig;
+use zoo_trainers::precision::Precision;
 use zoo_trainers::train::{format_metrics, TrainConfig};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -186,9 +187,11 @@ pub struct TrainArgs {
     /// Accumulate gradients over this many batches per step.
     #[arg(long, default_value_t = 1)]
     pub accum_freq: usize,
-    /// fp32 (mixed precision is not available yet).
-    #[arg(long, default_value = "fp32")]
-    pub precision: String,
+    /// fp32, fp16, bf16, amp_fp16 or amp_bf16 (open_clip's names): f32 master weights and
+    /// optimizer state, the forward and backward in f16/bf16 (amp_* keep norms in f32), dynamic
+    /// loss scaling for f16. `zoo train clip|siglip` only; bf16 needs CUDA or Metal.
+    #[arg(long, default_value = "fp32", value_parser = parse_precision)]
+    pub precision: Precision,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Output folder: checkpoints, final/, metrics.jsonl, plots.
@@ -242,13 +245,11 @@ pub struct TrainArgs {
     pub device: String,
 }
 
+fn parse_precision(s: &str) -> std::result::Result<Precision, String> {
+    s.parse()
+}
+
 pub fn run_train(args: TrainArgs) -> Result<()> {
-    if args.precision != "fp32" {
-        bail!(
-            "--precision {}: only fp32 training is available so far; use --precision fp32",
-            args.precision
-        );
-    }
     let (objective, default_model) = match args.family {
         Objective::Clip => (ScoreKind::Softmax, "clip-tiny"),
         Objective::Siglip => (ScoreKind::Sigmoid, "siglip-tiny"),
@@ -386,6 +387,7 @@ fn train_stream(args: &TrainArgs) -> Result<(StreamFactory, u64)> {
 
 fn train_config(args: &TrainArgs, steps: u64) -> TrainConfig {
     TrainConfig {
+        precision: args.precision,
         steps,
         lr: args.lr,
         warmup: args.warmup.min(steps),

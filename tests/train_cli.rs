@@ -154,6 +154,7 @@ fn trained_checkpoint_reloaded_by_zoo_embed_matches_the_in_memory_model() {
         model: ModelSpec::Preset("siglip-tiny".into()),
         objective: ScoreKind::Sigmoid,
         train: TrainConfig {
+            precision: Default::default(),
             steps: 3,
             lr: 1e-3,
             warmup: 1,
@@ -442,9 +443,21 @@ fn training_input_errors_are_clear() {
         "--steps",
         "1",
         "--precision",
-        "amp",
+        "amp_bf16",
         "--output",
         dir.path().to_str().unwrap(),
     ]);
     assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no bf16 matmul on the CPU") && err.contains("use --precision amp_fp16"),
+        "{err}"
+    );
+    let out = zoo(&["train", "clip", "--precision", "fp8", "--output", "x"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("fp32, fp16, bf16, amp_fp16, amp_bf16"),
+        "{err}"
+    );
 }

@@ -10,6 +10,7 @@ use zoo_trainers::contrastive::contrastive_loss;
 use zoo_trainers::data::{ContrastiveBatch, DataPosition};
 use zoo_trainers::model::TrainableDualEncoder;
 use zoo_trainers::optim::{named_grads, AdamW, AdamWConfig};
+use zoo_trainers::precision::{GradScaler, Precision};
 
 use super::{
     gemm_peak_gflops, median_seconds, model_name, print_report, random_ids, random_tensor,
@@ -153,6 +154,9 @@ pub struct TrainStepBenchArgs {
     /// Timed steps; the median is reported.
     #[arg(long, default_value_t = 5)]
     pub steps: usize,
+    /// fp32, fp16 or amp_fp16 on the CPU (see `zoo train --precision`).
+    #[arg(long, default_value = "fp32", value_parser = |s: &str| s.parse::<Precision>())]
+    pub precision: Precision,
     #[arg(long)]
     pub json: bool,
 }
@@ -179,15 +183,27 @@ pub fn bench_train_step(args: TrainStepBenchArgs) -> Result<()> {
         ..AdamWConfig::default()
     };
     let mut optimizer = AdamW::new(vars.clone(), config)?;
+    args.precision.check_device(&device)?;
+    let scaler = GradScaler::default();
     let secs = median_seconds(args.warmup, args.steps, || {
-        let loss = contrastive_loss(&model, &batch, (false, false), None)?;
-        let grads = named_grads(&vars, &loss.backward()?);
+        let loss = contrastive_loss(&model, args.precision, &batch, (false, false), None)?;
+        let loss = if args.precision.scales_loss() {
+            // As the loop does under f16 (the scale cancels when the gradients are unscaled).
+            (loss * scaler.scale)?
+        } else {
+            loss
+        };
+        let mut grads = named_grads(&vars, &loss.backward()?);
+        if args.precision.scales_loss() && !scaler.unscale(&mut grads)? {
+            return Ok(());
+        }
         optimizer.step(&grads, 1e-5)?;
         model.clamp_logit_scale()?;
         Ok(())
     })?;
     let report = json!({
         "bench": "train-step", "impl": "candle-zoo", "model": model_name(&args.model.model),
+        "precision": args.precision.to_string(),
         "threads": candle_core::utils::get_num_threads(), "batch": b,
         "ms_per_step": secs * 1e3, "samples_per_s": b as f64 / secs,
     });

@@ -4,10 +4,10 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use zoo_datasets::synthetic::{Shapes, Split};
 use zoo_datasets::tokenize::Padding;
-use zoo_models::contrastive::{l2_normalize, ScoreKind};
+use zoo_models::contrastive::{l2_normalize, DualEncoder, ScoreKind};
 
 use crate::checkpoint;
 use crate::data::{
@@ -16,10 +16,11 @@ use crate::data::{
 use crate::error::{Error, Result};
 use crate::eval::{retrieval_report, zero_shot_report, ZeroShotReport};
 use crate::loss::{clip_loss, siglip_loss, siglip_loss_chunked};
-use crate::model::TrainableDualEncoder;
+use crate::model::{text_features_for_loss, TrainableDualEncoder};
 use crate::optim::AdamWConfig;
 use crate::pipeline::{DualEncoderPipeline, IMAGE_CHUNK};
 use crate::plot::confusion_png;
+use crate::precision::Precision;
 use crate::train::{initial_state, run_task, Task, TrainConfig, TrainState};
 use crate::zeroshot::build_classifier;
 
@@ -218,22 +219,37 @@ pub fn parse_templates(spec: &str) -> Result<Vec<String>> {
 
 /// The training loss of one batch: CLIP's symmetric InfoNCE or SigLIP's sigmoid loss (in
 /// `siglip_chunk`-sized blocks when set) on the normalised features. A tower locked by
-/// `(lock_image, lock_text)` gets no backward pass.
+/// `(lock_image, lock_text)` gets no backward pass. Under mixed `precision` the towers run in
+/// a half-precision copy built from the f32 variables; features and loss are f32.
 pub fn contrastive_loss(
     model: &TrainableDualEncoder,
+    precision: Precision,
     batch: &ContrastiveBatch,
     (lock_image, lock_text): (bool, bool),
     siglip_chunk: Option<usize>,
 ) -> Result<Tensor> {
-    let mut img = l2_normalize(&model.model.image_features(&batch.pixel_values)?)?;
+    let half;
+    let encoder = if precision == Precision::Fp32 {
+        &model.model
+    } else {
+        half = DualEncoder::new(
+            &model.config,
+            precision.var_builder(&model.varmap, &model.device)?,
+        )?;
+        &half
+    };
+    let pixels = batch.pixel_values.to_dtype(precision.compute_dtype())?;
+    let f32 = |t: Tensor| t.to_dtype(DType::F32);
+    let mut img = l2_normalize(&f32(encoder.image_features(&pixels)?)?)?;
     if lock_image {
         img = img.detach();
     }
-    let txt = l2_normalize(&model.text_features_for_loss(
+    let txt = l2_normalize(&f32(text_features_for_loss(
+        encoder,
         &batch.input_ids,
         batch.attention_mask.as_ref(),
         lock_text,
-    )?)?;
+    )?)?)?;
     let (scale, bias) = model.logit_vars();
     Ok(match (model.config.score_kind(), bias) {
         (ScoreKind::Softmax, _) => clip_loss(&img, &txt, scale.as_tensor())?,
@@ -255,6 +271,7 @@ pub struct ContrastiveTask {
     lock_image: bool,
     lock_text: bool,
     siglip_chunk: Option<usize>,
+    precision: Precision,
     pub zeroshot: Option<ZeroShotSet>,
     pub retrieval: Option<RetrievalSet>,
     /// The latest zero-shot report, e.g. for the demo's table.
@@ -281,6 +298,7 @@ impl Task for ContrastiveTask {
     fn loss(&mut self, batch: &ContrastiveBatch) -> Result<Tensor> {
         contrastive_loss(
             &self.model,
+            self.precision,
             batch,
             (self.lock_image, self.lock_text),
             self.siglip_chunk,
@@ -289,6 +307,10 @@ impl Task for ContrastiveTask {
 
     fn after_step(&mut self) -> Result<()> {
         self.model.clamp_logit_scale()
+    }
+
+    fn mixed_precision(&self) -> bool {
+        true
     }
 
     fn step_metrics(&self) -> Result<Vec<(String, f64)>> {
@@ -456,6 +478,7 @@ pub fn run(config: RunConfig, data: RunData) -> Result<RunSummary> {
         lock_image: config.lock_image,
         lock_text: config.lock_text,
         siglip_chunk: config.siglip_chunk,
+        precision: config.train.precision,
         zeroshot,
         retrieval,
         last_zeroshot: None,

@@ -24,6 +24,7 @@ pub mod model;
 pub mod optim;
 pub mod pipeline;
 pub mod plot;
+pub mod precision;
 pub mod rng;
 pub mod templates;
 pub mod train;

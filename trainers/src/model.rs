@@ -367,13 +367,7 @@ impl TrainableDualEncoder {
         attention_mask: Option<&Tensor>,
         lock_text: bool,
     ) -> Result<Tensor> {
-        Ok(match (&self.model, lock_text) {
-            (model, false) => model.text_features(input_ids, attention_mask)?,
-            (DualEncoder::VisionText(m), true) => {
-                m.project_text(&m.text_pooled_output(input_ids, attention_mask)?.detach())?
-            }
-            (model, true) => model.text_features(input_ids, attention_mask)?.detach(),
-        })
+        text_features_for_loss(&self.model, input_ids, attention_mask, lock_text)
     }
 
     /// `logit_scale` (and SigLIP's `logit_bias`) as variables.
@@ -627,4 +621,21 @@ pub fn initial_value(
         constant(0.0)?
     };
     Ok(t)
+}
+
+/// [`TrainableDualEncoder::text_features_for_loss`] through `encoder`, e.g. the half-precision
+/// copy a mixed-precision step computes with.
+pub fn text_features_for_loss(
+    encoder: &DualEncoder,
+    input_ids: &Tensor,
+    attention_mask: Option<&Tensor>,
+    lock_text: bool,
+) -> Result<Tensor> {
+    Ok(match (encoder, lock_text) {
+        (model, false) => model.text_features(input_ids, attention_mask)?,
+        (DualEncoder::VisionText(m), true) => {
+            m.project_text(&m.text_pooled_output(input_ids, attention_mask)?.detach())?
+        }
+        (model, true) => model.text_features(input_ids, attention_mask)?.detach(),
+    })
 }

@@ -15,6 +15,7 @@ use crate::data::DataPosition;
 use crate::error::{Error, Result};
 use crate::metrics::MetricsLog;
 use crate::optim::{accumulate, clip_grad_norm, cosine_lr, global_norm, named_grads, AdamW};
+use crate::precision::{GradScaler, Precision};
 
 /// What a training objective provides to the loop.
 pub trait Task {
@@ -43,6 +44,10 @@ pub trait Task {
     fn lr_scale(&self, _name: &str) -> f64 {
         1.0
     }
+    /// Whether [`Self::loss`] honours [`TrainConfig::precision`] other than fp32.
+    fn mixed_precision(&self) -> bool {
+        false
+    }
 }
 
 /// Loop settings, named after open_clip's flags.
@@ -59,6 +64,9 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Show the progress bar (on stderr).
     pub progress: bool,
+    /// `--precision`: the compute dtype of the forward and backward (see [`crate::precision`]).
+    #[serde(default)]
+    pub precision: Precision,
 }
 
 impl TrainConfig {
@@ -89,6 +97,9 @@ pub struct TrainState {
     pub seed: u64,
     /// The loss of each step taken so far.
     pub losses: Vec<f64>,
+    /// The loss scaler of an f16 run.
+    #[serde(default)]
+    pub scaler: Option<GradScaler>,
 }
 
 /// Trains `task` until `config.steps`, from `state` (a fresh or resumed run).
@@ -100,8 +111,19 @@ pub fn train<T: Task>(
     mut state: TrainState,
     log: &mut MetricsLog,
 ) -> Result<TrainState> {
+    if config.precision != Precision::Fp32 && !task.mixed_precision() {
+        return Err(Error::Input(format!(
+            "--precision {} is implemented for `zoo train clip|siglip`; train this model with \
+             --precision fp32",
+            config.precision
+        )));
+    }
     let bar = progress_bar(config, state.step);
     let accum = config.accum_freq.max(1);
+    let mut scaler = config
+        .precision
+        .scales_loss()
+        .then(|| state.scaler.clone().unwrap_or_default());
     let mut window = (Instant::now(), 0usize);
     while state.step < config.steps {
         let lr = cosine_lr(state.step, config.lr, config.warmup, config.steps);
@@ -120,21 +142,37 @@ pub fn train<T: Task>(
             }
             loss_sum += value;
             samples += task.batch_size(&batch);
-            let micro = (loss / accum as f64)?;
+            let loss_scale = scaler.as_ref().map_or(1.0, |s| s.scale);
+            let micro = (loss.to_dtype(candle_core::DType::F32)? * (loss_scale / accum as f64))?;
             accumulate(&mut grads, named_grads(vars, &micro.backward()?))?;
         }
-        let grad_norm = match config.grad_clip_norm {
-            Some(max) => clip_grad_norm(&mut grads, max)?,
-            None => global_norm(&grads)?,
+        // With loss scaling, an overflow in the backward skips the step and lowers the scale.
+        let finite = match &scaler {
+            Some(s) => s.unscale(&mut grads)?,
+            None => true,
         };
-        if !grad_norm.is_finite() {
+        let grad_norm = if finite {
+            match config.grad_clip_norm {
+                Some(max) => clip_grad_norm(&mut grads, max)?,
+                None => global_norm(&grads)?,
+            }
+        } else {
+            f64::INFINITY
+        };
+        if finite && !grad_norm.is_finite() {
             return Err(Error::Input(format!(
                 "the gradient norm became {grad_norm} at step {}; stopping (the last checkpoint is intact)",
                 state.step + 1
             )));
         }
-        optimizer.step(&grads, lr)?;
-        task.after_step()?;
+        if let Some(s) = &mut scaler {
+            s.update(finite);
+        }
+        if finite {
+            optimizer.step(&grads, lr)?;
+            task.after_step()?;
+        }
+        state.scaler = scaler.clone();
         state.step += 1;
         state.data = task.data_position();
         let loss = loss_sum / accum as f64;
@@ -148,6 +186,10 @@ pub fn train<T: Task>(
             ("grad_norm".into(), grad_norm),
             ("samples_per_s".into(), rate),
         ];
+        if let Some(s) = &scaler {
+            metrics.push(("loss_scale".into(), s.scale));
+            metrics.push(("skipped_steps".into(), s.skipped as f64));
+        }
         metrics.extend(task.step_metrics()?);
         log.write(state.step, &metrics)?;
         bar.set_message(format!("loss {loss:.4} lr {lr:.2e} {rate:.1} samples/s"));
@@ -230,6 +272,7 @@ pub fn run_task<T: Task>(
     state: TrainState,
     device: &candle_core::Device,
 ) -> Result<TrainState> {
+    config.precision.check_device(device)?;
     let mut optimizer = AdamW::new(vars.to_vec(), optimizer)?;
     optimizer.scale_lr(|name| task.lr_scale(name));
     if let Some(dir) = resume {
@@ -246,6 +289,7 @@ mod tests {
     #[test]
     fn epochs_count_steps_of_whole_accumulated_batches_and_cap_the_warmup() {
         let cfg = TrainConfig {
+            precision: Default::default(),
             steps: u64::MAX,
             lr: 1e-3,
             warmup: 100,

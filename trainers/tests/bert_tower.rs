@@ -334,6 +334,7 @@ fn train(tower: &Path, output: &Path, steps: u64, lr: f64, lock_text: bool) -> R
         },
         objective: ScoreKind::Softmax,
         train: TrainConfig {
+            precision: Default::default(),
             steps,
             lr,
             warmup: 2,

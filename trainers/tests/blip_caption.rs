@@ -32,6 +32,7 @@ fn config(output: &Path, steps: u64, lr: f64) -> RunConfig {
         prompt: DEFAULT_PROMPT.into(),
         label_smoothing: 0.1,
         train: TrainConfig {
+            precision: Default::default(),
             steps,
             lr,
             warmup: 5,

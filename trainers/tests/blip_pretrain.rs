@@ -55,6 +55,7 @@ fn config(output: &Path, steps: u64, lr: f64, seed: u64) -> RunConfig {
         model: ModelSpec::Preset("blip-tiny".into()),
         settings: settings(),
         train: TrainConfig {
+            precision: Default::default(),
             steps,
             lr,
             warmup: 5,

@@ -38,6 +38,7 @@ fn config(output: &Path, steps: u64, seed: u64) -> RunConfig {
         tokenizer: TokenizerSpec::Train { vocab_size: 300 },
         seq_len: 16,
         train: TrainConfig {
+            precision: Default::default(),
             steps,
             lr: 3e-3,
             warmup: 5,

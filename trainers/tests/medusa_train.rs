@@ -40,6 +40,7 @@ fn config(output: &Path, steps: u64, joint: Option<Medusa2>) -> RunConfig {
         num_layers: 1,
         seq_len: 16,
         train: TrainConfig {
+            precision: Default::default(),
             steps,
             lr: 3e-3,
             warmup: 2,

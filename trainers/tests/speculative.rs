@@ -48,6 +48,7 @@ fn write_corpus(dir: &Path) -> PathBuf {
 
 fn train_config(output: &Path, steps: u64, lr: f64) -> TrainConfig {
     TrainConfig {
+        precision: Default::default(),
         steps,
         lr,
         warmup: 10,

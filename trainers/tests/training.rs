@@ -39,6 +39,7 @@ fn config(preset: &str, output: &Path, steps: u64, lr: f64, seed: u64) -> RunCon
             ScoreKind::Softmax
         },
         train: TrainConfig {
+            precision: Default::default(),
             steps,
             lr,
             warmup: 2,

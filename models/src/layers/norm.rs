@@ -44,11 +44,20 @@ impl Module for LayerNorm {
         let centered = x.broadcast_sub(&mean)?;
         let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
         let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        let normed = normed.to_dtype(dtype)?.broadcast_mul(&self.weight)?;
-        match &self.bias {
-            Some(b) => normed.broadcast_add(b),
-            None => Ok(normed),
-        }
+        // Parameters kept in f32 under mixed precision (autocast) are applied in f32, then
+        // the result is cast to the input's dtype; otherwise in the input's dtype, as HF.
+        let mixed = self.weight.dtype() != dtype;
+        let normed = if mixed {
+            normed.to_dtype(self.weight.dtype())?
+        } else {
+            normed.to_dtype(dtype)?
+        };
+        let normed = normed.broadcast_mul(&self.weight)?;
+        let out = match &self.bias {
+            Some(b) => normed.broadcast_add(b)?,
+            None => normed,
+        };
+        out.to_dtype(dtype)
     }
 }
 
@@ -76,6 +85,13 @@ impl Module for RmsNorm {
         let x = x.to_dtype(upcast(dtype))?;
         let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
         let normed = x.broadcast_div(&(ms + self.eps)?.sqrt()?)?;
+        if self.weight.dtype() != dtype {
+            // An f32 weight under mixed precision: applied in f32, then cast back.
+            return normed
+                .to_dtype(self.weight.dtype())?
+                .broadcast_mul(&self.weight)?
+                .to_dtype(dtype);
+        }
         normed.to_dtype(dtype)?.broadcast_mul(&self.weight)
     }
 }
