@@ -12,7 +12,7 @@ use zoo_trainers::data::DataSpec;
 use zoo_trainers::eval::{retrieval_report, RECALL_AT};
 use zoo_trainers::pipeline::DualEncoderPipeline;
 
-use crate::common::ModelArgs;
+use crate::common::{ImageSizeArgs, ModelArgs};
 
 #[derive(Subcommand, Debug)]
 pub enum EvalCommand {
@@ -44,6 +44,8 @@ pub struct LmArgs {
 pub struct ZeroshotArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub image_size: ImageSizeArgs,
     /// The ImageFolder.
     #[arg(long)]
     pub data: PathBuf,
@@ -61,6 +63,8 @@ pub struct ZeroshotArgs {
 pub struct RetrievalArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub image_size: ImageSizeArgs,
     /// Pairs: CSV/TSV, JSONL or WebDataset shards.
     #[arg(long)]
     pub data: String,
@@ -141,7 +145,8 @@ fn lm(args: LmArgs) -> Result<()> {
 
 fn zeroshot(args: ZeroshotArgs) -> Result<()> {
     let device = args.model.device()?;
-    let pipeline = DualEncoderPipeline::load(&args.model.model, &device, args.model.dtype()?)?;
+    let mut pipeline = DualEncoderPipeline::load(&args.model.model, &device, args.model.dtype()?)?;
+    args.image_size.apply(&mut pipeline.processor)?;
     let set = ZeroShotSet::image_folder(
         &args.data,
         args.classnames.as_deref(),
@@ -174,7 +179,8 @@ fn zeroshot(args: ZeroshotArgs) -> Result<()> {
 
 fn retrieval(args: RetrievalArgs) -> Result<()> {
     let device = args.model.device()?;
-    let pipeline = DualEncoderPipeline::load(&args.model.model, &device, args.model.dtype()?)?;
+    let mut pipeline = DualEncoderPipeline::load(&args.model.model, &device, args.model.dtype()?)?;
+    args.image_size.apply(&mut pipeline.processor)?;
     let spec = DataSpec {
         path: args.data.clone(),
         kind: zoo_trainers::data::DatasetType::Auto,

@@ -264,6 +264,25 @@ fn zoo_eval_prints_zero_shot_and_retrieval_json() {
             "{k}: R@1 {r1} R@10 {r10}"
         );
     }
+    // At another resolution (the position table interpolated, as `zoo embed --image-size`).
+    for (cmd, data) in [("zeroshot", &folder), ("retrieval", &jsonl)] {
+        let at = |size: &str| {
+            let mut args = vec!["eval", cmd, "--model", model.to_str().unwrap()];
+            args.extend([
+                "--data",
+                data.to_str().unwrap(),
+                "--image-size",
+                size,
+                "--json",
+            ]);
+            zoo(&args)
+        };
+        let v: Value = serde_json::from_str(&ok(&at("64"))).unwrap();
+        assert_eq!(v["n"], 12, "{cmd}");
+        let bad = at("0");
+        assert_eq!(bad.status.code(), Some(2));
+        assert!(String::from_utf8_lossy(&bad.stderr).contains("--image-size must be at least 1"));
+    }
 }
 
 #[test]

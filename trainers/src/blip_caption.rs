@@ -29,7 +29,7 @@ use crate::data::{
     BatchLoader, ContrastiveBatch, DataPosition, LoaderConfig, StreamFactory, TextEncoder,
 };
 use crate::error::{Error, Result};
-use crate::model::{save_hf_folder, varmap_tensors};
+use crate::model::{fine_tune_at, save_hf_folder, varmap_tensors};
 use crate::optim::AdamWConfig;
 use crate::rng::Rng;
 use crate::train::{initial_state, run_task, Task, TrainConfig, TrainState};
@@ -572,17 +572,15 @@ pub fn run(config: RunConfig, data: RunData) -> Result<RunSummary> {
             &config.device,
         )?,
         (None, ModelSpec::Pretrained(spec)) => {
-            let model = TrainableBlipCaptioner::from_pretrained(spec, &config.device)?;
-            match config.image_size {
-                Some(size) if size != model.config.vision_config.image_size => {
-                    return Err(Error::Input(format!(
-                        "--image-size {size} differs from the checkpoint's {}; resizing position \
-                         embeddings is not supported yet",
-                        model.config.vision_config.image_size
-                    )))
+            let mut model = TrainableBlipCaptioner::from_pretrained(spec, &config.device)?;
+            if let Some(size) = config.image_size {
+                let v = &model.config.vision_config;
+                let stored = (v.image_size, v.patch_size);
+                if let Some(p) = fine_tune_at(&mut model.processor_json, size, stored)? {
+                    model.processor = p;
                 }
-                _ => model,
             }
+            model
         }
     };
     let state = initial_state(resume_dir.as_deref(), config.train.seed)?;

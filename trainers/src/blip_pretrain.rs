@@ -46,7 +46,7 @@ use crate::data::{BatchLoader, ContrastiveBatch, DataPosition, LoaderConfig, Str
 use crate::error::{Error, Result};
 use crate::eval::retrieval_report;
 use crate::loss::cross_entropy;
-use crate::model::save_hf_folder;
+use crate::model::{fine_tune_at, save_hf_folder};
 use crate::optim::AdamWConfig;
 use crate::rng::Rng;
 use crate::train::{initial_state, run_task, Task, TrainConfig, TrainState};
@@ -977,22 +977,20 @@ pub fn run(config: RunConfig, data: RunData) -> Result<RunSummary> {
             &config.device,
         )?,
         (None, ModelSpec::Pretrained(spec)) => {
-            let model = TrainableBlipPretrain::from_pretrained(
+            let mut model = TrainableBlipPretrain::from_pretrained(
                 spec,
                 &config.settings,
                 seed,
                 &config.device,
             )?;
-            match config.image_size {
-                Some(size) if size != model.config.vision_config.image_size => {
-                    return Err(Error::Input(format!(
-                        "--image-size {size} differs from the checkpoint's {}; resizing position \
-                         embeddings is not supported yet",
-                        model.config.vision_config.image_size
-                    )))
+            if let Some(size) = config.image_size {
+                let v = &model.config.vision_config;
+                let stored = (v.image_size, v.patch_size);
+                if let Some(p) = fine_tune_at(&mut model.processor_json, size, stored)? {
+                    model.processor = p;
                 }
-                _ => model,
             }
+            model
         }
     };
     if !model.initialised.is_empty() {

@@ -270,14 +270,9 @@ impl TrainableDualEncoder {
         // Another resolution: images are prepared at `size` and the vision tower interpolates
         // its learned position table at every forward (HF's `interpolate_pos_encoding=True`),
         // so the gradient reaches the table as the checkpoint stores it.
-        if let Some(size) = image_size.filter(|&s| s != config.image_size()) {
-            if size < config.patch_size() {
-                return Err(Error::Input(format!(
-                    "--image-size {size} is smaller than one {}-pixel patch",
-                    config.patch_size()
-                )));
-            }
-            resize_processor_json(&mut processor_json, size);
+        if let Some(size) = image_size {
+            let stored = (config.image_size(), config.patch_size());
+            fine_tune_at(&mut processor_json, size, stored)?;
         }
         let out = Self::assemble(config, varmap, tokenizer, processor_json, device)?;
         out.drop_unused_variables()?;
@@ -435,6 +430,28 @@ impl TrainableDualEncoder {
         }
         Ok(())
     }
+}
+
+/// Fine-tuning at `n × n` pixels a checkpoint stored at `stored × stored` with `patch`-pixel
+/// patches: sets its preprocessing to `n` and returns the new processor (the vision tower
+/// interpolates its stored position table at every forward, so the table trains as stored).
+pub(crate) fn fine_tune_at(
+    json: &mut Value,
+    n: usize,
+    (stored, patch): (usize, usize),
+) -> Result<Option<ImageProcessor>> {
+    if n == stored {
+        return Ok(None);
+    }
+    if n < patch {
+        return Err(Error::Input(format!(
+            "--image-size {n} is smaller than one {patch}-pixel patch"
+        )));
+    }
+    resize_processor_json(json, n);
+    let config = ImageProcessorConfig::from_json(&json.to_string())
+        .map_err(|e| Error::Input(format!("preprocessor config: {e}")))?;
+    Ok(Some(ImageProcessor::new(config)))
 }
 
 /// Sets an HF `preprocessor_config.json` to prepare `n × n` images: `size` (shortest edge, or

@@ -283,3 +283,69 @@ fn an_hf_checkpoint_fine_tunes_with_the_logits_it_loads_with() {
     let b = reference.forward(&pixels, &ids, None).unwrap();
     assert!(max_abs_diff(&a, &b) < 1e-5);
 }
+
+/// `--image-size` when fine-tuning a checkpoint: images are prepared at the new size, the vision
+/// tower interpolates its stored position table, which receives the gradient, and the saved
+/// folder keeps the table as stored with preprocessing at the new size.
+#[test]
+fn fine_tuning_at_another_image_size_trains_the_stored_position_table() {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/blip-tiny-caption");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = RunConfig {
+        model: ModelSpec::Pretrained(fixture.to_string_lossy().into_owned()),
+        image_size: Some(48),
+        ..config(dir.path(), 3, 1e-3)
+    };
+    let summary = run(cfg, four_pairs()).unwrap();
+    assert_eq!(summary.state.losses.len(), 3);
+    let m = &summary.task.model;
+    assert_eq!(
+        m.processor.config.size,
+        zoo_datasets::preprocess::ResizeTarget::Exact {
+            height: 48,
+            width: 48
+        }
+    );
+    let imgs = images(&samples(2));
+    let pixels = m.pixel_values(&imgs.iter().collect::<Vec<_>>()).unwrap();
+    assert_eq!(pixels.dims(), [2, 3, 48, 48]);
+    let (ids, mask) = caption_batch(m, &["a red circle", "a blue square"]);
+    let loss = m.model.caption_loss(&pixels, &ids, &mask, 0, 0.0).unwrap();
+    let grads = loss.backward().unwrap();
+    let table = m
+        .trainable_vars()
+        .into_iter()
+        .find(|(n, _)| n == "vision_model.embeddings.position_embedding")
+        .map(|(_, v)| v)
+        .expect("the position table is trainable");
+    assert_eq!(
+        table.dims(),
+        [1, 17, 32],
+        "the stored 4×4 grid + class position"
+    );
+    let g = grads.get(table.as_tensor()).unwrap();
+    assert!(
+        g.abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            > 0.0
+    );
+    let saved: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("final/preprocessor_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(saved["size"]["height"], 48, "{saved}");
+    let too_small = RunConfig {
+        model: ModelSpec::Pretrained(fixture.to_string_lossy().into_owned()),
+        image_size: Some(4),
+        ..config(dir.path(), 1, 1e-3)
+    };
+    let err = run(too_small, four_pairs()).err().expect("refused");
+    assert!(
+        err.to_string().contains("smaller than one 8-pixel patch"),
+        "{err}"
+    );
+}

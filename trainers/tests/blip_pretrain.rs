@@ -398,3 +398,29 @@ fn the_saved_folder_is_both_hf_architectures() {
         "temp belongs in {STATE_FILE}"
     );
 }
+
+/// `--image-size` when pretraining from a checkpoint: the images are prepared at the new size
+/// and the vision tower interpolates its stored position table.
+#[test]
+fn pretraining_from_a_checkpoint_at_another_image_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = train(config(&dir.path().join("a"), 1, 1e-3, 1));
+    let cfg = RunConfig {
+        model: ModelSpec::Pretrained(first.final_dir.to_string_lossy().into_owned()),
+        image_size: Some(48),
+        ..config(&dir.path().join("b"), 2, 1e-3, 1)
+    };
+    let s = train(cfg);
+    assert!(s.state.losses.iter().all(|l| l.is_finite()));
+    let m = &s.task.model;
+    assert_eq!(
+        m.processor.config.size,
+        zoo_datasets::preprocess::ResizeTarget::Exact {
+            height: 48,
+            width: 48
+        }
+    );
+    let (pixels, _, _) = batch(m, &distinct_samples(2));
+    assert_eq!(pixels.dims(), [2, 3, 48, 48]);
+    assert_eq!(m.config.vision_config.image_size, 32, "stored as it was");
+}
