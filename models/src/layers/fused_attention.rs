@@ -25,6 +25,8 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::fast_math::exp_poly;
+
 /// Queries per block.
 const BLOCK_Q: usize = 64;
 /// Keys per block.
@@ -119,35 +121,6 @@ impl<'a> Mask<'a> {
 
     fn visible(&self, b: usize, i: usize, j: usize) -> bool {
         j < self.limit(i) && self.keep.is_none_or(|keep| keep[b * self.lk + j])
-    }
-}
-
-/// `exp(x)` for f32 as Cephes' `expf` computes it (Moshier 1992): `x = n·ln 2 + r` with
-/// `|r| ≤ ln 2 / 2`, a degree-6 polynomial for `exp(r)`, and `2ⁿ` put in the exponent bits;
-/// relative error about 1e-7. Written without branches or library calls so that loops over it
-/// vectorise; `-inf` (a masked score) and anything below −87.3 give exactly 0.
-#[inline(always)]
-fn exp_poly(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    // Adding and subtracting 1.5·2²³ rounds to the nearest integer in plain arithmetic.
-    const ROUND: f32 = 12_582_912.0;
-    let clamped = x.clamp(-87.3, 88.7);
-    let n = (clamped * LOG2E + ROUND) - ROUND;
-    let r = clamped - n * LN2_HI - n * LN2_LO;
-    let mut p = 1.987_569_1e-4f32;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 0.5;
-    let y = p * r * r + r + 1.0;
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
-    if x < -87.3 {
-        0.0
-    } else {
-        y * scale
     }
 }
 
@@ -699,14 +672,14 @@ mod exp_tests {
         let mut x = -87.0f32;
         while x < 88.0 {
             let want = f64::from(x).exp();
-            let got = f64::from(super::exp_poly(x));
+            let got = f64::from(super::super::fast_math::exp_poly(x));
             worst = worst.max((got - want).abs() / want);
             x += 0.0137;
         }
         assert!(worst < 2e-7, "worst relative error {worst:e}");
-        assert_eq!(super::exp_poly(f32::NEG_INFINITY), 0.0);
-        assert_eq!(super::exp_poly(-100.0), 0.0);
-        assert_eq!(super::exp_poly(0.0), 1.0);
+        assert_eq!(super::super::fast_math::exp_poly(f32::NEG_INFINITY), 0.0);
+        assert_eq!(super::super::fast_math::exp_poly(-100.0), 0.0);
+        assert_eq!(super::super::fast_math::exp_poly(0.0), 1.0);
         let mut row = [0.5f32, f32::NEG_INFINITY, -3.0, 2.0];
         let row_len = row.len();
         let sum = super::exp_shifted(&mut row[..row_len], 2.0);

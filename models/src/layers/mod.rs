@@ -7,6 +7,7 @@
 mod activation;
 mod attention;
 mod encoder;
+mod fast_math;
 mod fused_attention;
 mod linear;
 mod mlp;
