@@ -379,6 +379,12 @@ fn unsupported_inputs_are_errors() {
     assert!(err.to_string().contains("do not fit"), "{err}");
     let wide = randn(&[1, 1, 4, 300], 3);
     assert!(fused_attention(&wide, &wide, &wide, 1.0, KeyVisibility::default()).is_err());
+    // No keys at all: a zero output, as softmax over nothing times nothing.
+    let none = Tensor::zeros((1, 1, 0, 8), DType::F32, &Device::Cpu).unwrap();
+    let q3 = randn(&[1, 1, 3, 8], 5);
+    let out = fused_attention(&q3, &none, &none, 1.0, KeyVisibility::default()).unwrap();
+    assert_eq!(out.dims(), [1, 1, 3, 8]);
+    assert_eq!(max_abs_diff(&out, &q3.zeros_like().unwrap()), 0.0);
     let f64q = randn(&[1, 1, 4, 8], 4).to_dtype(DType::F64).unwrap();
     let err = fused_attention(&f64q, &f64q, &f64q, 1.0, KeyVisibility::default()).unwrap_err();
     assert!(err.to_string().contains("f32 or f16"), "{err}");

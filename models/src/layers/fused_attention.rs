@@ -338,7 +338,8 @@ fn forward(
             }
             let mut lse = vec![0f32; rows];
             for r in 0..rows {
-                let inv = 1.0 / l[r];
+                // ℓ is 0 only without any key (Lk = 0): a zero output, as the naive path gives.
+                let inv = if l[r] > 0.0 { 1.0 / l[r] } else { 0.0 };
                 acc[r * d..(r + 1) * d].iter_mut().for_each(|a| *a *= inv);
                 lse[r] = m[r] + l[r].ln();
             }
