@@ -388,6 +388,57 @@ fn score_gradient(
     }
 }
 
+/// What both backward passes need to recompute a block.
+struct Recompute<'a> {
+    mask: &'a Mask<'a>,
+    d: usize,
+    scale: f32,
+    lse: &'a [f32],
+    delta: &'a [f32],
+}
+
+impl Recompute<'_> {
+    /// A block's probabilities `P = exp(S − L)` into `s` and its score gradient
+    /// `dS = P ∘ (dO Vᵀ − D)` into `dp`: query rows `i0..i0 + rows` (row `r0` of the
+    /// log-sum-exp) of batch `b` against key rows `j0..j0 + cols`.
+    #[allow(clippy::too_many_arguments)]
+    fn recompute(
+        &self,
+        b: usize,
+        (i0, rows, r0): (usize, usize, usize),
+        (j0, cols): (usize, usize),
+        (q_blk, do_blk): (&[f32], &[f32]),
+        (k_blk, v_blk): (&[f32], &[f32]),
+        s: &mut [f32],
+        dp: &mut [f32],
+    ) {
+        let (mask, d) = (self.mask, self.d);
+        scores(
+            mask,
+            b,
+            (i0, rows),
+            (j0, cols),
+            q_blk,
+            k_blk,
+            d,
+            self.scale,
+            s,
+        );
+        probabilities(s, cols, &self.lse[r0..r0 + rows]);
+        gemm(
+            (rows, cols, d),
+            dp,
+            false,
+            do_blk,
+            (d, 1),
+            v_blk,
+            (1, d),
+            1.0,
+        );
+        score_gradient(dp, s, cols, &self.delta[r0..r0 + rows], (mask, b, i0));
+    }
+}
+
 /// Gradients `(dq, dk, dv)` from the output gradient `dout`.
 #[allow(clippy::too_many_arguments)]
 fn backward(
@@ -406,6 +457,13 @@ fn backward(
         .map(|(o, g)| o.iter().zip(g).map(|(a, b)| a * b).sum())
         .collect();
     let row = |b: usize, h: usize, i: usize| (b * dims.h + h) * dims.lq + i;
+    let ctx = Recompute {
+        mask,
+        d,
+        scale,
+        lse,
+        delta: &delta,
+    };
 
     // dK and dV, a key block at a time, over every query head of its group.
     let key_blocks: Vec<(usize, usize, usize)> = (0..dims.b)
@@ -433,8 +491,15 @@ fn backward(
                     let q_blk = &q[dims.q_row(b, h, i0)..dims.q_row(b, h, i0 + rows)];
                     let do_blk = &dout[dims.q_row(b, h, i0)..dims.q_row(b, h, i0 + rows)];
                     let r0 = row(b, h, i0);
-                    scores(mask, b, (i0, rows), (j0, cols), q_blk, k_blk, d, scale, s);
-                    probabilities(s, cols, &lse[r0..r0 + rows]);
+                    ctx.recompute(
+                        b,
+                        (i0, rows, r0),
+                        (j0, cols),
+                        (q_blk, do_blk),
+                        (k_blk, v_blk),
+                        s,
+                        dp,
+                    );
                     gemm(
                         (cols, d, rows),
                         &mut dv,
@@ -445,17 +510,6 @@ fn backward(
                         (d, 1),
                         1.0,
                     );
-                    gemm(
-                        (rows, cols, d),
-                        dp,
-                        false,
-                        do_blk,
-                        (d, 1),
-                        v_blk,
-                        (1, d),
-                        1.0,
-                    );
-                    score_gradient(dp, s, cols, &delta[r0..r0 + rows], (mask, b, i0));
                     gemm(
                         (cols, d, rows),
                         &mut dk,
@@ -495,19 +549,15 @@ fn backward(
                 let k_blk = &k[dims.k_row(b, hkv, j0)..dims.k_row(b, hkv, j0 + cols)];
                 let v_blk = &v[dims.k_row(b, hkv, j0)..dims.k_row(b, hkv, j0 + cols)];
                 let (s, dp) = (&mut s[..rows * cols], &mut dp[..rows * cols]);
-                scores(mask, b, (i0, rows), (j0, cols), q_blk, k_blk, d, scale, s);
-                probabilities(s, cols, &lse[r0..r0 + rows]);
-                gemm(
-                    (rows, cols, d),
+                ctx.recompute(
+                    b,
+                    (i0, rows, r0),
+                    (j0, cols),
+                    (q_blk, do_blk),
+                    (k_blk, v_blk),
+                    s,
                     dp,
-                    false,
-                    do_blk,
-                    (d, 1),
-                    v_blk,
-                    (1, d),
-                    1.0,
                 );
-                score_gradient(dp, s, cols, &delta[r0..r0 + rows], (mask, b, i0));
                 gemm(
                     (rows, d, cols),
                     &mut dq,
