@@ -189,7 +189,8 @@ pub struct TrainArgs {
     pub accum_freq: usize,
     /// fp32, fp16, bf16, amp_fp16 or amp_bf16 (open_clip's names): f32 master weights and
     /// optimizer state, the forward and backward in f16/bf16 (amp_* keep norms in f32), dynamic
-    /// loss scaling for f16. `zoo train clip|siglip` only; bf16 needs CUDA or Metal.
+    /// loss scaling for f16. For clip, siglip, blip --objective caption and lm without MTP;
+    /// bf16 needs CUDA or Metal.
     #[arg(long, default_value = "fp32", value_parser = parse_precision)]
     pub precision: Precision,
     #[arg(long, default_value_t = 0)]

@@ -31,6 +31,7 @@ use crate::data::{
 use crate::error::{Error, Result};
 use crate::model::{fine_tune_at, save_hf_folder, varmap_tensors};
 use crate::optim::AdamWConfig;
+use crate::precision::Precision;
 use crate::rng::Rng;
 use crate::train::{initial_state, run_task, Task, TrainConfig, TrainState};
 
@@ -459,6 +460,7 @@ pub struct CaptionTask {
     prompt: String,
     prompt_length: usize,
     label_smoothing: f64,
+    precision: Precision,
     pub eval: Option<CaptionEvalSet>,
 }
 
@@ -484,13 +486,31 @@ impl Task for CaptionTask {
             .attention_mask
             .as_ref()
             .ok_or_else(|| Error::Input("caption batches need an attention mask".into()))?;
-        Ok(self.model.model.caption_loss(
-            &batch.pixel_values,
+        // Under mixed precision, a half-precision copy built from the f32 variables (see
+        // `crate::precision`); the loss itself is taken in f32.
+        let half;
+        let model = if self.precision == Precision::Fp32 {
+            &self.model.model
+        } else {
+            let vb = self
+                .precision
+                .var_builder(&self.model.varmap, &self.model.device)?;
+            half = BlipForConditionalGeneration::new(&self.model.config, vb)?;
+            &half
+        };
+        Ok(model.caption_loss(
+            &batch
+                .pixel_values
+                .to_dtype(self.precision.compute_dtype())?,
             &batch.input_ids,
             mask,
             self.prompt_length,
             self.label_smoothing,
         )?)
+    }
+
+    fn mixed_precision(&self) -> bool {
+        true
     }
 
     fn step_metrics(&self) -> Result<Vec<(String, f64)>> {
@@ -615,6 +635,7 @@ pub fn run(config: RunConfig, data: RunData) -> Result<RunSummary> {
         position: state.data,
         prompt: config.prompt,
         prompt_length,
+        precision: config.train.precision,
         label_smoothing: config.label_smoothing,
         eval,
     };

@@ -23,6 +23,7 @@ use crate::data::DataPosition;
 use crate::error::{Error, Result};
 use crate::model::save_hf_folder;
 use crate::optim::AdamWConfig;
+use crate::precision::Precision;
 use crate::rng::Rng;
 use crate::train::{initial_state, run_task, Task, TrainConfig, TrainState};
 
@@ -514,6 +515,7 @@ pub struct LmTask {
     batch_size: usize,
     pub val: Option<PackedSequences>,
     mtp: Option<MtpSettings>,
+    precision: Precision,
     /// Per-depth MTP losses summed over the step's micro-batches, and their count.
     sums: (Vec<f64>, usize),
     last: Vec<(String, f64)>,
@@ -540,7 +542,17 @@ impl Task for LmTask {
 
     fn loss(&mut self, batch: &Tensor) -> Result<Tensor> {
         let Some(mtp) = self.mtp else {
-            return self.model.lm_loss(batch);
+            if self.precision == Precision::Fp32 {
+                return self.model.lm_loss(batch);
+            }
+            // Mixed precision: a half-precision copy built from the f32 variables (see
+            // `crate::precision`); the loss is taken in f32.
+            let vb = self
+                .precision
+                .var_builder(&self.model.varmap, &self.model.device)?;
+            let half = LlamaForCausalLM::new(&self.model.config, vb)?;
+            let out = half.forward(batch, &mut KvCache::new())?;
+            return next_token_loss(&out.logits, batch);
         };
         let (main, depths) = self.model.losses(batch, mtp.freeze_backbone)?;
         self.sums.0.resize(depths.len(), 0.0);
@@ -573,6 +585,10 @@ impl Task for LmTask {
             .collect();
         self.sums = (Vec::new(), 0);
         Ok(())
+    }
+
+    fn mixed_precision(&self) -> bool {
+        self.mtp.is_none()
     }
 
     fn step_metrics(&self) -> Result<Vec<(String, f64)>> {
@@ -708,6 +724,7 @@ pub fn run(
         batch_size: config.batch_size,
         val,
         mtp: config.mtp,
+        precision: config.train.precision,
         sums: (Vec::new(), 0),
         last: Vec::new(),
     };

@@ -113,8 +113,8 @@ pub fn train<T: Task>(
 ) -> Result<TrainState> {
     if config.precision != Precision::Fp32 && !task.mixed_precision() {
         return Err(Error::Input(format!(
-            "--precision {} is implemented for `zoo train clip|siglip`; train this model with \
-             --precision fp32",
+            "--precision {} is not implemented for this objective (it is for `zoo train clip`, \
+             `siglip`, `blip --objective caption` and `lm` without MTP); use --precision fp32",
             config.precision
         )));
     }

@@ -203,3 +203,52 @@ fn the_same_seed_gives_the_same_curve_and_resume_reproduces_it() {
     let s = run(resumed, &[data], None).unwrap();
     assert_eq!(s.state.losses, uninterrupted);
 }
+
+/// LM training under `amp_fp16` starts from the fp32 loss and overfits as the fp32 run does;
+/// with MTP modules mixed precision is refused with a message.
+#[test]
+fn amp_fp16_lm_training_follows_fp32() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = corpus(dir.path());
+    let losses = |precision, name: &str| {
+        let base = config(&dir.path().join(name), 120, 0);
+        let cfg = RunConfig {
+            train: TrainConfig {
+                precision,
+                ..base.train.clone()
+            },
+            ..base
+        };
+        run(cfg, std::slice::from_ref(&data), None)
+            .unwrap()
+            .state
+            .losses
+    };
+    let fp32 = losses(zoo_trainers::precision::Precision::Fp32, "fp32");
+    let amp = losses(zoo_trainers::precision::Precision::AmpFp16, "amp");
+    let (a, f) = (*amp.last().unwrap(), *fp32.last().unwrap());
+    println!(
+        "fp32 {:.4} -> {f:.4}, amp_fp16 {:.4} -> {a:.4}",
+        fp32[0], amp[0]
+    );
+    assert!((amp[0] - fp32[0]).abs() < 5e-3, "{} vs {}", amp[0], fp32[0]);
+    assert!(a < 0.5 && (a - f).abs() < 0.1, "final loss {a} vs fp32 {f}");
+
+    let base = config(&dir.path().join("mtp"), 2, 0);
+    let with_mtp = RunConfig {
+        train: TrainConfig {
+            precision: zoo_trainers::precision::Precision::AmpFp16,
+            ..base.train.clone()
+        },
+        mtp: Some(zoo_trainers::lm::MtpSettings {
+            depth: 1,
+            lambda: 0.3,
+            freeze_backbone: false,
+        }),
+        ..base
+    };
+    let err = run(with_mtp, std::slice::from_ref(&data), None)
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("lm` without MTP"), "{err}");
+}
