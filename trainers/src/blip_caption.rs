@@ -488,16 +488,12 @@ impl Task for CaptionTask {
             .ok_or_else(|| Error::Input("caption batches need an attention mask".into()))?;
         // Under mixed precision, a half-precision copy built from the f32 variables (see
         // `crate::precision`); the loss itself is taken in f32.
-        let half;
-        let model = if self.precision == Precision::Fp32 {
-            &self.model.model
-        } else {
-            let vb = self
-                .precision
-                .var_builder(&self.model.varmap, &self.model.device)?;
-            half = BlipForConditionalGeneration::new(&self.model.config, vb)?;
-            &half
-        };
+        let m = &self.model;
+        let model = self
+            .precision
+            .compute_model(&m.model, &m.varmap, &m.device, |vb| {
+                BlipForConditionalGeneration::new(&m.config, vb)
+            })?;
         Ok(model.caption_loss(
             &batch
                 .pixel_values

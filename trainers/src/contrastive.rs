@@ -228,16 +228,10 @@ pub fn contrastive_loss(
     (lock_image, lock_text): (bool, bool),
     siglip_chunk: Option<usize>,
 ) -> Result<Tensor> {
-    let half;
-    let encoder = if precision == Precision::Fp32 {
-        &model.model
-    } else {
-        half = DualEncoder::new(
-            &model.config,
-            precision.var_builder(&model.varmap, &model.device)?,
-        )?;
-        &half
-    };
+    let encoder = precision.compute_model(&model.model, &model.varmap, &model.device, |vb| {
+        DualEncoder::new(&model.config, vb)
+    })?;
+    let encoder = encoder.as_ref();
     let pixels = batch.pixel_values.to_dtype(precision.compute_dtype())?;
     let f32 = |t: Tensor| t.to_dtype(DType::F32);
     let mut img = l2_normalize(&f32(encoder.image_features(&pixels)?)?)?;

@@ -542,16 +542,15 @@ impl Task for LmTask {
 
     fn loss(&mut self, batch: &Tensor) -> Result<Tensor> {
         let Some(mtp) = self.mtp else {
-            if self.precision == Precision::Fp32 {
-                return self.model.lm_loss(batch);
-            }
-            // Mixed precision: a half-precision copy built from the f32 variables (see
+            // Under mixed precision a half-precision copy built from the f32 variables (see
             // `crate::precision`); the loss is taken in f32.
-            let vb = self
+            let m = &self.model;
+            let model = self
                 .precision
-                .var_builder(&self.model.varmap, &self.model.device)?;
-            let half = LlamaForCausalLM::new(&self.model.config, vb)?;
-            let out = half.forward(batch, &mut KvCache::new())?;
+                .compute_model(&m.model, &m.varmap, &m.device, |vb| {
+                    LlamaForCausalLM::new(&m.config, vb)
+                })?;
+            let out = model.forward(batch, &mut KvCache::new())?;
             return next_token_loss(&out.logits, batch);
         };
         let (main, depths) = self.model.losses(batch, mtp.freeze_backbone)?;

@@ -18,6 +18,7 @@
 //! Candle's CPU matmul has no bf16 kernel, so the bf16 modes are refused on the CPU
 //! ([`Precision::check_device`]).
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Shape, Tensor, Var};
@@ -100,6 +101,21 @@ impl Precision {
             )));
         }
         Ok(())
+    }
+
+    /// The model a step computes with: `model` itself in fp32, otherwise one built by `build`
+    /// from [`Self::var_builder`] (the half-precision copy of the variables).
+    pub fn compute_model<'a, M: Clone>(
+        self,
+        model: &'a M,
+        varmap: &VarMap,
+        device: &Device,
+        build: impl FnOnce(VarBuilder<'static>) -> candle_core::Result<M>,
+    ) -> Result<Cow<'a, M>> {
+        if self == Self::Fp32 {
+            return Ok(Cow::Borrowed(model));
+        }
+        Ok(Cow::Owned(build(self.var_builder(varmap, device)?)?))
     }
 
     /// A builder over `varmap`'s f32 variables that hands each one out cast to the compute

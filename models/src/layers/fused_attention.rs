@@ -20,6 +20,7 @@
 //!
 //! Inputs may be f32 or f16; blocks are computed in f32 and the output cast back.
 
+use std::borrow::Cow;
 use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
@@ -65,6 +66,27 @@ impl Dims {
     /// Offset of key row `j` of key/value head `hkv` in batch `b`.
     fn k_row(&self, b: usize, hkv: usize, j: usize) -> usize {
         ((b * self.hkv + hkv) * self.lk + j) * self.d
+    }
+    /// Query-shaped rows `i0..i0 + rows` of head `h` in batch `b` (of q, the output or its
+    /// gradient).
+    fn q_rows<'a>(
+        &self,
+        x: &'a [f32],
+        (b, h): (usize, usize),
+        i0: usize,
+        rows: usize,
+    ) -> &'a [f32] {
+        &x[self.q_row(b, h, i0)..self.q_row(b, h, i0 + rows)]
+    }
+    /// Key-shaped rows `j0..j0 + cols` of key/value head `hkv` in batch `b` (of k or v).
+    fn k_rows<'a>(
+        &self,
+        x: &'a [f32],
+        (b, hkv): (usize, usize),
+        j0: usize,
+        cols: usize,
+    ) -> &'a [f32] {
+        &x[self.k_row(b, hkv, j0)..self.k_row(b, hkv, j0 + cols)]
     }
 }
 
@@ -295,7 +317,7 @@ fn forward(
         .map(|&(b, h, i0)| {
             let rows = BLOCK_Q.min(dims.lq - i0);
             let hkv = h / dims.groups();
-            let q_blk = &q[dims.q_row(b, h, i0)..dims.q_row(b, h, i0 + rows)];
+            let q_blk = dims.q_rows(q, (b, h), i0, rows);
             let mut m = vec![f32::NEG_INFINITY; rows];
             let mut l = vec![0f32; rows];
             let mut acc = vec![0f32; rows * d];
@@ -303,8 +325,8 @@ fn forward(
             let upper = mask.key_range(b, i0, i0 + rows);
             for j0 in (0..upper).step_by(BLOCK_K) {
                 let cols = BLOCK_K.min(upper - j0);
-                let k_blk = &k[dims.k_row(b, hkv, j0)..dims.k_row(b, hkv, j0 + cols)];
-                let v_blk = &v[dims.k_row(b, hkv, j0)..dims.k_row(b, hkv, j0 + cols)];
+                let k_blk = dims.k_rows(k, (b, hkv), j0, cols);
+                let v_blk = dims.k_rows(v, (b, hkv), j0, cols);
                 let s = &mut s[..rows * cols];
                 scores(mask, b, (i0, rows), (j0, cols), q_blk, k_blk, d, scale, s);
                 for r in 0..rows {
@@ -475,8 +497,8 @@ fn backward(
         .par_iter()
         .map(|&(b, hkv, j0)| {
             let cols = BLOCK_K.min(dims.lk - j0);
-            let k_blk = &k[dims.k_row(b, hkv, j0)..dims.k_row(b, hkv, j0 + cols)];
-            let v_blk = &v[dims.k_row(b, hkv, j0)..dims.k_row(b, hkv, j0 + cols)];
+            let k_blk = dims.k_rows(k, (b, hkv), j0, cols);
+            let v_blk = dims.k_rows(v, (b, hkv), j0, cols);
             let mut dk = vec![0f32; cols * d];
             let mut dv = vec![0f32; cols * d];
             let mut s = vec![0f32; BLOCK_Q * cols];
@@ -488,8 +510,8 @@ fn backward(
                         continue;
                     }
                     let (s, dp) = (&mut s[..rows * cols], &mut dp[..rows * cols]);
-                    let q_blk = &q[dims.q_row(b, h, i0)..dims.q_row(b, h, i0 + rows)];
-                    let do_blk = &dout[dims.q_row(b, h, i0)..dims.q_row(b, h, i0 + rows)];
+                    let q_blk = dims.q_rows(q, (b, h), i0, rows);
+                    let do_blk = dims.q_rows(dout, (b, h), i0, rows);
                     let r0 = row(b, h, i0);
                     ctx.recompute(
                         b,
@@ -537,8 +559,8 @@ fn backward(
         .map(|&(b, h, i0)| {
             let rows = BLOCK_Q.min(dims.lq - i0);
             let hkv = h / dims.groups();
-            let q_blk = &q[dims.q_row(b, h, i0)..dims.q_row(b, h, i0 + rows)];
-            let do_blk = &dout[dims.q_row(b, h, i0)..dims.q_row(b, h, i0 + rows)];
+            let q_blk = dims.q_rows(q, (b, h), i0, rows);
+            let do_blk = dims.q_rows(dout, (b, h), i0, rows);
             let r0 = row(b, h, i0);
             let mut dq = vec![0f32; rows * d];
             let mut s = vec![0f32; rows * BLOCK_K];
@@ -546,8 +568,8 @@ fn backward(
             let upper = mask.key_range(b, i0, i0 + rows);
             for j0 in (0..upper).step_by(BLOCK_K) {
                 let cols = BLOCK_K.min(upper - j0);
-                let k_blk = &k[dims.k_row(b, hkv, j0)..dims.k_row(b, hkv, j0 + cols)];
-                let v_blk = &v[dims.k_row(b, hkv, j0)..dims.k_row(b, hkv, j0 + cols)];
+                let k_blk = dims.k_rows(k, (b, hkv), j0, cols);
+                let v_blk = dims.k_rows(v, (b, hkv), j0, cols);
                 let (s, dp) = (&mut s[..rows * cols], &mut dp[..rows * cols]);
                 ctx.recompute(
                     b,
@@ -589,15 +611,19 @@ struct FusedAttention {
     lse: Mutex<Vec<f32>>,
 }
 
-/// A contiguous f32 copy of one input, and its dtype.
-fn read_f32(storage: &CpuStorage, layout: &Layout, what: &str) -> Result<(Vec<f32>, DType)> {
+/// The input as f32: borrowed when it is f32 already, converted from f16.
+fn read_f32<'a>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    what: &str,
+) -> Result<(Cow<'a, [f32]>, DType)> {
     let Some((start, end)) = layout.contiguous_offsets() else {
         candle_core::bail!("fused attention: {what} must be contiguous");
     };
     Ok(match storage {
-        CpuStorage::F32(x) => (x[start..end].to_vec(), DType::F32),
+        CpuStorage::F32(x) => (Cow::Borrowed(&x[start..end]), DType::F32),
         CpuStorage::F16(x) => (
-            x[start..end].iter().map(|v| v.to_f32()).collect(),
+            Cow::Owned(x[start..end].iter().map(|v| v.to_f32()).collect()),
             DType::F16,
         ),
         _ => candle_core::bail!("fused attention takes f32 or f16 {what}"),
