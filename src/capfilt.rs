@@ -11,6 +11,7 @@ use zoo_trainers::capfilt::{progress_path, run, CapFiltConfig, Captioner, Counts
 use zoo_trainers::data::{DataSpec, DatasetType};
 
 use crate::common::progress;
+use crate::flags;
 
 #[derive(Args, Debug)]
 pub struct CapfiltArgs {
@@ -30,15 +31,15 @@ pub struct CapfiltArgs {
     #[arg(long)]
     pub out: PathBuf,
     /// Keep a caption when the filter's itm_prob is at least this.
-    #[arg(long, default_value_t = 0.5)]
+    #[arg(long, default_value_t = 0.5, value_parser = flags::unit_interval::<f32>)]
     pub threshold: f32,
     /// Synthetic captions sampled per web pair.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = flags::count::<usize>)]
     pub num_synthetic: usize,
     /// Nucleus sampling's probability mass.
-    #[arg(long, default_value_t = 0.9)]
+    #[arg(long, default_value_t = 0.9, value_parser = flags::mass::<f32>)]
     pub top_p: f32,
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 30, value_parser = flags::count::<usize>)]
     pub max_new_tokens: usize,
     #[arg(long, default_value_t = 5)]
     pub min_new_tokens: usize,
@@ -59,13 +60,13 @@ pub struct CapfiltArgs {
     #[arg(long)]
     pub csv_separator: Option<char>,
     /// Web pairs captioned and scored per forward pass.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = flags::count::<usize>)]
     pub batch_size: usize,
     /// cpu, cuda, cuda:N or metal.
-    #[arg(long, default_value = "cpu")]
+    #[arg(long, default_value = "cpu", value_parser = flags::device)]
     pub device: String,
     /// f32, f16 or bf16; defaults to each checkpoint's dtype.
-    #[arg(long)]
+    #[arg(long, value_parser = flags::dtype)]
     pub dtype: Option<String>,
     /// Print the report as JSON.
     #[arg(long)]
@@ -134,20 +135,25 @@ pub fn run_capfilt(args: CapfiltArgs) -> Result<()> {
             "synthetic": counts(&report.synthetic),
             "skipped": Value::Object(skipped),
         });
-        println!("{}", serde_json::to_string_pretty(&value)?);
+        outln!("{}", serde_json::to_string_pretty(&value)?)?;
     } else {
-        println!(
+        outln!(
             "{} web pairs processed, {} already done, {}",
-            report.processed, report.already_done, report.skipped
-        );
-        println!(
+            report.processed,
+            report.already_done,
+            report.skipped
+        )?;
+        outln!(
             "{:<10} {:>8} {:>8} {:>8}",
-            "source", "kept", "removed", "total"
-        );
+            "source",
+            "kept",
+            "removed",
+            "total"
+        )?;
         for (name, c) in [("web", &report.web), ("synthetic", &report.synthetic)] {
-            println!("{name:<10} {:>8} {:>8} {:>8}", c.kept, c.removed, c.total());
+            outln!("{name:<10} {:>8} {:>8} {:>8}", c.kept, c.removed, c.total())?;
         }
-        println!("wrote {}", args.out.display());
+        outln!("wrote {}", args.out.display())?;
     }
     Ok(())
 }

@@ -13,6 +13,7 @@ use zoo_models::hub::ModelRepo;
 use zoo_trainers::capfilt::Captioner;
 
 use crate::common::{progress, ImageSizeArgs, ModelArgs};
+use crate::flags;
 
 #[derive(Args, Debug)]
 pub struct CaptionArgs {
@@ -25,22 +26,22 @@ pub struct CaptionArgs {
     pub prompt: Option<String>,
     /// Most new tokens per caption. Default: the checkpoint's generation_config.json, else HF's
     /// `max_length` of 20 tokens including [DEC] and the prompt.
-    #[arg(long)]
+    #[arg(long, value_parser = flags::count::<usize>)]
     pub max_new_tokens: Option<usize>,
     /// [SEP] cannot end a caption before this many new tokens.
     #[arg(long)]
     pub min_new_tokens: Option<usize>,
     /// Beam search with this many beams (1: greedy).
-    #[arg(long)]
+    #[arg(long, value_parser = flags::count::<usize>)]
     pub beams: Option<usize>,
     /// Beam search: finished captions score sum(log p) / length^P.
-    #[arg(long)]
+    #[arg(long, value_parser = flags::finite::<f32>)]
     pub length_penalty: Option<f32>,
     /// Nucleus sampling: keep the most likely tokens up to this probability mass.
-    #[arg(long)]
+    #[arg(long, value_parser = flags::mass::<f32>)]
     pub top_p: Option<f32>,
     /// Sampling temperature (turns sampling on).
-    #[arg(long)]
+    #[arg(long, value_parser = flags::positive::<f32>)]
     pub temperature: Option<f32>,
     /// Sampling: keep only the k most likely tokens (0: all), HF's default 50.
     #[arg(long, default_value_t = 50)]
@@ -49,10 +50,10 @@ pub struct CaptionArgs {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// HF's repetition penalty (1: off).
-    #[arg(long)]
+    #[arg(long, value_parser = flags::positive::<f32>)]
     pub repetition_penalty: Option<f32>,
     /// Images captioned per forward pass.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = flags::count::<usize>)]
     pub batch_size: usize,
     /// Print JSON: a list of {"image", "caption", "token_ids"}.
     #[arg(long)]
@@ -144,10 +145,10 @@ pub fn run(args: CaptionArgs) -> Result<()> {
             .iter()
             .map(|(image, caption, ids)| json!({"image": image, "caption": caption, "token_ids": ids}))
             .collect();
-        println!("{}", serde_json::to_string_pretty(&value)?);
+        outln!("{}", serde_json::to_string_pretty(&value)?)?;
     } else {
         for (image, caption, _) in &results {
-            println!("{}\t{caption}", image.display());
+            outln!("{}\t{caption}", image.display())?;
         }
     }
     Ok(())

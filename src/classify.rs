@@ -10,6 +10,7 @@ use zoo_trainers::pipeline::{DualEncoderPipeline, IMAGE_CHUNK};
 use zoo_trainers::zeroshot::{build_classifier, classify};
 
 use crate::common::{progress, ImageSizeArgs, ModelArgs};
+use crate::flags;
 
 #[derive(Args, Debug)]
 pub struct ClassifyArgs {
@@ -27,7 +28,7 @@ pub struct ClassifyArgs {
     #[arg(long = "template")]
     pub templates: Vec<String>,
     /// How many labels to show per image.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = flags::count::<usize>)]
     pub top_k: usize,
     /// Print JSON instead of a table.
     #[arg(long)]
@@ -99,13 +100,13 @@ pub fn run(args: ClassifyArgs) -> Result<()> {
                 })
             })
             .collect();
-        println!("{}", serde_json::to_string_pretty(&value)?);
+        outln!("{}", serde_json::to_string_pretty(&value)?)?;
         return Ok(());
     }
     for (image, preds) in args.images.iter().zip(&ranked) {
-        println!("{}", image.display());
+        outln!("{}", image.display())?;
         for p in preds {
-            println!("  {:>6.2}%  {}", p.prob * 100.0, p.label);
+            outln!("  {:>6.2}%  {}", p.prob * 100.0, p.label)?;
         }
     }
     Ok(())

@@ -8,6 +8,8 @@ use candle_core::{DType, Device, Tensor};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
+use crate::flags;
+
 /// Where the model comes from and where it runs.
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
@@ -15,10 +17,10 @@ pub struct ModelArgs {
     #[arg(long)]
     pub model: String,
     /// cpu, cuda, cuda:N or metal.
-    #[arg(long, default_value = "cpu")]
+    #[arg(long, default_value = "cpu", value_parser = flags::device)]
     pub device: String,
     /// f32, f16 or bf16; defaults to the checkpoint's dtype.
-    #[arg(long)]
+    #[arg(long, value_parser = flags::dtype)]
     pub dtype: Option<String>,
 }
 
@@ -28,7 +30,7 @@ pub struct ImageSizeArgs {
     /// Run the vision tower on N×N images instead of the checkpoint's size: the images are
     /// resized and cropped to N and the learned position embeddings interpolated bicubically
     /// (HF's `interpolate_pos_encoding=True`). N should be a multiple of the patch size.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = flags::count::<usize>)]
     pub image_size: Option<usize>,
 }
 

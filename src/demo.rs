@@ -17,21 +17,23 @@ use zoo_trainers::contrastive::{run, synthetic_data, ModelSpec, RunConfig};
 use zoo_trainers::optim::AdamWConfig;
 use zoo_trainers::train::TrainConfig;
 
+use crate::flags;
+
 #[derive(Args, Debug)]
 pub struct DemoArgs {
     #[command(subcommand)]
     pub task: Option<DemoTask>,
     /// clip-tiny or siglip-tiny.
-    #[arg(long, default_value = "clip-tiny")]
+    #[arg(long, default_value = "clip-tiny", value_parser = ["clip-tiny", "siglip-tiny"])]
     pub model: String,
-    #[arg(long, default_value_t = 400)]
+    #[arg(long, default_value_t = 400, value_parser = flags::count::<u64>)]
     pub steps: u64,
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = flags::at_least_two::<usize>)]
     pub batch_size: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Held-out images to evaluate on.
-    #[arg(long, default_value_t = 500)]
+    #[arg(long, default_value_t = 500, value_parser = flags::count::<usize>)]
     pub eval_samples: usize,
     #[arg(long, default_value = "zoo-demo")]
     pub output: PathBuf,
@@ -48,14 +50,14 @@ pub enum DemoTask {
 
 #[derive(Args, Debug)]
 pub struct CaptionDemoArgs {
-    #[arg(long, default_value_t = 500)]
+    #[arg(long, default_value_t = 500, value_parser = flags::count::<u64>)]
     pub steps: u64,
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = flags::count::<usize>)]
     pub batch_size: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Held-out images to caption.
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = 200, value_parser = flags::count::<usize>)]
     pub eval_samples: usize,
     #[arg(long, default_value = "zoo-demo-caption")]
     pub output: PathBuf,
@@ -137,43 +139,43 @@ pub fn run_demo(args: DemoArgs) -> Result<()> {
             "per_class": per_class,
             "output": args.output,
         });
-        println!("{}", serde_json::to_string_pretty(&value)?);
+        outln!("{}", serde_json::to_string_pretty(&value)?)?;
         return Ok(());
     }
-    println!();
-    println!(
+    outln!()?;
+    outln!(
         "Zero-shot classification over {} colour–shape classes,",
         classes.len()
-    );
-    println!(
+    )?;
+    outln!(
         "on {} images of combinations never seen in a training caption:",
         report.n
-    );
-    println!();
-    println!("  {:<28} {:>9} {:>9}", "", "top-1", "top-5");
-    println!(
+    )?;
+    outln!()?;
+    outln!("  {:<28} {:>9} {:>9}", "", "top-1", "top-5")?;
+    outln!(
         "  {:<28} {:>8.1}% {:>8.1}%",
         format!("{} ({} steps)", args.model, summary.state.step),
         report.top1 * 100.0,
         report.top5 * 100.0
-    );
-    println!(
+    )?;
+    outln!(
         "  {:<28} {:>8.1}% {:>8.1}%",
         "chance",
         chance1 * 100.0,
         chance5 * 100.0
-    );
-    println!();
+    )?;
+    outln!()?;
     for (name, acc) in &report.per_class {
-        println!("  {name:<16} {:>6.1}%", acc * 100.0);
+        outln!("  {name:<16} {:>6.1}%", acc * 100.0)?;
     }
-    println!();
-    println!("loss plot: {}", args.output.join("loss.png").display());
-    println!(
+    outln!()?;
+    outln!("loss plot: {}", args.output.join("loss.png").display())?;
+    outln!(
         "confusion matrix: {}",
         args.output.join("confusion.png").display()
-    );
-    println!("trained model (HF layout): {}", summary.final_dir.display());
+    )?;
+    outln!("trained model (HF layout): {}", summary.final_dir.display())?;
     Ok(())
 }
 
@@ -268,28 +270,28 @@ fn run_caption_demo(args: CaptionDemoArgs) -> Result<()> {
             "bleu": scores.bleu, "exact_match": exact as f64 / held_out.len() as f64,
             "examples": examples, "output": args.output,
         });
-        println!("{}", serde_json::to_string_pretty(&value)?);
+        outln!("{}", serde_json::to_string_pretty(&value)?)?;
         return Ok(());
     }
-    println!();
-    println!(
+    outln!()?;
+    outln!(
         "Greedy captions of {} held-out images (prompt \"{}\"):",
         held_out.len(),
         DEFAULT_PROMPT.trim_end()
-    );
-    println!();
+    )?;
+    outln!()?;
     for (p, r) in predictions.iter().zip(&held_out).take(8) {
-        println!("  {:<38} truth: {}", p, r.caption);
+        outln!("  {:<38} truth: {}", p, r.caption)?;
     }
-    println!();
-    println!("  BLEU-4   {:.3}", scores.bleu[3]);
-    println!("  CIDEr-D  {:.3}", scores.cider);
-    println!(
+    outln!()?;
+    outln!("  BLEU-4   {:.3}", scores.bleu[3])?;
+    outln!("  CIDEr-D  {:.3}", scores.cider)?;
+    outln!(
         "  exact    {:.1}% of captions equal their truth",
         100.0 * exact as f64 / held_out.len() as f64
-    );
-    println!();
-    println!("loss plot: {}", args.output.join("loss.png").display());
-    println!("trained model (HF layout): {}", summary.final_dir.display());
+    )?;
+    outln!()?;
+    outln!("loss plot: {}", args.output.join("loss.png").display())?;
+    outln!("trained model (HF layout): {}", summary.final_dir.display())?;
     Ok(())
 }

@@ -97,31 +97,31 @@ pub fn run(args: EmbedArgs) -> Result<()> {
             "probs": probs.as_ref().map(|p| p.to_vec2::<f32>()).transpose()?,
             "out": args.out,
         });
-        println!("{}", serde_json::to_string_pretty(&value)?);
+        outln!("{}", serde_json::to_string_pretty(&value)?)?;
         return Ok(());
     }
-    println!(
+    outln!(
         "model: {} ({})",
         pipeline.source,
         pipeline.config.model_type()
-    );
+    )?;
     if let Some(s) = shape(&image_embeds) {
-        println!("image_embeds: {s:?}");
+        outln!("image_embeds: {s:?}")?;
     }
     if let Some(s) = shape(&text_embeds) {
-        println!("text_embeds: {s:?}");
+        outln!("text_embeds: {s:?}")?;
     }
     if let (Some(logits), Some(probs)) = (logits, probs) {
         let (logits, probs) = (logits.to_vec2::<f32>()?, probs.to_vec2::<f32>()?);
         for (i, image) in args.images.iter().enumerate() {
-            println!("{}", image.display());
+            outln!("{}", image.display())?;
             for (j, text) in args.texts.iter().enumerate() {
-                println!("  {:>9.4}  p={:.4}  {text}", logits[i][j], probs[i][j]);
+                outln!("  {:>9.4}  p={:.4}  {text}", logits[i][j], probs[i][j])?;
             }
         }
     }
     if let Some(out) = &args.out {
-        println!("wrote {}", out.display());
+        outln!("wrote {}", out.display())?;
     }
     Ok(())
 }

@@ -13,6 +13,7 @@ use zoo_trainers::eval::{retrieval_report, RECALL_AT};
 use zoo_trainers::pipeline::DualEncoderPipeline;
 
 use crate::common::{ImageSizeArgs, ModelArgs};
+use crate::flags;
 
 #[derive(Subcommand, Debug)]
 pub enum EvalCommand {
@@ -34,7 +35,7 @@ pub struct LmArgs {
     #[arg(long)]
     pub data: String,
     /// Tokens per evaluated sequence (the corpus is packed into sequences of this length).
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = flags::at_least_two::<usize>)]
     pub seq_len: usize,
     #[arg(long)]
     pub json: bool,
@@ -75,7 +76,7 @@ pub struct RetrievalArgs {
     #[arg(long)]
     pub csv_separator: Option<char>,
     /// Evaluate at most this many pairs.
-    #[arg(long, default_value_t = 5000)]
+    #[arg(long, default_value_t = 5000, value_parser = flags::count::<usize>)]
     pub max_samples: usize,
     #[arg(long)]
     pub json: bool,
@@ -125,20 +126,20 @@ fn lm(args: LmArgs) -> Result<()> {
     let ppl = perplexity(&model, seqs.sequences(), &device)?;
     let tokens = seqs.len() * args.seq_len;
     if args.json {
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
                 "perplexity": ppl, "sequences": seqs.len(), "tokens": tokens,
                 "skipped_lines": corpus.skipped,
             }))?
-        );
+        )?;
     } else {
-        println!(
+        outln!(
             "perplexity {ppl:.4} over {} sequences of {} tokens ({} skipped lines)",
             seqs.len(),
             args.seq_len,
             corpus.skipped
-        );
+        )?;
     }
     Ok(())
 }
@@ -160,19 +161,19 @@ fn zeroshot(args: ZeroshotArgs) -> Result<()> {
             .map(|(k, v)| (k.as_str(), *v))
             .collect();
         let value = json!({"top1": report.top1, "top5": report.top5, "per_class": per_class, "n": report.n});
-        println!("{}", serde_json::to_string_pretty(&value)?);
+        outln!("{}", serde_json::to_string_pretty(&value)?)?;
         return Ok(());
     }
-    println!(
+    outln!(
         "zero-shot on {} ({} images, {} classes)",
         args.data.display(),
         report.n,
         set.class_names.len()
-    );
-    println!("  top-1 {:6.2}%", report.top1 * 100.0);
-    println!("  top-5 {:6.2}%", report.top5 * 100.0);
+    )?;
+    outln!("  top-1 {:6.2}%", report.top1 * 100.0)?;
+    outln!("  top-5 {:6.2}%", report.top5 * 100.0)?;
     for (name, acc) in &report.per_class {
-        println!("  {:6.2}%  {name}", acc * 100.0);
+        outln!("  {:6.2}%  {name}", acc * 100.0)?;
     }
     Ok(())
 }
@@ -202,24 +203,24 @@ fn retrieval(args: RetrievalArgs) -> Result<()> {
         }
         value.insert("n".into(), report.n.into());
         value.insert("skipped".into(), skipped.total().into());
-        println!("{}", serde_json::to_string_pretty(&value)?);
+        outln!("{}", serde_json::to_string_pretty(&value)?)?;
         return Ok(());
     }
-    println!(
+    outln!(
         "retrieval on {} ({} pairs, {} skipped)",
         args.data,
         report.n,
         skipped.total()
-    );
+    )?;
     for (k, (i2t, t2i)) in RECALL_AT
         .iter()
         .zip(report.image_to_text.iter().zip(&report.text_to_image))
     {
-        println!(
+        outln!(
             "  R@{k:<2}  image→text {:6.2}%  text→image {:6.2}%",
             i2t * 100.0,
             t2i * 100.0
-        );
+        )?;
     }
     Ok(())
 }
@@ -230,18 +231,18 @@ fn caption(args: CaptionArgs) -> Result<()> {
     if args.json {
         let value = json!({"bleu1": bleu1, "bleu2": bleu2, "bleu3": bleu3, "bleu4": bleu4,
             "cider": scores.cider, "n": scores.n});
-        println!("{}", serde_json::to_string_pretty(&value)?);
+        outln!("{}", serde_json::to_string_pretty(&value)?)?;
         return Ok(());
     }
-    println!(
+    outln!(
         "captions in {} against {} ({} images)",
         args.predictions.display(),
         args.references.display(),
         scores.n
-    );
+    )?;
     for (k, b) in scores.bleu.iter().enumerate() {
-        println!("  BLEU-{}  {b:.4}", k + 1);
+        outln!("  BLEU-{}  {b:.4}", k + 1)?;
     }
-    println!("  CIDEr-D {:.4}", scores.cider);
+    outln!("  CIDEr-D {:.4}", scores.cider)?;
     Ok(())
 }

@@ -19,6 +19,7 @@ use zoo_models::llm::{
 };
 
 use crate::common::ModelArgs;
+use crate::flags;
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
@@ -30,25 +31,25 @@ pub struct GenerateArgs {
     pub prompt: String,
     /// Most new tokens. Default: the checkpoint's generation_config.json, else HF's
     /// `max_length` of 20 tokens including the prompt.
-    #[arg(long)]
+    #[arg(long, value_parser = flags::count::<usize>)]
     pub max_new_tokens: Option<usize>,
     /// eos cannot end the generation before this many new tokens.
     #[arg(long)]
     pub min_new_tokens: Option<usize>,
     /// Sampling temperature (turns sampling on).
-    #[arg(long)]
+    #[arg(long, value_parser = flags::positive::<f32>)]
     pub temperature: Option<f32>,
     /// Sampling: keep only the k most likely tokens (0: all); turns sampling on.
     #[arg(long)]
     pub top_k: Option<usize>,
     /// Nucleus sampling: keep the most likely tokens up to this mass; turns sampling on.
-    #[arg(long)]
+    #[arg(long, value_parser = flags::mass::<f32>)]
     pub top_p: Option<f32>,
     /// Seed of the sampling random stream.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// HF's repetition penalty (1: off).
-    #[arg(long)]
+    #[arg(long, value_parser = flags::positive::<f32>)]
     pub repetition_penalty: Option<f32>,
     /// Speculative decoding with the FasterDecoding Medusa heads in this folder (config.json
     /// and medusa_lm_head.safetensors or .pt). Greedy: token-identical to plain greedy decoding;
@@ -57,11 +58,11 @@ pub struct GenerateArgs {
     pub medusa: Option<PathBuf>,
     /// Medusa typical acceptance: ε, the hard probability threshold (FasterDecoding's
     /// `posterior_threshold`).
-    #[arg(long, default_value_t = 0.09, requires = "medusa")]
+    #[arg(long, default_value_t = 0.09, requires = "medusa", value_parser = flags::unit_interval::<f32>)]
     pub posterior_threshold: f32,
     /// Medusa typical acceptance: δ, the scale of the entropy-dependent threshold δ·exp(−H)
     /// (FasterDecoding's `posterior_alpha`).
-    #[arg(long, default_value_t = 0.3, requires = "medusa")]
+    #[arg(long, default_value_t = 0.3, requires = "medusa", value_parser = flags::non_negative::<f32>)]
     pub posterior_alpha: f32,
     /// The Medusa tree: a JSON list of paths of top-k ranks. Default: mc_sim_7b_63.
     #[arg(long)]
@@ -243,9 +244,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             "mean_accepted": if steps == 0 { 0.0 } else { new_tokens as f64 / steps as f64 },
             "tokens_per_s": new_tokens as f64 / seconds.max(1e-9),
         });
-        println!("{}", serde_json::to_string_pretty(&value)?);
+        outln!("{}", serde_json::to_string_pretty(&value)?)?;
     } else {
-        println!("{}{text}", args.prompt);
+        outln!("{}{text}", args.prompt)?;
         eprintln!(
             "{new_tokens} new tokens in {seconds:.2} s ({:.1} tokens/s)",
             new_tokens as f64 / seconds.max(1e-9)

@@ -96,19 +96,21 @@ pub fn run(args: MatchArgs) -> Result<()> {
                 })
             })
             .collect();
-        println!("{}", serde_json::to_string_pretty(&value)?);
+        outln!("{}", serde_json::to_string_pretty(&value)?)?;
         return Ok(());
     }
     let mut last = None;
     for p in &pairs {
         if last != Some(p.image) {
-            println!("{}", args.images[p.image].display());
+            outln!("{}", args.images[p.image].display())?;
             last = Some(p.image);
         }
-        println!(
+        outln!(
             "  itm={:.4}  itc={:>7.4}  {}",
-            p.itm_prob, p.itc_score, args.texts[p.text]
-        );
+            p.itm_prob,
+            p.itc_score,
+            args.texts[p.text]
+        )?;
     }
     Ok(())
 }

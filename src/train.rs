@@ -20,6 +20,8 @@ use zoo_trainers::optim::AdamWConfig;
 use zoo_trainers::precision::Precision;
 use zoo_trainers::train::{format_metrics, TrainConfig};
 
+use crate::flags;
+
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum Objective {
     /// Softmax contrastive loss (CLIP).
@@ -65,26 +67,26 @@ pub struct TrainArgs {
     #[arg(long, default_value = blip_caption::DEFAULT_PROMPT)]
     pub prompt: String,
     /// BLIP caption training: label smoothing of the LM loss.
-    #[arg(long, default_value_t = blip_caption::DEFAULT_LABEL_SMOOTHING)]
+    #[arg(long, default_value_t = blip_caption::DEFAULT_LABEL_SMOOTHING, value_parser = flags::below_one::<f64>)]
     pub label_smoothing: f64,
     /// LM: `train` to train a byte-level BPE of --vocab-size tokens on the training corpus, or a
     /// folder / hub id with tokenizer.json (for a preset; a pretrained model keeps its own).
     #[arg(long, default_value = "train")]
     pub tokenizer: String,
     /// LM: vocabulary size of a trained tokenizer.
-    #[arg(long, default_value_t = 8000)]
+    #[arg(long, default_value_t = 8000, value_parser = flags::count::<usize>)]
     pub vocab_size: usize,
     /// MTP: number of modules (depth k predicts the token k + 1 ahead).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = flags::count::<usize>)]
     pub mtp_depth: usize,
     /// MTP: the loss is the LM loss + λ / depth · Σ module losses.
-    #[arg(long, default_value_t = 0.3)]
+    #[arg(long, default_value_t = 0.3, value_parser = flags::non_negative::<f64>)]
     pub mtp_lambda: f64,
     /// MTP: train only the modules, on the frozen LM's hidden states.
     #[arg(long)]
     pub freeze_backbone: bool,
     /// Medusa: number of heads (head k predicts the token k + 1 after the next).
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = flags::count::<usize>)]
     pub medusa_num_heads: usize,
     /// Medusa: ResBlocks per head.
     #[arg(long, default_value_t = 1)]
@@ -94,10 +96,10 @@ pub struct TrainArgs {
     #[arg(long)]
     pub joint: bool,
     /// Medusa-2: λ₀, the weight of the heads' loss (FasterDecoding's medusa_heads_coefficient).
-    #[arg(long, default_value_t = 0.2)]
+    #[arg(long, default_value_t = 0.2, value_parser = flags::non_negative::<f64>)]
     pub medusa_heads_coefficient: f64,
     /// Medusa-2: the heads' learning rate over the backbone's (medusa_lr_multiplier).
-    #[arg(long, default_value_t = 4.0)]
+    #[arg(long, default_value_t = 4.0, value_parser = flags::positive::<f64>)]
     pub medusa_lr_multiplier: f64,
     /// Medusa-2: steps that train only the heads, on the frozen backbone, before joint training.
     #[arg(long, default_value_t = 0)]
@@ -109,25 +111,25 @@ pub struct TrainArgs {
     pub self_distill: bool,
     /// Self-distillation: prompt tokens kept from each sequence (default: a quarter of
     /// --seq-len).
-    #[arg(long)]
+    #[arg(long, value_parser = flags::count::<usize>)]
     pub distill_prompt_len: Option<usize>,
     /// Self-distillation: sampling temperature of the generations (0: greedy).
-    #[arg(long, default_value_t = 0.3)]
+    #[arg(long, default_value_t = 0.3, value_parser = flags::non_negative::<f32>)]
     pub distill_temperature: f32,
     /// Self-distillation: generate at most this many sequences.
-    #[arg(long)]
+    #[arg(long, value_parser = flags::count::<usize>)]
     pub distill_sequences: Option<usize>,
     /// LM: tokens per training sequence (the corpus is packed into sequences of this length).
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = flags::at_least_two::<usize>)]
     pub seq_len: usize,
     /// BLIP pretraining: momentum features kept as extra ITC negatives (0: in-batch only).
     #[arg(long, default_value_t = blip_pretrain::DEFAULT_QUEUE_SIZE)]
     pub queue_size: usize,
     /// BLIP pretraining: EMA coefficient of the momentum encoders.
-    #[arg(long, default_value_t = blip_pretrain::DEFAULT_MOMENTUM)]
+    #[arg(long, default_value_t = blip_pretrain::DEFAULT_MOMENTUM, value_parser = flags::below_one::<f64>)]
     pub momentum: f64,
     /// BLIP pretraining: weight of the momentum encoders' soft ITC targets.
-    #[arg(long, default_value_t = blip_pretrain::DEFAULT_ALPHA)]
+    #[arg(long, default_value_t = blip_pretrain::DEFAULT_ALPHA, value_parser = flags::unit_interval::<f64>)]
     pub alpha: f64,
     /// BLIP pretraining: alpha rises linearly from 0 over this many steps (BLIP: the first
     /// epoch). Default: --warmup.
@@ -157,35 +159,35 @@ pub struct TrainArgs {
     #[arg(long)]
     pub csv_separator: Option<char>,
     /// Samples per epoch, for --epochs with WebDataset or synthetic data.
-    #[arg(long)]
+    #[arg(long, value_parser = flags::count::<u64>)]
     pub train_num_samples: Option<u64>,
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = flags::count::<usize>)]
     pub batch_size: usize,
     /// Train this many epochs (see --train-num-samples; for lm, mtp and medusa, passes over
     /// the packed sequences) ...
-    #[arg(long, conflicts_with = "steps")]
+    #[arg(long, conflicts_with = "steps", value_parser = flags::count::<u64>)]
     pub epochs: Option<u64>,
     /// ... or this many optimizer steps.
-    #[arg(long)]
+    #[arg(long, value_parser = flags::count::<u64>)]
     pub steps: Option<u64>,
-    #[arg(long, default_value_t = 5e-4)]
+    #[arg(long, default_value_t = 5e-4, value_parser = flags::non_negative::<f64>)]
     pub lr: f64,
-    #[arg(long, default_value_t = 0.2)]
+    #[arg(long, default_value_t = 0.2, value_parser = flags::non_negative::<f64>)]
     pub wd: f64,
     /// Linear warmup steps.
     #[arg(long, default_value_t = 100)]
     pub warmup: u64,
-    #[arg(long, default_value_t = 0.9)]
+    #[arg(long, default_value_t = 0.9, value_parser = flags::below_one::<f64>)]
     pub beta1: f64,
-    #[arg(long, default_value_t = 0.98)]
+    #[arg(long, default_value_t = 0.98, value_parser = flags::below_one::<f64>)]
     pub beta2: f64,
-    #[arg(long, default_value_t = 1e-6)]
+    #[arg(long, default_value_t = 1e-6, value_parser = flags::positive::<f64>)]
     pub eps: f64,
     /// Clip gradients to this global L2 norm.
-    #[arg(long)]
+    #[arg(long, value_parser = flags::positive::<f64>)]
     pub grad_clip_norm: Option<f64>,
     /// Accumulate gradients over this many batches per step.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = flags::count::<usize>)]
     pub accum_freq: usize,
     /// fp32, fp16, bf16, amp_fp16 or amp_bf16 (open_clip's names): f32 master weights and
     /// optimizer state, the forward and backward in f16/bf16 (amp_* keep norms in f32), dynamic
@@ -202,7 +204,7 @@ pub struct TrainArgs {
     #[arg(long)]
     pub resume: Option<PathBuf>,
     /// Write OUTPUT/checkpoint-STEP every this many steps.
-    #[arg(long)]
+    #[arg(long, value_parser = flags::count::<u64>)]
     pub save_every: Option<u64>,
     /// An ImageFolder for zero-shot evaluation.
     #[arg(long)]
@@ -215,7 +217,7 @@ pub struct TrainArgs {
     pub zeroshot_templates: String,
     /// Evaluate (zero-shot and retrieval; for blip, BLEU-4 and CIDEr of greedy captions of
     /// --val-data) every this many steps, and at the end.
-    #[arg(long)]
+    #[arg(long, value_parser = flags::count::<u64>)]
     pub zeroshot_frequency: Option<u64>,
     /// Freeze the image tower (LiT).
     #[arg(long)]
@@ -227,22 +229,22 @@ pub struct TrainArgs {
     /// Image size: a preset's; for a pretrained CLIP or SigLIP, fine-tune at this size (images
     /// prepared at N, position embeddings interpolated at every forward, as HF's
     /// interpolate_pos_encoding=True). BLIP checkpoints keep their own size.
-    #[arg(long)]
+    #[arg(long, value_parser = flags::count::<usize>)]
     pub image_size: Option<usize>,
     /// Data-loading threads.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, value_parser = flags::workers)]
     pub workers: usize,
     /// Compute the SigLIP loss in blocks of this many texts.
-    #[arg(long)]
+    #[arg(long, value_parser = flags::count::<usize>)]
     pub siglip_chunk: Option<usize>,
     /// Stop if more than this fraction of samples is bad.
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = 0.1, value_parser = flags::unit_interval::<f64>)]
     pub max_bad_fraction: f64,
     /// Images kept for retrieval evaluation.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 1000, value_parser = flags::count::<usize>)]
     pub val_samples: usize,
     /// cpu, cuda, cuda:N or metal.
-    #[arg(long, default_value = "cpu")]
+    #[arg(long, default_value = "cpu", value_parser = flags::device)]
     pub device: String,
 }
 
@@ -269,7 +271,7 @@ pub fn run_train(args: TrainArgs) -> Result<()> {
         );
     }
     if args.batch_size < 2 {
-        bail!("--batch-size must be at least 2 for a contrastive loss");
+        bail!("invalid value '1' for '--batch-size': a contrastive loss needs at least 2");
     }
     let device = zoo_models::device::parse_device(&args.device)?;
     let model_name = args
@@ -325,11 +327,11 @@ pub fn run_train(args: TrainArgs) -> Result<()> {
         resume: args.resume.clone(),
         device,
     };
-    let summary = run(config, data).context("training failed")?;
+    let summary = run(config, data).with_context(|| training_failed(&args))?;
     let last = summary.state.losses.last().copied().unwrap_or(f64::NAN);
-    println!("trained {} steps; final loss {last:.4}", summary.state.step);
+    outln!("trained {} steps; final loss {last:.4}", summary.state.step)?;
     if let Some(zs) = &summary.task.last_zeroshot {
-        println!(
+        outln!(
             "{}",
             format_metrics(
                 summary.state.step,
@@ -338,10 +340,10 @@ pub fn run_train(args: TrainArgs) -> Result<()> {
                     ("zeroshot_top5".into(), zs.top5)
                 ]
             )
-        );
+        )?;
     }
-    println!("model: {}", summary.final_dir.display());
-    println!("metrics: {}", args.output.join("metrics.jsonl").display());
+    outln!("model: {}", summary.final_dir.display())?;
+    outln!("metrics: {}", args.output.join("metrics.jsonl").display())?;
     Ok(())
 }
 
@@ -426,9 +428,6 @@ fn run_blip(args: TrainArgs) -> Result<()> {
     if let Some((_, flag)) = contrastive_only.iter().find(|(given, _)| *given) {
         bail!("{flag} is for `zoo train clip|siglip`, not `zoo train blip`");
     }
-    if args.batch_size == 0 {
-        bail!("--batch-size must be at least 1");
-    }
     let device = zoo_models::device::parse_device(&args.device)?;
     let model_name = args.model.clone().unwrap_or_else(|| "blip-tiny".into());
     let is_preset = blip_caption::PRESETS.split(", ").any(|p| p == model_name);
@@ -445,12 +444,6 @@ fn run_blip(args: TrainArgs) -> Result<()> {
     };
     let final_dir = match objective {
         BlipObjective::Caption => {
-            if !(0.0..1.0).contains(&args.label_smoothing) {
-                bail!(
-                    "--label-smoothing {} must be in [0, 1)",
-                    args.label_smoothing
-                );
-            }
             let config = blip_caption::RunConfig {
                 model: if is_preset {
                     blip_caption::ModelSpec::Preset(model_name)
@@ -470,17 +463,11 @@ fn run_blip(args: TrainArgs) -> Result<()> {
                 device,
             };
             let summary = blip_caption::run(config, blip_caption::RunData { train, val })
-                .context("training failed")?;
-            report(&summary.state.losses, summary.state.step);
+                .with_context(|| training_failed(&args))?;
+            report(&summary.state.losses, summary.state.step)?;
             summary.final_dir
         }
         BlipObjective::Pretrain => {
-            if !(0.0..=1.0).contains(&args.alpha) {
-                bail!("--alpha {} must be in [0, 1]", args.alpha);
-            }
-            if !(0.0..1.0).contains(&args.momentum) {
-                bail!("--momentum {} must be in [0, 1)", args.momentum);
-            }
             if args.queue_size > 0 && args.queue_size < args.batch_size {
                 bail!(
                     "--queue-size {} must be 0 or at least --batch-size {}",
@@ -512,19 +499,25 @@ fn run_blip(args: TrainArgs) -> Result<()> {
                 device,
             };
             let summary = blip_pretrain::run(config, blip_pretrain::RunData { train, val })
-                .context("training failed")?;
-            report(&summary.state.losses, summary.state.step);
+                .with_context(|| training_failed(&args))?;
+            report(&summary.state.losses, summary.state.step)?;
             summary.final_dir
         }
     };
-    println!("model: {}", final_dir.display());
-    println!("metrics: {}", args.output.join("metrics.jsonl").display());
+    outln!("model: {}", final_dir.display())?;
+    outln!("metrics: {}", args.output.join("metrics.jsonl").display())?;
     Ok(())
 }
 
-fn report(losses: &[f64], step: u64) {
+/// The context of a failed run: the data it read, which most run-time errors are about.
+fn training_failed(args: &TrainArgs) -> String {
+    format!("training on --train-data {} failed", args.train_data)
+}
+
+fn report(losses: &[f64], step: u64) -> Result<()> {
     let last = losses.last().copied().unwrap_or(f64::NAN);
-    println!("trained {step} steps; final loss {last:.4}");
+    outln!("trained {step} steps; final loss {last:.4}")?;
+    Ok(())
 }
 
 /// The files of a `--train-data` / `--val-data` for `zoo train lm`: comma-separated paths or
@@ -574,9 +567,6 @@ fn run_lm(args: TrainArgs) -> Result<()> {
     if args.steps.is_none() && args.epochs.is_none() {
         bail!("give --steps or --epochs");
     }
-    if args.batch_size == 0 {
-        bail!("--batch-size must be at least 1");
-    }
     let train_files = text_files(&args.train_data)?;
     let val_files = args.val_data.as_deref().map(text_files).transpose()?;
     let model_name = args.model.clone().unwrap_or_else(|| "llama-tiny".into());
@@ -609,13 +599,14 @@ fn run_lm(args: TrainArgs) -> Result<()> {
         }),
         epochs: args.epochs,
     };
-    let summary = lm::run(config, &train_files, val_files.as_deref()).context("training failed")?;
+    let summary = lm::run(config, &train_files, val_files.as_deref())
+        .with_context(|| training_failed(&args))?;
     if summary.skipped > 0 {
         eprintln!("skipped {} malformed JSONL lines", summary.skipped);
     }
-    report(&summary.state.losses, summary.state.step);
-    println!("model: {}", summary.final_dir.display());
-    println!("metrics: {}", args.output.join("metrics.jsonl").display());
+    report(&summary.state.losses, summary.state.step)?;
+    outln!("model: {}", summary.final_dir.display())?;
+    outln!("metrics: {}", args.output.join("metrics.jsonl").display())?;
     Ok(())
 }
 
@@ -627,9 +618,6 @@ fn run_medusa(args: TrainArgs) -> Result<()> {
     };
     if args.steps.is_none() && args.epochs.is_none() {
         bail!("give --steps or --epochs");
-    }
-    if args.medusa_num_heads == 0 || args.batch_size == 0 {
-        bail!("--medusa-num-heads and --batch-size must be at least 1");
     }
     let medusa2_flags = [
         (
@@ -670,16 +658,16 @@ fn run_medusa(args: TrainArgs) -> Result<()> {
         }),
         epochs: args.epochs,
     };
-    let summary = medusa::run(config, &train_files).context("training failed")?;
-    report(&summary.state.losses, summary.state.step);
+    let summary = medusa::run(config, &train_files).with_context(|| training_failed(&args))?;
+    report(&summary.state.losses, summary.state.step)?;
     if args.joint {
-        println!(
+        outln!(
             "model with medusa heads (--model and --medusa): {}",
             summary.final_dir.display()
-        );
+        )?;
     } else {
-        println!("medusa heads: {}", summary.final_dir.display());
+        outln!("medusa heads: {}", summary.final_dir.display())?;
     }
-    println!("metrics: {}", args.output.join("metrics.jsonl").display());
+    outln!("metrics: {}", args.output.join("metrics.jsonl").display())?;
     Ok(())
 }

@@ -60,13 +60,27 @@ pub fn augment(
     processor: &ImageProcessorConfig,
     scale: (f64, f64),
     rng: &mut impl Uniform,
-) -> (Vec<f32>, usize, usize) {
+) -> Result<(Vec<f32>, usize, usize), String> {
     let (out_h, out_w) = processor.output_size(image.height() as usize, image.width() as usize);
+    if image.width() == 0
+        || image.height() == 0
+        || out_h == 0
+        || out_w == 0
+        || out_h.saturating_mul(out_w) > crate::preprocess::MAX_OUTPUT_PIXELS
+    {
+        return Err(format!(
+            "a {}x{} image would resize to {out_w}x{out_h} pixels (at least 1 and at most {} in \
+             all are allowed)",
+            image.width(),
+            image.height(),
+            crate::preprocess::MAX_OUTPUT_PIXELS
+        ));
+    }
     let (top, left, ch, cw) = random_resized_crop_box(image.height(), image.width(), scale, rng);
     let crop = image::imageops::crop_imm(image, left, top, cw, ch).to_image();
     let resized = resize_rgb(&crop, out_w as u32, out_h as u32, Resample::Bicubic);
     let values = crate::preprocess::normalize(&resized, processor);
-    (values, out_h, out_w)
+    Ok((values, out_h, out_w))
 }
 
 #[cfg(test)]

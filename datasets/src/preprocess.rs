@@ -14,6 +14,12 @@ use serde_json::Value;
 use crate::error::{Error, Result};
 use crate::resample::{resize_rgb, Resample};
 
+/// The most pixels a preprocessed image may have (8192 × 8192): its f32 values take 768 MiB.
+/// A configured size above it is refused when the config is read, and an image whose
+/// shortest-edge resize would exceed it (a 1 × 100 000 strip, say) is refused as it is
+/// preprocessed, instead of allocating without bound.
+pub const MAX_OUTPUT_PIXELS: usize = 1 << 26;
+
 /// OpenAI CLIP's normalisation, HF's default for CLIP processors.
 pub const OPENAI_CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
 pub const OPENAI_CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_6, 0.275_777_1];
@@ -167,6 +173,23 @@ impl ImageProcessorConfig {
 }
 
 fn parse_size(v: &Value, default_to_square: bool) -> std::result::Result<ResizeTarget, String> {
+    let target = parse_size_unchecked(v, default_to_square)?;
+    let (height, width) = match target {
+        ResizeTarget::ShortestEdge(s) => (s, s),
+        ResizeTarget::Exact { height, width } => (height, width),
+    };
+    if height == 0 || width == 0 || height.saturating_mul(width) > MAX_OUTPUT_PIXELS {
+        return Err(format!(
+            "`size` {v} must be at least 1 pixel and at most {MAX_OUTPUT_PIXELS} pixels in all"
+        ));
+    }
+    Ok(target)
+}
+
+fn parse_size_unchecked(
+    v: &Value,
+    default_to_square: bool,
+) -> std::result::Result<ResizeTarget, String> {
     let get = |k: &str| v.get(k).and_then(Value::as_u64).map(|n| n as usize);
     if let Some(n) = v.as_u64() {
         let n = n as usize;
@@ -227,22 +250,76 @@ fn resize_output_size(target: ResizeTarget, height: usize, width: usize) -> (usi
 
 /// Decodes an image file. Grayscale, RGBA, 16-bit and CMYK inputs all decode; the result is
 /// converted to 8-bit RGB as PIL's `convert("RGB")` does (alpha dropped, gray replicated), except
-/// that 16-bit samples are scaled to 8 bits instead of clipped.
+/// that 16-bit samples are scaled to 8 bits instead of clipped. Truncated files are refused, as
+/// Pillow refuses them by default (see [`decode_image`]).
 pub fn load_image(path: &Path) -> Result<DynamicImage> {
-    let reader = image::ImageReader::open(path)
-        .map_err(|source| Error::Io {
-            path: path.to_path_buf(),
-            source,
-        })?
-        .with_guessed_format()
-        .map_err(|source| Error::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-    reader.decode().map_err(|e| Error::Image {
+    let bytes = std::fs::read(path).map_err(|source| Error::Io {
         path: path.to_path_buf(),
-        message: e.to_string(),
+        source,
+    })?;
+    decode_image(&bytes).map_err(|message| Error::Image {
+        path: path.to_path_buf(),
+        message,
     })
+}
+
+/// Decodes image bytes in any format the `image` crate reads with our features, within its
+/// default memory limits (512 MiB per decode). A JPEG whose entropy-coded data ends before its
+/// end-of-image marker is an error, "image file is truncated" as Pillow says (its
+/// `LOAD_TRUNCATED_IMAGES` is off by default): the decoder would otherwise fill the missing
+/// rows with grey. Other formats' decoders refuse truncated data themselves.
+pub fn decode_image(bytes: &[u8]) -> std::result::Result<DynamicImage, String> {
+    let reader = image::ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| e.to_string())?;
+    if reader.format() == Some(image::ImageFormat::Jpeg) && !jpeg_is_complete(bytes) {
+        return Err("image file is truncated (the JPEG data ends before its end marker)".into());
+    }
+    reader.decode().map_err(|e| e.to_string())
+}
+
+/// Whether a JPEG reaches its end-of-image marker: the marker segments are walked by their
+/// lengths up to the first start-of-scan (so an EXIF thumbnail's own markers are skipped), and
+/// the scan data after it must contain `FF D9`, which entropy-coded data cannot (a coded `FF`
+/// byte is followed by `00`).
+fn jpeg_is_complete(bytes: &[u8]) -> bool {
+    const SOI: u8 = 0xD8;
+    const SOS: u8 = 0xDA;
+    const EOI: u8 = 0xD9;
+    if bytes.len() < 4 || bytes[0] != 0xFF || bytes[1] != SOI {
+        return false;
+    }
+    let mut i = 2;
+    loop {
+        // Fill bytes (0xFF runs) may precede a marker.
+        while bytes.get(i) == Some(&0xFF) && bytes.get(i + 1) == Some(&0xFF) {
+            i += 1;
+        }
+        let (Some(&0xFF), Some(&marker)) = (bytes.get(i), bytes.get(i + 1)) else {
+            return false;
+        };
+        match marker {
+            EOI => return true,
+            // Standalone markers: no length.
+            0x01 | 0xD0..=0xD7 => i += 2,
+            _ => {
+                let Some(len) = bytes
+                    .get(i + 2..i + 4)
+                    .map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])))
+                else {
+                    return false;
+                };
+                if len < 2 {
+                    return false;
+                }
+                if marker == SOS {
+                    let scan = bytes.get(i + 2 + len..).unwrap_or_default();
+                    return scan.windows(2).any(|w| w == [0xFF, EOI]);
+                }
+                i += 2 + len;
+            }
+        }
+    }
 }
 
 /// A configured image processor.
@@ -260,25 +337,39 @@ impl ImageProcessor {
         Ok(Self::new(ImageProcessorConfig::from_file(path)?))
     }
 
-    /// Resize and crop, in 8-bit RGB as HF does before rescaling.
-    pub fn resize_and_crop(&self, image: &DynamicImage) -> RgbImage {
+    /// Resize and crop, in 8-bit RGB as HF does before rescaling. An image that would resize
+    /// to more than [`MAX_OUTPUT_PIXELS`] is refused.
+    pub fn resize_and_crop(&self, image: &DynamicImage) -> std::result::Result<RgbImage, String> {
         let cfg = &self.config;
+        let (height, width) = (image.height() as usize, image.width() as usize);
+        if height == 0 || width == 0 {
+            return Err(format!("the image is {width}x{height} pixels"));
+        }
         let mut rgb = image.to_rgb8();
         if cfg.do_resize {
-            let (h, w) = resize_output_size(cfg.size, rgb.height() as usize, rgb.width() as usize);
+            let (h, w) = resize_output_size(cfg.size, height, width);
+            if h == 0 || w == 0 || h.saturating_mul(w) > MAX_OUTPUT_PIXELS {
+                return Err(format!(
+                    "a {width}x{height} image would resize to {w}x{h} pixels (at least 1 and at \
+                     most {MAX_OUTPUT_PIXELS} in all are allowed)"
+                ));
+            }
             rgb = resize_rgb(&rgb, w as u32, h as u32, cfg.resample);
         }
         if cfg.do_center_crop {
             rgb = center_crop(&rgb, cfg.crop_size.0, cfg.crop_size.1);
         }
-        rgb
+        Ok(rgb)
     }
 
     /// Preprocesses one image into `[3, H, W]` values, channel-major.
-    pub fn preprocess(&self, image: &DynamicImage) -> (Vec<f32>, usize, usize) {
-        let rgb = self.resize_and_crop(image);
+    pub fn preprocess(
+        &self,
+        image: &DynamicImage,
+    ) -> std::result::Result<(Vec<f32>, usize, usize), String> {
+        let rgb = self.resize_and_crop(image)?;
         let (w, h) = (rgb.width() as usize, rgb.height() as usize);
-        (normalize(&rgb, &self.config), h, w)
+        Ok((normalize(&rgb, &self.config), h, w))
     }
 
     /// Loads and preprocesses images into one `[N, 3, H, W]` f32 tensor. Errors name the file.
@@ -288,7 +379,10 @@ impl ImageProcessor {
         for path in paths {
             let path = path.as_ref();
             let img = load_image(path)?;
-            let (values, h, w) = self.preprocess(&img);
+            let (values, h, w) = self.preprocess(&img).map_err(|message| Error::Image {
+                path: path.to_path_buf(),
+                message,
+            })?;
             match dims {
                 Some(d) if d != (h, w) => {
                     return Err(Error::Image {

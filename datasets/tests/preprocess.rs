@@ -20,7 +20,7 @@ fn compare(processor: &str, images: &[&str]) -> Vec<(String, f32, f32)> {
         .iter()
         .map(|name| {
             let img = load_image(&fixtures().join("images").join(name)).unwrap();
-            let (values, h, w) = proc.preprocess(&img);
+            let (values, h, w) = proc.preprocess(&img).unwrap();
             let ours = Tensor::from_vec(values, (3, h, w), &Device::Cpu).unwrap();
             let theirs = reference[*name].to_dtype(DType::F32).unwrap();
             assert_eq!(ours.dims(), theirs.dims(), "{processor}/{name}: shape");
@@ -83,9 +83,11 @@ fn sixteen_bit_png_is_scaled_not_clipped() {
             .unwrap();
     let eight = proc
         .preprocess(&load_image(&fixtures().join("images/gray.png")).unwrap())
+        .unwrap()
         .0;
     let sixteen = proc
         .preprocess(&load_image(&fixtures().join("images/gray16.png")).unwrap())
+        .unwrap()
         .0;
     let max = eight
         .iter()

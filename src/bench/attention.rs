@@ -8,6 +8,7 @@ use serde_json::json;
 use zoo_models::layers::{fused_attention, naive_attention, AttentionMask, KeyVisibility};
 
 use super::{median_seconds, print_report, random_tensor};
+use crate::flags;
 use crate::memory::peak_bytes;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -21,16 +22,16 @@ pub enum Mode {
 #[derive(Args, Debug)]
 pub struct AttentionBenchArgs {
     /// Sequence lengths (queries = keys), comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "256,512,1024,2048,4096")]
+    #[arg(long, value_delimiter = ',', default_value = "256,512,1024,2048,4096", value_parser = flags::count::<usize>)]
     pub lengths: Vec<usize>,
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = flags::count::<usize>)]
     pub heads: usize,
     /// Key/value heads (grouped-query attention when fewer than --heads); default --heads.
-    #[arg(long)]
+    #[arg(long, value_parser = flags::count::<usize>)]
     pub kv_heads: Option<usize>,
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = flags::count::<usize>)]
     pub head_dim: usize,
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = flags::count::<usize>)]
     pub batch: usize,
     /// A causal mask (decoder self-attention).
     #[arg(long)]
@@ -38,7 +39,7 @@ pub struct AttentionBenchArgs {
     #[arg(long, value_enum, default_value = "forward")]
     pub mode: Mode,
     /// Timed runs per point; the median is reported.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = flags::count::<usize>)]
     pub repeats: usize,
     #[arg(long)]
     pub json: bool,

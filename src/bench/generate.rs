@@ -17,6 +17,7 @@ use zoo_models::llm::{
 };
 
 use crate::common::ModelArgs;
+use crate::flags;
 
 #[derive(Args, Debug)]
 pub struct GenerateBenchArgs {
@@ -37,7 +38,7 @@ pub struct GenerateBenchArgs {
     /// A file of prompts, one per line.
     #[arg(long)]
     pub prompts: Option<PathBuf>,
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = flags::count::<usize>)]
     pub max_new_tokens: usize,
     /// Untimed runs of every method before timing.
     #[arg(long, default_value_t = 1)]
@@ -193,7 +194,7 @@ pub fn bench_generate(args: GenerateBenchArgs) -> Result<()> {
         })
         .collect();
     if args.json {
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(&json!({
                 "bench": "generate",
@@ -203,14 +204,14 @@ pub fn bench_generate(args: GenerateBenchArgs) -> Result<()> {
                 "threads": candle_core::utils::get_num_threads(),
                 "results": rows,
             }))?
-        );
+        )?;
     } else {
-        println!(
+        outln!(
             "| method | new tokens | steps | mean accepted | tokens/s | speedup | same as greedy |"
-        );
-        println!("|---|---|---|---|---|---|---|");
+        )?;
+        outln!("|---|---|---|---|---|---|---|")?;
         for r in &rows {
-            println!(
+            outln!(
                 "| {} | {} | {} | {:.2} | {:.1} | {:.2}x | {} |",
                 r["method"].as_str().unwrap_or(""),
                 r["new_tokens"],
@@ -219,7 +220,7 @@ pub fn bench_generate(args: GenerateBenchArgs) -> Result<()> {
                 r["tokens_per_s"].as_f64().unwrap_or(0.0),
                 r["speedup"].as_f64().unwrap_or(0.0),
                 r["identical_to_greedy"]
-            );
+            )?;
         }
     }
     Ok(())

@@ -118,12 +118,12 @@ pub fn print_report(
     table: &[Vec<String>],
 ) -> Result<()> {
     if json {
-        println!("{}", serde_json::to_string_pretty(report)?);
+        outln!("{}", serde_json::to_string_pretty(report)?)?;
     } else {
-        println!("| {} |", header.join(" | "));
-        println!("|{}", "---|".repeat(header.len()));
+        outln!("| {} |", header.join(" | "))?;
+        outln!("|{}", "---|".repeat(header.len()))?;
         for row in table {
-            println!("| {} |", row.join(" | "));
+            outln!("| {} |", row.join(" | "))?;
         }
     }
     Ok(())

@@ -16,18 +16,19 @@ use super::{
     gemm_peak_gflops, median_seconds, model_name, print_report, random_ids, random_tensor,
 };
 use crate::common::ModelArgs;
+use crate::flags;
 
 #[derive(Args, Debug)]
 pub struct EmbedBenchArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = flags::count::<usize>)]
     pub batch: usize,
     /// Untimed runs before timing.
     #[arg(long, default_value_t = 1)]
     pub warmup: usize,
     /// Timed runs; the median is reported.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = flags::count::<usize>)]
     pub repeats: usize,
     #[arg(long)]
     pub json: bool,
@@ -147,12 +148,12 @@ fn text_vocab(cfg: &DualEncoderConfig) -> usize {
 pub struct TrainStepBenchArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = flags::count::<usize>)]
     pub batch: usize,
     #[arg(long, default_value_t = 1)]
     pub warmup: usize,
     /// Timed steps; the median is reported.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = flags::count::<usize>)]
     pub steps: usize,
     /// fp32, fp16 or amp_fp16 on the CPU (see `zoo train --precision`).
     #[arg(long, default_value = "fp32", value_parser = |s: &str| s.parse::<Precision>())]
@@ -226,11 +227,11 @@ pub struct CaptionBenchArgs {
     #[command(flatten)]
     pub model: ModelArgs,
     /// Images captioned one at a time (random pixels).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = flags::count::<usize>)]
     pub images: usize,
     /// Every caption is exactly this long (`[SEP]` is held back until then), as
     /// `bench_torch.py` sets `min_new_tokens`.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 20, value_parser = flags::count::<usize>)]
     pub max_new_tokens: usize,
     #[arg(long, default_value_t = 1)]
     pub warmup: usize,

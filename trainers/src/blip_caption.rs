@@ -391,7 +391,7 @@ pub fn pixel_values(
     let mut pixels = Vec::new();
     let mut dims = (0, 0);
     for image in images {
-        let (values, h, w) = processor.preprocess(image);
+        let (values, h, w) = processor.preprocess(image).map_err(Error::Input)?;
         dims = (h, w);
         pixels.extend(values);
     }

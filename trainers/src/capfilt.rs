@@ -58,7 +58,9 @@ fn pixel_batch(
     let mut data = Vec::new();
     let mut dims = None;
     for (image, key) in images.iter().zip(keys) {
-        let (values, h, w) = processor.preprocess(image);
+        let (values, h, w) = processor
+            .preprocess(image)
+            .map_err(|e| Error::Input(format!("{key}: {e}")))?;
         match dims {
             Some((dh, dw)) if (dh, dw) != (h, w) => {
                 return Err(Error::Input(format!(

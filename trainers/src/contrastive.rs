@@ -76,8 +76,9 @@ impl ZeroShotSet {
                 let mut pixels = Vec::new();
                 let mut dims = (0, 0);
                 for s in chunk {
-                    let (values, h, w) =
-                        processor.preprocess(&image::DynamicImage::ImageRgb8(s.image.clone()));
+                    let (values, h, w) = processor
+                        .preprocess(&image::DynamicImage::ImageRgb8(s.image.clone()))
+                        .map_err(Error::Input)?;
                     dims = (h, w);
                     pixels.extend(values);
                 }
@@ -166,7 +167,9 @@ impl RetrievalSet {
             let mut pixels = Vec::new();
             let mut dims = (0, 0);
             for p in chunk {
-                let (values, h, w) = processor.preprocess(&p.image);
+                let (values, h, w) = processor
+                    .preprocess(&p.image)
+                    .map_err(|e| Error::Input(format!("{}: {e}", p.key)))?;
                 dims = (h, w);
                 pixels.extend(values);
             }

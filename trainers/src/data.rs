@@ -16,7 +16,7 @@ use image::DynamicImage;
 use serde::{Deserialize, Serialize};
 use zoo_datasets::augment::{augment, Uniform, DEFAULT_SCALE};
 use zoo_datasets::preprocess::ImageProcessor;
-use zoo_datasets::sources::{Pair, Record, SkipCounts, Skipped};
+use zoo_datasets::sources::{Pair, Record, SkipCounts, SkipReason, Skipped};
 use zoo_datasets::synthetic::{Shapes, Split};
 use zoo_datasets::tokenize::{Padding, TextTokenizer};
 
@@ -52,7 +52,8 @@ pub struct LoaderConfig {
     pub seed: u64,
     /// RandomResizedCrop for training; plain HF preprocessing otherwise.
     pub augment: bool,
-    /// Stop when more than this fraction of records is bad (checked after 64 records).
+    /// Stop when more than this fraction of records is bad (checked after every batch, the
+    /// first one included, so a short run is held to it too).
     pub max_bad_fraction: f64,
     pub max_text_len: usize,
     pub padding: Padding,
@@ -84,6 +85,9 @@ struct Prepared {
     ids: Vec<u32>,
     position: DataPosition,
     skipped_before: Vec<Skipped>,
+    /// Why the sample itself could not be prepared (an image too large to resize, say): it is
+    /// skipped and counted like a bad record.
+    bad: Option<Skipped>,
 }
 
 enum Message {
@@ -100,6 +104,7 @@ pub struct BatchLoader {
     pad_id: u32,
     device: Device,
     skipped: SkipCounts,
+    latest_skip: Option<Skipped>,
     good: u64,
     _threads: Vec<JoinHandle<()>>,
 }
@@ -156,15 +161,15 @@ impl BatchLoader {
         let mut threads = Vec::new();
 
         let fatal_tx = out_tx.clone();
-        threads.push(std::thread::spawn(move || {
+        threads.push(spawn("producer", move || {
             if let Err(e) = produce(&factory, start, &job_tx) {
                 let _ = fatal_tx.send(Message::Fatal(e.to_string()));
             }
-        }));
+        })?);
         for _ in 0..config.workers.max(1) {
             let (job_rx, out_tx) = (job_rx.clone(), out_tx.clone());
             let (processor, encoder, cfg) = (processor.clone(), encoder.clone(), config.clone());
-            threads.push(std::thread::spawn(move || loop {
+            threads.push(spawn("worker", move || loop {
                 let job = match job_rx.lock() {
                     Ok(rx) => match rx.recv() {
                         Ok(job) => job,
@@ -179,7 +184,7 @@ impl BatchLoader {
                 if out_tx.send(msg).is_err() {
                     return;
                 }
-            }));
+            })?);
         }
         Ok(Self {
             rx: out_rx,
@@ -189,6 +194,7 @@ impl BatchLoader {
             pad_id,
             device: device.clone(),
             skipped: SkipCounts::default(),
+            latest_skip: None,
             good: 0,
             _threads: threads,
         })
@@ -219,16 +225,22 @@ impl BatchLoader {
     /// The next batch of `batch_size` samples.
     pub fn next_batch(&mut self) -> Result<ContrastiveBatch> {
         let n = self.config.batch_size;
-        let mut samples = Vec::with_capacity(n);
-        for _ in 0..n {
-            let s = self.next_sample()?;
-            for skip in &s.skipped_before {
-                self.skipped.record(skip);
-            }
-            self.good += 1;
-            self.check_bad_fraction(&s)?;
-            samples.push(s);
+        if n == 0 {
+            return Err(Error::Input("the batch size must be at least 1".into()));
         }
+        let mut samples = Vec::with_capacity(n);
+        while samples.len() < n {
+            let s = self.next_sample()?;
+            for skip in s.skipped_before.iter().chain(&s.bad) {
+                self.skipped.record(skip);
+                self.latest_skip = Some(skip.clone());
+            }
+            if s.bad.is_none() {
+                self.good += 1;
+                samples.push(s);
+            }
+        }
+        self.check_bad_fraction()?;
         let dims = samples[0].dims;
         let mut pixels = Vec::with_capacity(n * 3 * dims.0 * dims.1);
         for s in &samples {
@@ -261,18 +273,21 @@ impl BatchLoader {
         })
     }
 
-    fn check_bad_fraction(&self, last: &Prepared) -> Result<()> {
+    /// `--max-bad-fraction` over every record read so far.
+    fn check_bad_fraction(&self) -> Result<()> {
         let bad = self.skipped.total();
         let seen = bad + self.good;
-        if seen >= 64 && bad as f64 > self.config.max_bad_fraction * seen as f64 {
-            let example = last
-                .skipped_before
-                .last()
+        if bad as f64 > self.config.max_bad_fraction * seen as f64 {
+            let example = self
+                .latest_skip
+                .as_ref()
                 .map(|s| format!(" (latest: {}: {})", s.key, s.message))
                 .unwrap_or_default();
             return Err(Error::Input(format!(
-                "{bad} of {seen} samples were bad, more than the allowed {:.0}%{example}; skipped: {}",
+                "{bad} of {seen} samples were bad, more than the allowed {}% (--max-bad-fraction \
+                 {}){example}; skipped: {}",
                 self.config.max_bad_fraction * 100.0,
+                self.config.max_bad_fraction,
                 self.skipped
             )));
         }
@@ -335,7 +350,7 @@ fn prepare(
     encoder: &TextEncoder,
     cfg: &LoaderConfig,
 ) -> Result<Prepared> {
-    let (pixels, h, w) = if cfg.augment {
+    let prepared = if cfg.augment {
         let mut rng = Rng::derive(cfg.seed, job.index);
         augment(
             &job.pair.image.to_rgb8(),
@@ -346,15 +361,37 @@ fn prepare(
     } else {
         processor.preprocess(&job.pair.image)
     };
-    let ids = encoder(&job.pair.caption)?;
+    let (pixels, dims, bad) = match prepared {
+        Ok((pixels, h, w)) => (pixels, (h, w), None),
+        Err(message) => (
+            Vec::new(),
+            (0, 0),
+            Some(Skipped::new(job.pair.key, SkipReason::Undecodable, message)),
+        ),
+    };
+    let ids = if bad.is_none() {
+        encoder(&job.pair.caption)?
+    } else {
+        Vec::new()
+    };
     Ok(Prepared {
         index: job.index,
         pixels,
-        dims: (h, w),
+        dims,
         ids,
         position: job.position,
         skipped_before: job.skipped_before,
+        bad,
     })
+}
+
+/// A named thread; failing to start one (the process is out of threads) is an error, not the
+/// panic of `std::thread::spawn`.
+fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(format!("zoo-data-{name}"))
+        .spawn(f)
+        .map_err(|e| Error::Input(format!("cannot start a data-loading thread: {e}")))
 }
 
 /// The synthetic shapes as an endless record stream; `nth` jumps without generating.

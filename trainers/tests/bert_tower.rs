@@ -112,7 +112,7 @@ fn samples(m: &TrainableDualEncoder, n: u64) -> (Tensor, Vec<String>) {
     let mut pixels = Vec::new();
     for s in &samples {
         let img = DynamicImage::ImageRgb8(s.image.clone());
-        pixels.extend(m.processor.preprocess(&img).0);
+        pixels.extend(m.processor.preprocess(&img).unwrap().0);
     }
     let pixels = Tensor::from_vec(pixels, (n as usize, 3, 32, 32), &Device::Cpu).unwrap();
     (pixels, samples.into_iter().map(|s| s.caption).collect())

@@ -107,7 +107,7 @@ fn assert_gradient_reaches_everything(preset: &str) {
         .collect();
     let mut pixels = Vec::new();
     for img in &images {
-        pixels.extend(m.processor.preprocess(img).0);
+        pixels.extend(m.processor.preprocess(img).unwrap().0);
     }
     let pixels = candle_core::Tensor::from_vec(pixels, (4, 3, 32, 32), &Device::Cpu).unwrap();
     let captions: Vec<&str> = samples.iter().map(|s| s.caption.as_str()).collect();
@@ -384,6 +384,7 @@ fn every_parameter_gets_an_f32_gradient_under_amp_fp16() {
         pixels.extend(
             m.processor
                 .preprocess(&DynamicImage::ImageRgb8(s.image.clone()))
+                .unwrap()
                 .0,
         );
     }

@@ -183,7 +183,7 @@ impl fmt::Display for SkipCounts {
 }
 
 impl Skipped {
-    fn new(key: impl Into<String>, reason: SkipReason, message: impl Into<String>) -> Self {
+    pub fn new(key: impl Into<String>, reason: SkipReason, message: impl Into<String>) -> Self {
         Self {
             key: key.into(),
             reason,

@@ -404,7 +404,7 @@ impl RawSample {
             ));
         };
         let caption = clean_caption(&self.key, &caption)?;
-        let image = image::load_from_memory(image).map_err(|e| {
+        let image = crate::preprocess::decode_image(image).map_err(|e| {
             skip(
                 SkipReason::Undecodable,
                 format!("cannot decode the image ({e})"),
