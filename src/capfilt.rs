@@ -31,26 +31,26 @@ pub struct CapfiltArgs {
     #[arg(long)]
     pub out: PathBuf,
     /// Keep a caption when the filter's itm_prob is at least this.
-    #[arg(long, default_value_t = 0.5, value_parser = flags::unit_interval::<f32>)]
+    #[arg(long, default_value_t = 0.5, value_parser = flags::unit_interval::<f32>, allow_negative_numbers = true)]
     pub threshold: f32,
     /// Synthetic captions sampled per web pair.
-    #[arg(long, default_value_t = 1, value_parser = flags::count::<usize>)]
+    #[arg(long, default_value_t = 1, value_parser = flags::count::<usize>, allow_negative_numbers = true)]
     pub num_synthetic: usize,
     /// Nucleus sampling's probability mass.
-    #[arg(long, default_value_t = 0.9, value_parser = flags::mass::<f32>)]
+    #[arg(long, default_value_t = 0.9, value_parser = flags::mass::<f32>, allow_negative_numbers = true)]
     pub top_p: f32,
-    #[arg(long, default_value_t = 30, value_parser = flags::count::<usize>)]
+    #[arg(long, default_value_t = 30, value_parser = flags::count::<usize>, allow_negative_numbers = true)]
     pub max_new_tokens: usize,
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, allow_negative_numbers = true)]
     pub min_new_tokens: usize,
     /// The captioner's prompt, left out of the synthetic captions ("" for none).
     #[arg(long, default_value = "a picture of ")]
     pub prompt: String,
     /// Seed of the sampling.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     pub seed: u64,
     /// auto, csv, jsonl, coco or webdataset.
-    #[arg(long, default_value = "auto")]
+    #[arg(long, default_value = "auto", value_parser = flags::dataset_type)]
     pub dataset_type: String,
     #[arg(long, default_value = "filepath")]
     pub csv_img_key: String,
@@ -60,7 +60,7 @@ pub struct CapfiltArgs {
     #[arg(long)]
     pub csv_separator: Option<char>,
     /// Web pairs captioned and scored per forward pass.
-    #[arg(long, default_value_t = 8, value_parser = flags::count::<usize>)]
+    #[arg(long, default_value_t = 8, value_parser = flags::count::<usize>, allow_negative_numbers = true)]
     pub batch_size: usize,
     /// cpu, cuda, cuda:N or metal.
     #[arg(long, default_value = "cpu", value_parser = flags::device)]
@@ -90,6 +90,13 @@ pub fn run_capfilt(args: CapfiltArgs) -> Result<()> {
         csv_separator,
         shuffle_buffer: 0,
     };
+    if args.min_new_tokens > args.max_new_tokens {
+        anyhow::bail!(
+            "--min-new-tokens {} is more than --max-new-tokens {}",
+            args.min_new_tokens,
+            args.max_new_tokens
+        );
+    }
     let cfg = CapFiltConfig {
         threshold: args.threshold,
         num_synthetic: args.num_synthetic,
@@ -118,6 +125,14 @@ pub fn run_capfilt(args: CapfiltArgs) -> Result<()> {
         bar.inc(1)
     })?;
     bar.finish_and_clear();
+    if report.processed == 0 && report.already_done == 0 {
+        anyhow::bail!(
+            "--data {} yielded no usable image-caption pairs ({}); {} holds no pairs",
+            args.data,
+            report.skipped,
+            args.out.display()
+        );
+    }
 
     let counts = |c: &Counts| json!({"kept": c.kept, "removed": c.removed, "total": c.total()});
     if args.json {

@@ -26,34 +26,34 @@ pub struct CaptionArgs {
     pub prompt: Option<String>,
     /// Most new tokens per caption. Default: the checkpoint's generation_config.json, else HF's
     /// `max_length` of 20 tokens including [DEC] and the prompt.
-    #[arg(long, value_parser = flags::count::<usize>)]
+    #[arg(long, value_parser = flags::count::<usize>, allow_negative_numbers = true)]
     pub max_new_tokens: Option<usize>,
     /// [SEP] cannot end a caption before this many new tokens.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub min_new_tokens: Option<usize>,
     /// Beam search with this many beams (1: greedy).
-    #[arg(long, value_parser = flags::count::<usize>)]
+    #[arg(long, value_parser = flags::count::<usize>, allow_negative_numbers = true)]
     pub beams: Option<usize>,
     /// Beam search: finished captions score sum(log p) / length^P.
-    #[arg(long, value_parser = flags::finite::<f32>)]
+    #[arg(long, value_parser = flags::finite::<f32>, allow_negative_numbers = true)]
     pub length_penalty: Option<f32>,
     /// Nucleus sampling: keep the most likely tokens up to this probability mass.
-    #[arg(long, value_parser = flags::mass::<f32>)]
+    #[arg(long, value_parser = flags::mass::<f32>, allow_negative_numbers = true)]
     pub top_p: Option<f32>,
     /// Sampling temperature (turns sampling on).
-    #[arg(long, value_parser = flags::positive::<f32>)]
+    #[arg(long, value_parser = flags::positive::<f32>, allow_negative_numbers = true)]
     pub temperature: Option<f32>,
     /// Sampling: keep only the k most likely tokens (0: all), HF's default 50.
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = 50, allow_negative_numbers = true)]
     pub top_k: usize,
     /// Seed of the sampling random stream.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     pub seed: u64,
     /// HF's repetition penalty (1: off).
-    #[arg(long, value_parser = flags::positive::<f32>)]
+    #[arg(long, value_parser = flags::positive::<f32>, allow_negative_numbers = true)]
     pub repetition_penalty: Option<f32>,
     /// Images captioned per forward pass.
-    #[arg(long, default_value_t = 8, value_parser = flags::count::<usize>)]
+    #[arg(long, default_value_t = 8, value_parser = flags::count::<usize>, allow_negative_numbers = true)]
     pub batch_size: usize,
     /// Print JSON: a list of {"image", "caption", "token_ids"}.
     #[arg(long)]
@@ -75,6 +75,13 @@ fn generation_config(
     if num_beams == 0 {
         bail!("--beams must be at least 1");
     }
+    // Every beam of every image in a batch holds its logits over the vocabulary.
+    let logits = (num_beams * args.batch_size) as f64
+        * model.config.text_config.vocab_size as f64
+        * 4.0
+        * 2.0;
+    zoo_models::device::ensure_fits_in_memory(&format!("--beams {num_beams}"), logits)
+        .map_err(anyhow::Error::msg)?;
     if sampling && args.beams.is_some_and(|b| b > 1) {
         bail!("--beams and sampling (--top-p/--temperature) cannot be combined");
     }
@@ -94,13 +101,18 @@ fn generation_config(
     } else {
         Strategy::Greedy
     };
+    let max_new_tokens = args
+        .max_new_tokens
+        .unwrap_or_else(|| hf.max_new_tokens(start_len));
+    let min_new_tokens = args
+        .min_new_tokens
+        .unwrap_or_else(|| hf.min_new_tokens(start_len));
+    if min_new_tokens > max_new_tokens {
+        bail!("--min-new-tokens {min_new_tokens} is more than --max-new-tokens {max_new_tokens}");
+    }
     Ok(GenerationConfig {
-        max_new_tokens: args
-            .max_new_tokens
-            .unwrap_or_else(|| hf.max_new_tokens(start_len)),
-        min_new_tokens: args
-            .min_new_tokens
-            .unwrap_or_else(|| hf.min_new_tokens(start_len)),
+        max_new_tokens,
+        min_new_tokens,
         repetition_penalty: args
             .repetition_penalty
             .or(hf.repetition_penalty)

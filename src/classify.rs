@@ -28,7 +28,7 @@ pub struct ClassifyArgs {
     #[arg(long = "template")]
     pub templates: Vec<String>,
     /// How many labels to show per image.
-    #[arg(long, default_value_t = 5, value_parser = flags::count::<usize>)]
+    #[arg(long, default_value_t = 5, value_parser = flags::count::<usize>, allow_negative_numbers = true)]
     pub top_k: usize,
     /// Print JSON instead of a table.
     #[arg(long)]

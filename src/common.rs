@@ -30,7 +30,7 @@ pub struct ImageSizeArgs {
     /// Run the vision tower on N×N images instead of the checkpoint's size: the images are
     /// resized and cropped to N and the learned position embeddings interpolated bicubically
     /// (HF's `interpolate_pos_encoding=True`). N should be a multiple of the patch size.
-    #[arg(long, value_name = "N", value_parser = flags::count::<usize>)]
+    #[arg(long, value_name = "N", value_parser = flags::count::<usize>, allow_negative_numbers = true)]
     pub image_size: Option<usize>,
 }
 
@@ -38,13 +38,27 @@ impl ImageSizeArgs {
     /// Sets `processor` to the requested size, if any.
     pub fn apply(&self, processor: &mut zoo_datasets::preprocess::ImageProcessor) -> Result<()> {
         if let Some(n) = self.image_size {
-            if n == 0 {
-                anyhow::bail!("--image-size must be at least 1");
-            }
+            check_image_size(n)?;
             processor.config = processor.config.clone().with_image_size(n);
         }
         Ok(())
     }
+}
+
+/// Refuses an `--image-size` whose images could not be preprocessed
+/// ([`zoo_datasets::preprocess::MAX_OUTPUT_PIXELS`]) or whose batch of pixels alone (16 images,
+/// as the vision commands encode them) would not fit in memory.
+pub fn check_image_size(n: usize) -> Result<()> {
+    let max = zoo_datasets::preprocess::MAX_OUTPUT_PIXELS;
+    if n.saturating_mul(n) > max {
+        anyhow::bail!(
+            "invalid value '{n}' for '--image-size': at most {} ({max} pixels)",
+            max.isqrt()
+        );
+    }
+    let bytes = 16.0 * 3.0 * (n as f64).powi(2) * 5.0;
+    zoo_models::device::ensure_fits_in_memory(&format!("--image-size {n}"), bytes)
+        .map_err(anyhow::Error::msg)
 }
 
 impl ModelArgs {

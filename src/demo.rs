@@ -26,14 +26,14 @@ pub struct DemoArgs {
     /// clip-tiny or siglip-tiny.
     #[arg(long, default_value = "clip-tiny", value_parser = ["clip-tiny", "siglip-tiny"])]
     pub model: String,
-    #[arg(long, default_value_t = 400, value_parser = flags::count::<u64>)]
+    #[arg(long, default_value_t = 400, value_parser = flags::count::<u64>, allow_negative_numbers = true)]
     pub steps: u64,
-    #[arg(long, default_value_t = 64, value_parser = flags::at_least_two::<usize>)]
+    #[arg(long, default_value_t = 64, value_parser = flags::at_least_two::<usize>, allow_negative_numbers = true)]
     pub batch_size: usize,
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     pub seed: u64,
     /// Held-out images to evaluate on.
-    #[arg(long, default_value_t = 500, value_parser = flags::count::<usize>)]
+    #[arg(long, default_value_t = 500, value_parser = flags::count::<usize>, allow_negative_numbers = true)]
     pub eval_samples: usize,
     #[arg(long, default_value = "zoo-demo")]
     pub output: PathBuf,
@@ -50,14 +50,14 @@ pub enum DemoTask {
 
 #[derive(Args, Debug)]
 pub struct CaptionDemoArgs {
-    #[arg(long, default_value_t = 500, value_parser = flags::count::<u64>)]
+    #[arg(long, default_value_t = 500, value_parser = flags::count::<u64>, allow_negative_numbers = true)]
     pub steps: u64,
-    #[arg(long, default_value_t = 32, value_parser = flags::count::<usize>)]
+    #[arg(long, default_value_t = 32, value_parser = flags::count::<usize>, allow_negative_numbers = true)]
     pub batch_size: usize,
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     pub seed: u64,
     /// Held-out images to caption.
-    #[arg(long, default_value_t = 200, value_parser = flags::count::<usize>)]
+    #[arg(long, default_value_t = 200, value_parser = flags::count::<usize>, allow_negative_numbers = true)]
     pub eval_samples: usize,
     #[arg(long, default_value = "zoo-demo-caption")]
     pub output: PathBuf,

@@ -35,7 +35,7 @@ pub struct LmArgs {
     #[arg(long)]
     pub data: String,
     /// Tokens per evaluated sequence (the corpus is packed into sequences of this length).
-    #[arg(long, default_value_t = 256, value_parser = flags::at_least_two::<usize>)]
+    #[arg(long, default_value_t = 256, value_parser = flags::at_least_two::<usize>, allow_negative_numbers = true)]
     pub seq_len: usize,
     #[arg(long)]
     pub json: bool,
@@ -76,7 +76,7 @@ pub struct RetrievalArgs {
     #[arg(long)]
     pub csv_separator: Option<char>,
     /// Evaluate at most this many pairs.
-    #[arg(long, default_value_t = 5000, value_parser = flags::count::<usize>)]
+    #[arg(long, default_value_t = 5000, value_parser = flags::count::<usize>, allow_negative_numbers = true)]
     pub max_samples: usize,
     #[arg(long)]
     pub json: bool,

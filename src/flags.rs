@@ -116,6 +116,12 @@ pub fn device(s: &str) -> Result<String, String> {
     }
 }
 
+/// `--dataset-type`: a name [`zoo_trainers::data::DatasetType`] knows.
+pub fn dataset_type(s: &str) -> Result<String, String> {
+    s.parse::<zoo_trainers::data::DatasetType>()
+        .map(|_| s.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -31,25 +31,25 @@ pub struct GenerateArgs {
     pub prompt: String,
     /// Most new tokens. Default: the checkpoint's generation_config.json, else HF's
     /// `max_length` of 20 tokens including the prompt.
-    #[arg(long, value_parser = flags::count::<usize>)]
+    #[arg(long, value_parser = flags::count::<usize>, allow_negative_numbers = true)]
     pub max_new_tokens: Option<usize>,
     /// eos cannot end the generation before this many new tokens.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub min_new_tokens: Option<usize>,
     /// Sampling temperature (turns sampling on).
-    #[arg(long, value_parser = flags::positive::<f32>)]
+    #[arg(long, value_parser = flags::positive::<f32>, allow_negative_numbers = true)]
     pub temperature: Option<f32>,
     /// Sampling: keep only the k most likely tokens (0: all); turns sampling on.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub top_k: Option<usize>,
     /// Nucleus sampling: keep the most likely tokens up to this mass; turns sampling on.
-    #[arg(long, value_parser = flags::mass::<f32>)]
+    #[arg(long, value_parser = flags::mass::<f32>, allow_negative_numbers = true)]
     pub top_p: Option<f32>,
     /// Seed of the sampling random stream.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     pub seed: u64,
     /// HF's repetition penalty (1: off).
-    #[arg(long, value_parser = flags::positive::<f32>)]
+    #[arg(long, value_parser = flags::positive::<f32>, allow_negative_numbers = true)]
     pub repetition_penalty: Option<f32>,
     /// Speculative decoding with the FasterDecoding Medusa heads in this folder (config.json
     /// and medusa_lm_head.safetensors or .pt). Greedy: token-identical to plain greedy decoding;
@@ -58,11 +58,11 @@ pub struct GenerateArgs {
     pub medusa: Option<PathBuf>,
     /// Medusa typical acceptance: ε, the hard probability threshold (FasterDecoding's
     /// `posterior_threshold`).
-    #[arg(long, default_value_t = 0.09, requires = "medusa", value_parser = flags::unit_interval::<f32>)]
+    #[arg(long, default_value_t = 0.09, requires = "medusa", value_parser = flags::unit_interval::<f32>, allow_negative_numbers = true)]
     pub posterior_threshold: f32,
     /// Medusa typical acceptance: δ, the scale of the entropy-dependent threshold δ·exp(−H)
     /// (FasterDecoding's `posterior_alpha`).
-    #[arg(long, default_value_t = 0.3, requires = "medusa", value_parser = flags::non_negative::<f32>)]
+    #[arg(long, default_value_t = 0.3, requires = "medusa", value_parser = flags::non_negative::<f32>, allow_negative_numbers = true)]
     pub posterior_alpha: f32,
     /// The Medusa tree: a JSON list of paths of top-k ranks. Default: mc_sim_7b_63.
     #[arg(long)]
@@ -130,6 +130,17 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             Strategy::Greedy
         },
     };
+    model
+        .config
+        .check_generation_length(prompt.len(), cfg.max_new_tokens)
+        .map_err(anyhow::Error::msg)?;
+    if cfg.min_new_tokens > cfg.max_new_tokens {
+        bail!(
+            "--min-new-tokens {} is more than --max-new-tokens {}",
+            cfg.min_new_tokens,
+            cfg.max_new_tokens
+        );
+    }
     let speculative = args.medusa.is_some() || args.mtp;
     if speculative && (cfg.repetition_penalty != 1.0 || cfg.min_new_tokens > 0) {
         bail!(

@@ -67,42 +67,42 @@ pub struct TrainArgs {
     #[arg(long, default_value = blip_caption::DEFAULT_PROMPT)]
     pub prompt: String,
     /// BLIP caption training: label smoothing of the LM loss.
-    #[arg(long, default_value_t = blip_caption::DEFAULT_LABEL_SMOOTHING, value_parser = flags::below_one::<f64>)]
+    #[arg(long, default_value_t = blip_caption::DEFAULT_LABEL_SMOOTHING, value_parser = flags::below_one::<f64>, allow_negative_numbers = true)]
     pub label_smoothing: f64,
     /// LM: `train` to train a byte-level BPE of --vocab-size tokens on the training corpus, or a
     /// folder / hub id with tokenizer.json (for a preset; a pretrained model keeps its own).
     #[arg(long, default_value = "train")]
     pub tokenizer: String,
     /// LM: vocabulary size of a trained tokenizer.
-    #[arg(long, default_value_t = 8000, value_parser = flags::count::<usize>)]
+    #[arg(long, default_value_t = 8000, value_parser = flags::count::<usize>, allow_negative_numbers = true)]
     pub vocab_size: usize,
     /// MTP: number of modules (depth k predicts the token k + 1 ahead).
-    #[arg(long, default_value_t = 1, value_parser = flags::count::<usize>)]
+    #[arg(long, default_value_t = 1, value_parser = flags::count::<usize>, allow_negative_numbers = true)]
     pub mtp_depth: usize,
     /// MTP: the loss is the LM loss + λ / depth · Σ module losses.
-    #[arg(long, default_value_t = 0.3, value_parser = flags::non_negative::<f64>)]
+    #[arg(long, default_value_t = 0.3, value_parser = flags::non_negative::<f64>, allow_negative_numbers = true)]
     pub mtp_lambda: f64,
     /// MTP: train only the modules, on the frozen LM's hidden states.
     #[arg(long)]
     pub freeze_backbone: bool,
     /// Medusa: number of heads (head k predicts the token k + 1 after the next).
-    #[arg(long, default_value_t = 4, value_parser = flags::count::<usize>)]
+    #[arg(long, default_value_t = 4, value_parser = flags::count::<usize>, allow_negative_numbers = true)]
     pub medusa_num_heads: usize,
     /// Medusa: ResBlocks per head.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
     pub medusa_num_layers: usize,
     /// Medusa-2: train the backbone with the heads (LM loss + λ₀ · heads' loss); without it,
     /// Medusa-1 trains the heads on the frozen backbone.
     #[arg(long)]
     pub joint: bool,
     /// Medusa-2: λ₀, the weight of the heads' loss (FasterDecoding's medusa_heads_coefficient).
-    #[arg(long, default_value_t = 0.2, value_parser = flags::non_negative::<f64>)]
+    #[arg(long, default_value_t = 0.2, value_parser = flags::non_negative::<f64>, allow_negative_numbers = true)]
     pub medusa_heads_coefficient: f64,
     /// Medusa-2: the heads' learning rate over the backbone's (medusa_lr_multiplier).
-    #[arg(long, default_value_t = 4.0, value_parser = flags::positive::<f64>)]
+    #[arg(long, default_value_t = 4.0, value_parser = flags::positive::<f64>, allow_negative_numbers = true)]
     pub medusa_lr_multiplier: f64,
     /// Medusa-2: steps that train only the heads, on the frozen backbone, before joint training.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     pub medusa_warmup_steps: u64,
     /// Medusa: train on the backbone's own continuations of prompts cut from the corpus
     /// (written to OUTPUT/self_distill.jsonl); with --joint the LM loss becomes the KL from the
@@ -111,29 +111,29 @@ pub struct TrainArgs {
     pub self_distill: bool,
     /// Self-distillation: prompt tokens kept from each sequence (default: a quarter of
     /// --seq-len).
-    #[arg(long, value_parser = flags::count::<usize>)]
+    #[arg(long, value_parser = flags::count::<usize>, allow_negative_numbers = true)]
     pub distill_prompt_len: Option<usize>,
     /// Self-distillation: sampling temperature of the generations (0: greedy).
-    #[arg(long, default_value_t = 0.3, value_parser = flags::non_negative::<f32>)]
+    #[arg(long, default_value_t = 0.3, value_parser = flags::non_negative::<f32>, allow_negative_numbers = true)]
     pub distill_temperature: f32,
     /// Self-distillation: generate at most this many sequences.
-    #[arg(long, value_parser = flags::count::<usize>)]
+    #[arg(long, value_parser = flags::count::<usize>, allow_negative_numbers = true)]
     pub distill_sequences: Option<usize>,
     /// LM: tokens per training sequence (the corpus is packed into sequences of this length).
-    #[arg(long, default_value_t = 256, value_parser = flags::at_least_two::<usize>)]
+    #[arg(long, default_value_t = 256, value_parser = flags::at_least_two::<usize>, allow_negative_numbers = true)]
     pub seq_len: usize,
     /// BLIP pretraining: momentum features kept as extra ITC negatives (0: in-batch only).
-    #[arg(long, default_value_t = blip_pretrain::DEFAULT_QUEUE_SIZE)]
+    #[arg(long, default_value_t = blip_pretrain::DEFAULT_QUEUE_SIZE, allow_negative_numbers = true)]
     pub queue_size: usize,
     /// BLIP pretraining: EMA coefficient of the momentum encoders.
-    #[arg(long, default_value_t = blip_pretrain::DEFAULT_MOMENTUM, value_parser = flags::below_one::<f64>)]
+    #[arg(long, default_value_t = blip_pretrain::DEFAULT_MOMENTUM, value_parser = flags::below_one::<f64>, allow_negative_numbers = true)]
     pub momentum: f64,
     /// BLIP pretraining: weight of the momentum encoders' soft ITC targets.
-    #[arg(long, default_value_t = blip_pretrain::DEFAULT_ALPHA, value_parser = flags::unit_interval::<f64>)]
+    #[arg(long, default_value_t = blip_pretrain::DEFAULT_ALPHA, value_parser = flags::unit_interval::<f64>, allow_negative_numbers = true)]
     pub alpha: f64,
     /// BLIP pretraining: alpha rises linearly from 0 over this many steps (BLIP: the first
     /// epoch). Default: --warmup.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub alpha_ramp_steps: Option<u64>,
     /// An HF BERT folder or hub id (config.json, safetensors, tokenizer.json), e.g.
     /// sentence-transformers/all-MiniLM-L6-v2, as the text tower of the CLIP preset --model:
@@ -149,7 +149,7 @@ pub struct TrainArgs {
     #[arg(long)]
     pub val_data: Option<String>,
     /// auto, csv, jsonl, webdataset or synthetic.
-    #[arg(long, default_value = "auto")]
+    #[arg(long, default_value = "auto", value_parser = flags::dataset_type)]
     pub dataset_type: String,
     #[arg(long, default_value = "filepath")]
     pub csv_img_key: String,
@@ -159,35 +159,35 @@ pub struct TrainArgs {
     #[arg(long)]
     pub csv_separator: Option<char>,
     /// Samples per epoch, for --epochs with WebDataset or synthetic data.
-    #[arg(long, value_parser = flags::count::<u64>)]
+    #[arg(long, value_parser = flags::count::<u64>, allow_negative_numbers = true)]
     pub train_num_samples: Option<u64>,
-    #[arg(long, default_value_t = 64, value_parser = flags::count::<usize>)]
+    #[arg(long, default_value_t = 64, value_parser = flags::count::<usize>, allow_negative_numbers = true)]
     pub batch_size: usize,
     /// Train this many epochs (see --train-num-samples; for lm, mtp and medusa, passes over
     /// the packed sequences) ...
-    #[arg(long, conflicts_with = "steps", value_parser = flags::count::<u64>)]
+    #[arg(long, conflicts_with = "steps", value_parser = flags::count::<u64>, allow_negative_numbers = true)]
     pub epochs: Option<u64>,
     /// ... or this many optimizer steps.
-    #[arg(long, value_parser = flags::count::<u64>)]
+    #[arg(long, value_parser = flags::count::<u64>, allow_negative_numbers = true)]
     pub steps: Option<u64>,
-    #[arg(long, default_value_t = 5e-4, value_parser = flags::non_negative::<f64>)]
+    #[arg(long, default_value_t = 5e-4, value_parser = flags::non_negative::<f64>, allow_negative_numbers = true)]
     pub lr: f64,
-    #[arg(long, default_value_t = 0.2, value_parser = flags::non_negative::<f64>)]
+    #[arg(long, default_value_t = 0.2, value_parser = flags::non_negative::<f64>, allow_negative_numbers = true)]
     pub wd: f64,
     /// Linear warmup steps.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 100, allow_negative_numbers = true)]
     pub warmup: u64,
-    #[arg(long, default_value_t = 0.9, value_parser = flags::below_one::<f64>)]
+    #[arg(long, default_value_t = 0.9, value_parser = flags::below_one::<f64>, allow_negative_numbers = true)]
     pub beta1: f64,
-    #[arg(long, default_value_t = 0.98, value_parser = flags::below_one::<f64>)]
+    #[arg(long, default_value_t = 0.98, value_parser = flags::below_one::<f64>, allow_negative_numbers = true)]
     pub beta2: f64,
-    #[arg(long, default_value_t = 1e-6, value_parser = flags::positive::<f64>)]
+    #[arg(long, default_value_t = 1e-6, value_parser = flags::positive::<f64>, allow_negative_numbers = true)]
     pub eps: f64,
     /// Clip gradients to this global L2 norm.
-    #[arg(long, value_parser = flags::positive::<f64>)]
+    #[arg(long, value_parser = flags::positive::<f64>, allow_negative_numbers = true)]
     pub grad_clip_norm: Option<f64>,
     /// Accumulate gradients over this many batches per step.
-    #[arg(long, default_value_t = 1, value_parser = flags::count::<usize>)]
+    #[arg(long, default_value_t = 1, value_parser = flags::count::<usize>, allow_negative_numbers = true)]
     pub accum_freq: usize,
     /// fp32, fp16, bf16, amp_fp16 or amp_bf16 (open_clip's names): f32 master weights and
     /// optimizer state, the forward and backward in f16/bf16 (amp_* keep norms in f32), dynamic
@@ -195,7 +195,7 @@ pub struct TrainArgs {
     /// bf16 needs CUDA or Metal.
     #[arg(long, default_value = "fp32", value_parser = parse_precision)]
     pub precision: Precision,
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     pub seed: u64,
     /// Output folder: checkpoints, final/, metrics.jsonl, plots.
     #[arg(long)]
@@ -204,7 +204,7 @@ pub struct TrainArgs {
     #[arg(long)]
     pub resume: Option<PathBuf>,
     /// Write OUTPUT/checkpoint-STEP every this many steps.
-    #[arg(long, value_parser = flags::count::<u64>)]
+    #[arg(long, value_parser = flags::count::<u64>, allow_negative_numbers = true)]
     pub save_every: Option<u64>,
     /// An ImageFolder for zero-shot evaluation.
     #[arg(long)]
@@ -217,7 +217,7 @@ pub struct TrainArgs {
     pub zeroshot_templates: String,
     /// Evaluate (zero-shot and retrieval; for blip, BLEU-4 and CIDEr of greedy captions of
     /// --val-data) every this many steps, and at the end.
-    #[arg(long, value_parser = flags::count::<u64>)]
+    #[arg(long, value_parser = flags::count::<u64>, allow_negative_numbers = true)]
     pub zeroshot_frequency: Option<u64>,
     /// Freeze the image tower (LiT).
     #[arg(long)]
@@ -229,19 +229,19 @@ pub struct TrainArgs {
     /// Image size: a preset's; for a pretrained CLIP or SigLIP, fine-tune at this size (images
     /// prepared at N, position embeddings interpolated at every forward, as HF's
     /// interpolate_pos_encoding=True). BLIP checkpoints keep their own size.
-    #[arg(long, value_parser = flags::count::<usize>)]
+    #[arg(long, value_parser = flags::count::<usize>, allow_negative_numbers = true)]
     pub image_size: Option<usize>,
     /// Data-loading threads.
-    #[arg(long, default_value_t = 2, value_parser = flags::workers)]
+    #[arg(long, default_value_t = 2, value_parser = flags::workers, allow_negative_numbers = true)]
     pub workers: usize,
     /// Compute the SigLIP loss in blocks of this many texts.
-    #[arg(long, value_parser = flags::count::<usize>)]
+    #[arg(long, value_parser = flags::count::<usize>, allow_negative_numbers = true)]
     pub siglip_chunk: Option<usize>,
     /// Stop if more than this fraction of samples is bad.
-    #[arg(long, default_value_t = 0.1, value_parser = flags::unit_interval::<f64>)]
+    #[arg(long, default_value_t = 0.1, value_parser = flags::unit_interval::<f64>, allow_negative_numbers = true)]
     pub max_bad_fraction: f64,
     /// Images kept for retrieval evaluation.
-    #[arg(long, default_value_t = 1000, value_parser = flags::count::<usize>)]
+    #[arg(long, default_value_t = 1000, value_parser = flags::count::<usize>, allow_negative_numbers = true)]
     pub val_samples: usize,
     /// cpu, cuda, cuda:N or metal.
     #[arg(long, default_value = "cpu", value_parser = flags::device)]
@@ -253,6 +253,9 @@ fn parse_precision(s: &str) -> std::result::Result<Precision, String> {
 }
 
 pub fn run_train(args: TrainArgs) -> Result<()> {
+    if let Some(n) = args.image_size {
+        crate::common::check_image_size(n)?;
+    }
     let (objective, default_model) = match args.family {
         Objective::Clip => (ScoreKind::Softmax, "clip-tiny"),
         Objective::Siglip => (ScoreKind::Sigmoid, "siglip-tiny"),

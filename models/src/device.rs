@@ -61,3 +61,30 @@ pub fn resolve_dtype(
         (None, None) => Ok(DType::F32),
     }
 }
+
+/// The machine's physical memory in bytes (`MemTotal` of `/proc/meminfo`), or `None` where it
+/// cannot be read.
+pub fn physical_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+/// Refuses, before anything is allocated, work whose buffers (`bytes`, an estimate made in
+/// f64 so that it cannot overflow) would not fit in the machine's memory. The error says what
+/// and how much: `what` reads as "--lengths 100000 (the naive attention scores)".
+pub fn ensure_fits_in_memory(what: &str, bytes: f64) -> std::result::Result<(), String> {
+    let Some(total) = physical_memory() else {
+        return Ok(());
+    };
+    if bytes.is_finite() && bytes <= total as f64 {
+        return Ok(());
+    }
+    const GIB: f64 = (1u64 << 30) as f64;
+    Err(format!(
+        "{what} would need at least {:.1} GiB of memory, more than this machine's {:.1} GiB",
+        bytes / GIB,
+        total as f64 / GIB
+    ))
+}

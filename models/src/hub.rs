@@ -32,23 +32,61 @@ impl ModelSource {
             return Self::Local(path.to_path_buf());
         }
         let (id, revision) = match spec.split_once('@') {
-            Some((id, rev)) if !rev.is_empty() => (id, Some(rev.to_string())),
-            _ => (spec, None),
+            Some((id, rev)) => (id, Some(rev.to_string())),
+            None => (spec, None),
         };
-        let valid_part = |s: &str| {
-            !s.is_empty()
-                && !s.starts_with('.')
-                && s.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-        };
-        match id.split('/').collect::<Vec<_>>().as_slice() {
-            [org, name] if valid_part(org) && valid_part(name) => Self::Hub {
+        if is_repo_id(id) {
+            Self::Hub {
                 repo_id: id.to_string(),
                 revision,
-            },
-            _ => Self::Local(path.to_path_buf()),
+            }
+        } else {
+            Self::Local(path.to_path_buf())
         }
     }
+}
+
+/// `huggingface_hub`'s `validate_repo_id`: `name` or `org/name`, each part of letters, digits,
+/// `-`, `_` and `.`, neither starting nor ending with `-` or `.`, no `--` or `..`, 96 characters
+/// at most. So no id can name a folder outside the cache.
+pub fn is_repo_id(id: &str) -> bool {
+    let part = |s: &str| {
+        !s.is_empty()
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            && !s.starts_with(['-', '.'])
+            && !s.ends_with(['-', '.'])
+    };
+    let parts: Vec<&str> = id.split('/').collect();
+    id.len() <= 96
+        && !id.contains("--")
+        && !id.contains("..")
+        && matches!(parts.as_slice(), [org, name] if part(org) && part(name))
+}
+
+/// A revision the hub cache can hold: a full commit hash, or a ref name as git allows it
+/// (`main`, `v1.0`, `refs/pr/1`): letters, digits, `-`, `_`, `.` and `/`, no empty, `.` or
+/// `..` component, nothing that starts with `.`. So no revision can reach outside the cache's
+/// `refs/` and `snapshots/` folders.
+pub fn is_revision(rev: &str) -> bool {
+    !rev.is_empty()
+        && rev.len() <= 255
+        && rev
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'))
+        && rev
+            .split('/')
+            .all(|part| !part.is_empty() && !part.starts_with('.') && !part.ends_with(".lock"))
+}
+
+/// Whether `name`, a file named by a checkpoint (a shard of a safetensors index, say), stays
+/// inside the checkpoint's folder: relative, with no `..`, root or drive component.
+pub fn is_inside_name(name: &str) -> bool {
+    use std::path::Component;
+    !name.is_empty()
+        && Path::new(name)
+            .components()
+            .all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
 }
 
 /// `HF_HUB_OFFLINE` as `huggingface_hub` reads it.
@@ -93,6 +131,12 @@ impl ModelRepo {
             }
             ModelSource::Hub { repo_id, revision } => {
                 let revision = revision.unwrap_or_else(|| "main".to_string());
+                if !is_revision(&revision) {
+                    return Err(Error::Hub(format!(
+                        "`{revision}` in `{spec}` is not a revision: give a branch or tag name \
+                         (letters, digits, - _ . /, no `..`) or a commit hash"
+                    )));
+                }
                 let label = format!("{repo_id}@{revision}");
                 let repo = Repo::with_revision(repo_id, RepoType::Model, revision);
                 Ok(Self {
@@ -125,6 +169,12 @@ impl ModelRepo {
 
     /// Like [`get`](Self::get), but a file the model does not have is `Ok(None)`.
     pub fn get_optional(&self, file: &str) -> Result<Option<PathBuf>> {
+        if !is_inside_name(file) {
+            return Err(Error::Hub(format!(
+                "`{file}` is not a file name inside {}: it would read outside the model",
+                self.describe()
+            )));
+        }
         match &self.kind {
             RepoKind::Local(dir) => {
                 let path = dir.join(file);
@@ -202,7 +252,15 @@ fn cached_file(cache: &Cache, repo: &Repo, file: &str) -> Option<PathBuf> {
             .join(file);
         return path.is_file().then_some(path);
     }
-    cache.repo(repo.clone()).get(file)
+    // A ref file names the snapshot: only a commit hash is followed, whatever the file says.
+    let folder = cache.path().join(repo.folder_name());
+    let commit = std::fs::read_to_string(folder.join("refs").join(rev)).ok()?;
+    let commit = commit.trim();
+    if !(commit.len() == 40 && commit.chars().all(|c| c.is_ascii_hexdigit())) {
+        return None;
+    }
+    let path = folder.join("snapshots").join(commit).join(file);
+    path.is_file().then_some(path)
 }
 
 #[derive(serde::Deserialize)]
@@ -221,4 +279,53 @@ pub fn read_json<T: DeserializeOwned>(path: &Path, what: &'static str) -> Result
         what,
         message: e.to_string(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repo_ids_follow_huggingface_hub() {
+        for ok in ["openai/clip-vit-base-patch32", "a/b", "Org_1/name.v2"] {
+            assert!(is_repo_id(ok), "{ok}");
+        }
+        for bad in [
+            "../x", "a/../b", "a/..", "a/b/c", "/a", "a/", "a/.b", "a/b.", "a--b/c", "a/b c",
+            "a\\b/c", "",
+        ] {
+            assert!(!is_repo_id(bad), "{bad}");
+        }
+        assert!(!is_repo_id(&format!("a/{}", "x".repeat(96))));
+    }
+
+    #[test]
+    fn revisions_cannot_leave_the_cache() {
+        for ok in ["main", "v1.0", "refs/pr/1", &"a".repeat(40)] {
+            assert!(is_revision(ok), "{ok}");
+        }
+        for bad in [
+            "", "..", "../../x", "a/../b", "/main", "main/", "a//b", ".hidden", "a b",
+        ] {
+            assert!(!is_revision(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn hub_specs_with_bad_revisions_are_refused() {
+        let cache = Cache::new(std::env::temp_dir().join("zoo-no-such-cache"));
+        let err = ModelRepo::open_with("org/name@../../etc", cache, true)
+            .err()
+            .expect("refused");
+        assert!(err.to_string().contains("is not a revision"), "{err}");
+    }
+
+    #[test]
+    fn file_names_stay_inside_the_model() {
+        assert!(is_inside_name("model-00001-of-00002.safetensors"));
+        assert!(is_inside_name("sub/model.safetensors"));
+        for bad in ["../secret", "/etc/passwd", "a/../../b", ""] {
+            assert!(!is_inside_name(bad), "{bad}");
+        }
+    }
 }

@@ -22,16 +22,16 @@ pub enum Mode {
 #[derive(Args, Debug)]
 pub struct AttentionBenchArgs {
     /// Sequence lengths (queries = keys), comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "256,512,1024,2048,4096", value_parser = flags::count::<usize>)]
+    #[arg(long, value_delimiter = ',', default_value = "256,512,1024,2048,4096", value_parser = flags::count::<usize>, allow_negative_numbers = true)]
     pub lengths: Vec<usize>,
-    #[arg(long, default_value_t = 8, value_parser = flags::count::<usize>)]
+    #[arg(long, default_value_t = 8, value_parser = flags::count::<usize>, allow_negative_numbers = true)]
     pub heads: usize,
     /// Key/value heads (grouped-query attention when fewer than --heads); default --heads.
-    #[arg(long, value_parser = flags::count::<usize>)]
+    #[arg(long, value_parser = flags::count::<usize>, allow_negative_numbers = true)]
     pub kv_heads: Option<usize>,
-    #[arg(long, default_value_t = 64, value_parser = flags::count::<usize>)]
+    #[arg(long, default_value_t = 64, value_parser = flags::count::<usize>, allow_negative_numbers = true)]
     pub head_dim: usize,
-    #[arg(long, default_value_t = 1, value_parser = flags::count::<usize>)]
+    #[arg(long, default_value_t = 1, value_parser = flags::count::<usize>, allow_negative_numbers = true)]
     pub batch: usize,
     /// A causal mask (decoder self-attention).
     #[arg(long)]
@@ -39,7 +39,7 @@ pub struct AttentionBenchArgs {
     #[arg(long, value_enum, default_value = "forward")]
     pub mode: Mode,
     /// Timed runs per point; the median is reported.
-    #[arg(long, default_value_t = 3, value_parser = flags::count::<usize>)]
+    #[arg(long, default_value_t = 3, value_parser = flags::count::<usize>, allow_negative_numbers = true)]
     pub repeats: usize,
     #[arg(long)]
     pub json: bool,
@@ -54,6 +54,21 @@ pub fn bench_attention(args: AttentionBenchArgs) -> Result<()> {
         || !args.heads.is_multiple_of(kv_heads)
     {
         bail!("give --lengths, and --heads a multiple of --kv-heads");
+    }
+    for &n in &args.lengths {
+        // q, k, v and the output, and the naive path's scores and probabilities; training
+        // also keeps their gradients.
+        let (b, h, kv, d, n) = (
+            args.batch as f64,
+            args.heads as f64,
+            kv_heads as f64,
+            args.head_dim as f64,
+            n as f64,
+        );
+        let forward = 4.0 * b * (2.0 * h * n * d + 2.0 * kv * n * d + 2.0 * h * n * n);
+        let bytes = forward * if args.mode == Mode::Train { 2.0 } else { 1.0 };
+        zoo_models::device::ensure_fits_in_memory(&format!("--lengths {n}"), bytes)
+            .map_err(anyhow::Error::msg)?;
     }
     let scale = (args.head_dim as f64).powf(-0.5);
     let mut rows = Vec::new();

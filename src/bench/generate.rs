@@ -38,10 +38,10 @@ pub struct GenerateBenchArgs {
     /// A file of prompts, one per line.
     #[arg(long)]
     pub prompts: Option<PathBuf>,
-    #[arg(long, default_value_t = 64, value_parser = flags::count::<usize>)]
+    #[arg(long, default_value_t = 64, value_parser = flags::count::<usize>, allow_negative_numbers = true)]
     pub max_new_tokens: usize,
     /// Untimed runs of every method before timing.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
     pub warmup: usize,
     #[arg(long)]
     pub json: bool,
@@ -114,6 +114,15 @@ pub fn bench_generate(args: GenerateBenchArgs) -> Result<()> {
         .map(|p| tokenizer.encode(p))
         .collect::<zoo_datasets::Result<_>>()?;
     let max = args.max_new_tokens;
+    for (text, ids) in prompts.iter().zip(&encoded) {
+        if ids.is_empty() {
+            bail!("the prompt {text:?} is empty after tokenization");
+        }
+        model
+            .config
+            .check_generation_length(ids.len(), max)
+            .map_err(anyhow::Error::msg)?;
+    }
     let cfg = GenerationConfig {
         max_new_tokens: max,
         stop_tokens: stop.clone(),

@@ -22,16 +22,55 @@ use crate::flags;
 pub struct EmbedBenchArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    #[arg(long, default_value_t = 8, value_parser = flags::count::<usize>)]
+    #[arg(long, default_value_t = 8, value_parser = flags::count::<usize>, allow_negative_numbers = true)]
     pub batch: usize,
     /// Untimed runs before timing.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
     pub warmup: usize,
     /// Timed runs; the median is reported.
-    #[arg(long, default_value_t = 5, value_parser = flags::count::<usize>)]
+    #[arg(long, default_value_t = 5, value_parser = flags::count::<usize>, allow_negative_numbers = true)]
     pub repeats: usize,
     #[arg(long)]
     pub json: bool,
+}
+
+/// A lower bound on the memory one image takes in the vision tower: its f32 pixels, and the
+/// activations of one encoder layer (inference) or of every layer (training keeps them for the
+/// backward): per token, the residual, q/k/v, the attention output and the MLP's hidden units.
+fn vision_bytes_per_image(cfg: &DualEncoderConfig, training: bool) -> f64 {
+    let s = cfg.image_size() as f64;
+    let pixels = 3.0 * s * s * 4.0;
+    let (d, i, layers, p) = match cfg {
+        DualEncoderConfig::Clip(c) => {
+            let v = &c.vision_config;
+            (
+                v.hidden_size,
+                v.intermediate_size,
+                v.num_hidden_layers,
+                v.patch_size,
+            )
+        }
+        DualEncoderConfig::Siglip(c) => {
+            let v = &c.vision_config;
+            (
+                v.hidden_size,
+                v.intermediate_size,
+                v.num_hidden_layers,
+                v.patch_size,
+            )
+        }
+        DualEncoderConfig::VisionText(_) => return pixels,
+    };
+    let tokens = (s / p.max(1) as f64).powi(2);
+    let layer = tokens * (5 * d + i) as f64 * 4.0;
+    pixels + layer * if training { layers as f64 } else { 1.0 }
+}
+
+/// Refuses a `--batch` whose images would not fit in memory, before allocating them.
+fn ensure_batch_fits(cfg: &DualEncoderConfig, batch: usize, training: bool) -> Result<()> {
+    let bytes = batch as f64 * vision_bytes_per_image(cfg, training);
+    zoo_models::device::ensure_fits_in_memory(&format!("--batch {batch}"), bytes)
+        .map_err(anyhow::Error::msg)
 }
 
 /// Forward FLOPs of one image through a ViT tower (2·m·n·k per matmul: patch embedding, q/k/v
@@ -83,6 +122,7 @@ pub fn bench_embed(args: EmbedBenchArgs) -> Result<()> {
     let loaded = load_dual_encoder(&repo, args.model.dtype()?, &device)?;
     let cfg = &loaded.config;
     let (s, l, b) = (cfg.image_size(), cfg.max_text_len(), args.batch);
+    ensure_batch_fits(cfg, b, false)?;
     let pixels = random_tensor(&[b, 3, s, s], 1, &device)?.to_dtype(loaded.dtype)?;
     let ids = random_ids(b, l, text_vocab(cfg), 2, &device)?;
     let image_s = median_seconds(args.warmup, args.repeats, || {
@@ -148,12 +188,12 @@ fn text_vocab(cfg: &DualEncoderConfig) -> usize {
 pub struct TrainStepBenchArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    #[arg(long, default_value_t = 16, value_parser = flags::count::<usize>)]
+    #[arg(long, default_value_t = 16, value_parser = flags::count::<usize>, allow_negative_numbers = true)]
     pub batch: usize,
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
     pub warmup: usize,
     /// Timed steps; the median is reported.
-    #[arg(long, default_value_t = 5, value_parser = flags::count::<usize>)]
+    #[arg(long, default_value_t = 5, value_parser = flags::count::<usize>, allow_negative_numbers = true)]
     pub steps: usize,
     /// fp32, fp16 or amp_fp16 on the CPU (see `zoo train --precision`).
     #[arg(long, default_value = "fp32", value_parser = |s: &str| s.parse::<Precision>())]
@@ -172,6 +212,7 @@ pub fn bench_train_step(args: TrainStepBenchArgs) -> Result<()> {
     let model = TrainableDualEncoder::from_pretrained(&args.model.model, None, &device)?;
     let cfg = &model.config;
     let (s, l, b) = (cfg.image_size(), cfg.max_text_len(), args.batch);
+    ensure_batch_fits(cfg, b, true)?;
     let batch = ContrastiveBatch {
         pixel_values: random_tensor(&[b, 3, s, s], 1, &device)?,
         input_ids: random_ids(b, l, text_vocab(cfg), 2, &device)?,
@@ -227,13 +268,13 @@ pub struct CaptionBenchArgs {
     #[command(flatten)]
     pub model: ModelArgs,
     /// Images captioned one at a time (random pixels).
-    #[arg(long, default_value_t = 5, value_parser = flags::count::<usize>)]
+    #[arg(long, default_value_t = 5, value_parser = flags::count::<usize>, allow_negative_numbers = true)]
     pub images: usize,
     /// Every caption is exactly this long (`[SEP]` is held back until then), as
     /// `bench_torch.py` sets `min_new_tokens`.
-    #[arg(long, default_value_t = 20, value_parser = flags::count::<usize>)]
+    #[arg(long, default_value_t = 20, value_parser = flags::count::<usize>, allow_negative_numbers = true)]
     pub max_new_tokens: usize,
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
     pub warmup: usize,
     #[arg(long)]
     pub json: bool,

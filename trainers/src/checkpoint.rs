@@ -58,6 +58,50 @@ pub fn save<T: Task>(
     std::fs::rename(&tmp, dir).map_err(|e| io("rename into", dir, e))
 }
 
+/// The process id of a temporary name `.NAME.tmp-PID`, as [`save`] and
+/// `save_safetensors_atomic` write them.
+fn temporary_owner(name: &str) -> Option<u32> {
+    let (stem, pid) = name.strip_prefix('.')?.rsplit_once(".tmp-")?;
+    if stem.is_empty() {
+        return None;
+    }
+    pid.parse().ok()
+}
+
+/// Whether process `pid` is running. Where that cannot be told (no `/proc`), every process
+/// counts as running, so a live run's folder is never taken.
+fn process_is_running(pid: u32) -> bool {
+    !Path::new("/proc/self").exists() || Path::new("/proc").join(pid.to_string()).exists()
+}
+
+/// Removes the temporary checkpoint folders and files (`.NAME.tmp-PID`) in `output` whose
+/// process is no longer running: what a run killed while saving leaves behind. Those of a
+/// running process, this one included, are kept. Returns what was removed.
+pub fn remove_stale_temporaries(output: &Path) -> Result<Vec<PathBuf>> {
+    let Ok(entries) = std::fs::read_dir(output) else {
+        return Ok(Vec::new());
+    };
+    let mut removed = Vec::new();
+    for entry in entries.filter_map(|e| e.ok()) {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = temporary_owner(&name) else {
+            continue;
+        };
+        if process_is_running(pid) {
+            continue;
+        }
+        let path = entry.path();
+        let result = match entry.file_type() {
+            Ok(t) if t.is_dir() => std::fs::remove_dir_all(&path),
+            _ => std::fs::remove_file(&path),
+        };
+        result.map_err(|e| io("remove the stale temporary", &path, e))?;
+        removed.push(path);
+    }
+    removed.sort();
+    Ok(removed)
+}
+
 /// Reads `trainer_state.json` of a checkpoint.
 pub fn load_state(dir: &Path) -> Result<TrainState> {
     let path = dir.join(STATE_FILE);
@@ -108,5 +152,48 @@ pub fn resolve(dir: &Path) -> Result<PathBuf> {
             "{} holds no checkpoint (no {STATE_FILE})",
             dir.display()
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn temporaries_are_recognised_by_their_owner() {
+        assert_eq!(temporary_owner(".checkpoint-4.tmp-123"), Some(123));
+        assert_eq!(temporary_owner(".final.tmp-9"), Some(9));
+        assert_eq!(temporary_owner(".model.safetensors.tmp-77"), Some(77));
+        assert_eq!(temporary_owner("checkpoint-4"), None);
+        assert_eq!(temporary_owner(".checkpoint-4.tmp-x"), None);
+        assert_eq!(temporary_owner(".tmp-5"), None);
+    }
+
+    #[test]
+    fn stale_temporaries_of_dead_processes_go_and_live_ones_stay() {
+        let out = tempfile::tempdir().unwrap();
+        // A child that has exited and been reaped: its pid is no longer running.
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let live = std::process::id();
+        let stale = out.path().join(format!(".checkpoint-2.tmp-{dead}"));
+        let stale_file = out.path().join(format!(".metrics.jsonl.tmp-{dead}"));
+        let running = out.path().join(format!(".checkpoint-4.tmp-{live}"));
+        let kept = out.path().join("checkpoint-1");
+        for dir in [&stale, &running, &kept] {
+            std::fs::create_dir_all(dir.join("inner")).unwrap();
+        }
+        std::fs::write(&stale_file, b"x").unwrap();
+        let removed = remove_stale_temporaries(out.path()).unwrap();
+        if !process_is_running(dead) {
+            assert_eq!(removed.len(), 2, "{removed:?}");
+            assert!(!stale.exists() && !stale_file.exists());
+        }
+        assert!(running.exists(), "a live process's folder is kept");
+        assert!(kept.exists());
+        assert!(remove_stale_temporaries(&out.path().join("missing"))
+            .unwrap()
+            .is_empty());
     }
 }

@@ -273,6 +273,12 @@ pub fn run_task<T: Task>(
     device: &candle_core::Device,
 ) -> Result<TrainState> {
     config.precision.check_device(device)?;
+    for stale in checkpoint::remove_stale_temporaries(&config.output)? {
+        eprintln!(
+            "removed {}, left by a run that ended while saving",
+            stale.display()
+        );
+    }
     let mut optimizer = AdamW::new(vars.to_vec(), optimizer)?;
     optimizer.scale_lr(|name| task.lr_scale(name));
     if let Some(dir) = resume {

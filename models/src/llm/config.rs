@@ -148,6 +148,35 @@ impl LlamaConfig {
         }
     }
 
+    /// Refuses, before it starts, a generation of up to `max_new_tokens` after `prompt_len`
+    /// tokens that would run past `max_position_embeddings`, or whose KV cache (f32, every
+    /// layer) would not fit in memory. The error names the flag and the limit.
+    pub fn check_generation_length(
+        &self,
+        prompt_len: usize,
+        max_new_tokens: usize,
+    ) -> std::result::Result<(), String> {
+        let limit = self.max_position_embeddings;
+        let total = prompt_len.saturating_add(max_new_tokens);
+        if total > limit {
+            return Err(format!(
+                "--max-new-tokens {max_new_tokens} after a prompt of {prompt_len} tokens reaches \
+                 position {total}, past the model's max_position_embeddings {limit}: ask for at \
+                 most {} new tokens",
+                limit.saturating_sub(prompt_len)
+            ));
+        }
+        let kv_bytes = 2.0
+            * self.num_hidden_layers as f64
+            * (self.num_kv_heads() * self.head_dim()) as f64
+            * total as f64
+            * 4.0;
+        crate::device::ensure_fits_in_memory(
+            &format!("--max-new-tokens {max_new_tokens} (the KV cache)"),
+            kv_bytes,
+        )
+    }
+
     pub fn eos_token_ids(&self) -> Vec<u32> {
         self.eos_token_id
             .as_ref()
