@@ -122,6 +122,13 @@ fn lm(args: LmArgs) -> Result<()> {
         .first()
         .copied()
         .context("the model config has no eos_token_id")?;
+    let limit = model.config.max_position_embeddings;
+    if args.seq_len > limit {
+        anyhow::bail!(
+            "--seq-len {} exceeds the model's max_position_embeddings {limit}",
+            args.seq_len
+        );
+    }
     let seqs = PackedSequences::new(&corpus.tokens(&tokenizer, eos)?, args.seq_len, 0)?;
     let ppl = perplexity(&model, seqs.sequences(), &device)?;
     let tokens = seqs.len() * args.seq_len;

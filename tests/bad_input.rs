@@ -316,6 +316,23 @@ fn training_data_problems_name_the_data() {
         case(
             &[
                 "train",
+                "medusa",
+                "--model",
+                &fixture("llama-tiny"),
+                "--train-data",
+                &text,
+                "--steps",
+                "1",
+                "--seq-len",
+                "100000",
+                "--output",
+                &out,
+            ],
+            "--seq-len",
+        ),
+        case(
+            &[
+                "train",
                 "blip",
                 "--train-data",
                 "synthetic",
@@ -532,6 +549,10 @@ fn eval_bench_demo_and_capfilt_flags_are_refused_by_name() {
                 "--seq-len",
                 "1",
             ],
+            "--seq-len",
+        ),
+        case(
+            &["eval", "lm", "--model", &llama, "--data", &text, "--seq-len", "100000"],
             "--seq-len",
         ),
         case(

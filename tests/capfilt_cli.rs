@@ -189,18 +189,18 @@ fn capfilt_threshold_zero_keeps_everything_with_zoo_match_itm_probs() {
 }
 
 #[test]
-fn capfilt_threshold_above_one_keeps_nothing() {
+fn capfilt_threshold_one_keeps_nothing_short_of_certainty() {
     let dir = tempfile::tempdir().unwrap();
     let data = web_pairs(dir.path());
     let out = dir.path().join("clean.jsonl");
-    let report = json_stdout(&capfilt(&data, &out, &["--threshold", "1.01"]));
+    let report = json_stdout(&capfilt(&data, &out, &["--threshold", "1"]));
     assert_eq!(count(&report, "web", "kept"), 0);
     assert_eq!(count(&report, "web", "removed"), GOOD);
     assert_eq!(count(&report, "synthetic", "kept"), 0);
     assert_eq!(count(&report, "synthetic", "removed"), 2 * GOOD);
     assert_eq!(fs::read_to_string(&out).unwrap(), "");
     // Images with nothing kept are still remembered as done.
-    let report = json_stdout(&capfilt(&data, &out, &["--threshold", "1.01"]));
+    let report = json_stdout(&capfilt(&data, &out, &["--threshold", "1"]));
     assert_eq!(report["processed"], 0);
     assert_eq!(report["already_done"], GOOD);
 }

@@ -161,7 +161,7 @@ fn medusa_samples_by_typical_acceptance_and_refuses_top_k() {
     let out = run(&["--temperature", "0.7", "--posterior-threshold", "1.5"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(err.contains("posterior threshold"), "{err}");
+    assert!(err.contains("--posterior-threshold"), "{err}");
 }
 
 #[test]

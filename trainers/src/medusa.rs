@@ -525,6 +525,13 @@ pub fn run(config: RunConfig, train_files: &[PathBuf]) -> Result<RunSummary> {
         .first()
         .copied()
         .ok_or_else(|| Error::Input("the backbone config has no eos_token_id".into()))?;
+    let limit = backbone.model().config.max_position_embeddings;
+    if config.seq_len > limit {
+        return Err(Error::Input(format!(
+            "--seq-len {} exceeds the model's max_position_embeddings {limit}",
+            config.seq_len
+        )));
+    }
     let corpus = Corpus::read(train_files)?;
     let seed = config.train.seed;
     let mut data = PackedSequences::new(
