@@ -117,6 +117,13 @@ pub fn run_capfilt(args: CapfiltArgs) -> Result<()> {
     let records = spec.open(args.seed, 0, false)?;
     let captioner = Captioner::load(&ModelRepo::open(&args.captioner)?, dtype, &device)
         .with_context(|| format!("loading the captioner {}", args.captioner))?;
+    let start_len = captioner
+        .prompt(cfg.prompt.as_deref())?
+        .map_or(1, |p| p.start_len);
+    captioner
+        .model
+        .check_caption_length(start_len, cfg.max_new_tokens)
+        .map_err(anyhow::Error::msg)?;
     let filter = ItmFilter::load(&ModelRepo::open(&args.filter)?, dtype, &device)
         .with_context(|| format!("loading the filter {}", args.filter))?;
 

@@ -107,6 +107,9 @@ fn generation_config(
     let min_new_tokens = args
         .min_new_tokens
         .unwrap_or_else(|| hf.min_new_tokens(start_len));
+    model
+        .check_caption_length(start_len, max_new_tokens)
+        .map_err(anyhow::Error::msg)?;
     if min_new_tokens > max_new_tokens {
         bail!("--min-new-tokens {min_new_tokens} is more than --max-new-tokens {max_new_tokens}");
     }

@@ -375,6 +375,12 @@ fn inference_flags_and_files_are_refused_by_name() {
         "model.safetensors.index.json",
         r#"{"weight_map": {"logit_scale": "../../../../etc/passwd"}}"#,
     );
+    let bad_tokenizer = s.model_with(
+        "clip-tiny-eos",
+        "badtok",
+        "tokenizer.json",
+        r#"{"version": "1.0", "decoder": {"type": "ByteLevel" "add_prefix_space": true}}"#,
+    );
     let choices = s.write("choices.json", b"[[0], [0, 7], [1, -1]]");
     let medusa = fixture("llama-tiny-medusa");
 
@@ -401,6 +407,13 @@ fn inference_flags_and_files_are_refused_by_name() {
         // caption
         caption(&[("--max-new-tokens", "0")], "--max-new-tokens"),
         caption(&[("--length-penalty", "NaN")], "--length-penalty"),
+        caption(
+            &[
+                ("--max-new-tokens", "1000000000"),
+                ("--min-new-tokens", "1000000000"),
+            ],
+            "max_position_embeddings",
+        ),
         caption(&[("--beams", "0")], "--beams"),
         caption(&[("--beams", "1000000000000")], "--beams"),
         caption(&[("--top-p", "0")], "--top-p"),
@@ -461,6 +474,7 @@ fn inference_flags_and_files_are_refused_by_name() {
         classify(&clip, &broken, &[], "broken.png"),
         classify(&size0, &image, &[], "preprocessor_config.json"),
         classify(&crop0, &image, &[], "preprocessor_config.json"),
+        classify(&bad_tokenizer, &image, &[], "tokenizer.json"),
         classify(&climbing_shards, &image, &[], "../../../../etc/passwd"),
         classify(&clip, &image, &["--image-size", "100000"], "--image-size"),
         case(&["classify", "--model", &clip, &image], "labels"),
@@ -552,7 +566,16 @@ fn eval_bench_demo_and_capfilt_flags_are_refused_by_name() {
             "--seq-len",
         ),
         case(
-            &["eval", "lm", "--model", &llama, "--data", &text, "--seq-len", "100000"],
+            &[
+                "eval",
+                "lm",
+                "--model",
+                &llama,
+                "--data",
+                &text,
+                "--seq-len",
+                "100000",
+            ],
             "--seq-len",
         ),
         case(
@@ -665,6 +688,22 @@ fn eval_bench_demo_and_capfilt_flags_are_refused_by_name() {
         capfilt(&pairs, &["--num-synthetic", "0"], "--num-synthetic"),
         capfilt(&pairs, &["--batch-size", "0"], "--batch-size"),
         capfilt(&pairs, &["--max-new-tokens", "0"], "--max-new-tokens"),
+        capfilt(
+            &pairs,
+            &["--max-new-tokens", "100000"],
+            "max_position_embeddings",
+        ),
+        case(
+            &[
+                "bench",
+                "caption",
+                "--model",
+                &blip,
+                "--max-new-tokens",
+                "100000",
+            ],
+            "max_position_embeddings",
+        ),
         capfilt(
             &pairs,
             &["--min-new-tokens", "9", "--max-new-tokens", "3"],

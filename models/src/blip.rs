@@ -445,6 +445,27 @@ impl BlipForConditionalGeneration {
         Ok(rows)
     }
 
+    /// Refuses, before decoding, captions of up to `max_new_tokens` after `start_len` tokens
+    /// (`[DEC]` and the prompt) that would run past the text decoder's
+    /// `max_position_embeddings`. The error names the flag and how many new tokens fit.
+    pub fn check_caption_length(
+        &self,
+        start_len: usize,
+        max_new_tokens: usize,
+    ) -> std::result::Result<(), String> {
+        let limit = self.config.text_config.max_position_embeddings;
+        let total = start_len.saturating_add(max_new_tokens);
+        if total > limit {
+            return Err(format!(
+                "--max-new-tokens {max_new_tokens} after {start_len} start tokens reaches \
+                 position {total}, past the text decoder's max_position_embeddings {limit}: ask \
+                 for at most {} new tokens",
+                limit.saturating_sub(start_len)
+            ));
+        }
+        Ok(())
+    }
+
     /// The generation settings HF's `BlipForConditionalGeneration.generate` starts from: stop
     /// at `[SEP]` (not `eos_token_id`), pad finished rows with `pad_token_id`, greedy, 20 new
     /// tokens.

@@ -285,6 +285,9 @@ pub fn bench_caption(args: CaptionBenchArgs) -> Result<()> {
     let device = args.model.device()?;
     let repo = ModelRepo::open(&args.model.model)?;
     let model = BlipForConditionalGeneration::load(&repo, args.model.dtype()?, &device)?;
+    model
+        .check_caption_length(1, args.max_new_tokens)
+        .map_err(anyhow::Error::msg)?;
     let s = model.config.vision_config.image_size;
     let cfg = zoo_models::generation::GenerationConfig {
         max_new_tokens: args.max_new_tokens,
