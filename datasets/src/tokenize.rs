@@ -89,9 +89,47 @@ pub fn canonicalize_siglip(text: &str, lowercase: bool) -> String {
 /// Parses `tokenizer.json` bytes. The JSON is read into a value first: tokenizers 0.22 panics
 /// (`expect("Helper")` in its decoder's deserializer) on a syntax error inside `decoder`, where
 /// a syntax error found first is an ordinary error (found by fuzzing, `fuzz/`).
+/// Its `TemplateProcessing` post-processors are checked too: tokenizers 0.22 indexes their
+/// special tokens by name at every encode (a panic for a name the template lacks) without
+/// checking them when it loads.
 fn parse_tokenizer(bytes: &[u8]) -> std::result::Result<Tokenizer, String> {
     let value: Value = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    if let Some(processor) = value.get("post_processor") {
+        check_templates(processor)?;
+    }
     serde_json::from_value(value).map_err(|e| e.to_string())
+}
+
+/// Every special token a `TemplateProcessing` template names is among its `special_tokens`;
+/// `Sequence` post-processors are checked processor by processor.
+fn check_templates(processor: &Value) -> std::result::Result<(), String> {
+    match processor.get("type").and_then(Value::as_str) {
+        Some("TemplateProcessing") => {
+            let known = processor.get("special_tokens");
+            for template in ["single", "pair"] {
+                let pieces = processor.get(template).and_then(Value::as_array);
+                for piece in pieces.into_iter().flatten() {
+                    let Some(id) = piece.pointer("/SpecialToken/id").and_then(Value::as_str) else {
+                        continue;
+                    };
+                    if known.and_then(|k| k.get(id)).is_none() {
+                        return Err(format!(
+                            "the post_processor's {template} template uses special token {id:?}, \
+                             which its special_tokens do not define"
+                        ));
+                    }
+                }
+            }
+            Ok(())
+        }
+        Some("Sequence") => processor
+            .get("processors")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .try_for_each(check_templates),
+        _ => Ok(()),
+    }
 }
 
 impl TextTokenizer {
@@ -380,6 +418,18 @@ mod tests {
             .err()
             .expect("refused");
         assert!(err.to_string().contains("invalid tokenizer.json"), "{err}");
+    }
+
+    #[test]
+    fn a_template_with_an_undefined_special_token_is_an_error_not_a_panic() {
+        // tokenizers 0.22 loads this, then panics at the first encode.
+        let json = br#"{"version": "1.0", "model": {"type": "WordLevel", "vocab": {"a": 0},
+            "unk_token": "a"}, "post_processor": {"type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": "[CLS]", "type_id": 0}},
+                       {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"Sequence": {"id": "A", "type_id": 0}}], "special_tokens": {}}}"#;
+        let err = TextTokenizer::from_bytes(json, &Value::Null).err().expect("refused");
+        assert!(err.to_string().contains("[CLS]"), "{err}");
     }
 
     #[test]

@@ -32,8 +32,7 @@ fuzz_target!(|data: &[u8]| {
     let device = Device::Cpu;
     let _ = match family {
         0 | 1 => zoo_models::contrastive::load_dual_encoder(&repo, None, &device).map(|_| ()),
-        2 => zoo_models::blip::BlipForConditionalGeneration::load(&repo, None, &device)
-            .map(|_| ()),
+        2 => zoo_models::blip::BlipForConditionalGeneration::load(&repo, None, &device).map(|_| ()),
         _ => zoo_models::llm::LlamaForCausalLM::load(&repo, None, &device).map(|_| ()),
     };
 });

@@ -17,7 +17,8 @@
 //!   [`contrastive::DualEncoder`], and loading.
 //! - [`hub`], [`weights`]: finding checkpoint files (local folder or hub id) and reading
 //!   memory-mapped, possibly sharded, safetensors.
-//! - [`device`]: `--device` / `--dtype` parsing.
+//! - [`device`]: `--device` / `--dtype` parsing, and checking sizes against the machine's memory.
+//! - [`gguf`]: llama.cpp's GGUF files, through candle's reader behind checks of what it trusts.
 //!
 //! Loading errors ([`Error`]) name the file and the problem.
 
@@ -29,6 +30,7 @@ pub mod device;
 pub mod dual_bert;
 pub mod error;
 pub mod generation;
+pub mod gguf;
 pub mod hub;
 pub mod layers;
 pub mod llm;
