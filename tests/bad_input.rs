@@ -62,6 +62,7 @@ fn with(base: &[&str], defaults: &[(&str, &str)], over: &[(&str, &str)], names: 
 /// Runs every case and fails with the list of those that did not answer as they should.
 fn run_table(cases: Vec<Case>, home: &Path) {
     let n = cases.len();
+    println!("{n} bad-input cases");
     let failures: Vec<String> = cases
         .into_iter()
         .filter_map(|c| {
