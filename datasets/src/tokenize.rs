@@ -428,7 +428,9 @@ mod tests {
             "single": [{"SpecialToken": {"id": "[CLS]", "type_id": 0}},
                        {"Sequence": {"id": "A", "type_id": 0}}],
             "pair": [{"Sequence": {"id": "A", "type_id": 0}}], "special_tokens": {}}}"#;
-        let err = TextTokenizer::from_bytes(json, &Value::Null).err().expect("refused");
+        let err = TextTokenizer::from_bytes(json, &Value::Null)
+            .err()
+            .expect("refused");
         assert!(err.to_string().contains("[CLS]"), "{err}");
     }
 

@@ -140,7 +140,11 @@ impl<R: Read> Walk<'_, R> {
         let tensors = self.length()?;
         let kvs = self.length()?;
         for _ in 0..kvs {
-            let key = self.string()?;
+            let mut key = self.string()?;
+            // candle drops trailing NULs from strings, as some writers add them.
+            while key.last() == Some(&0) {
+                key.pop();
+            }
             let kind = self.u32()?;
             if key == b"general.alignment" && matches!(kind, 0..=5) {
                 let value = self.integer(kind)?;
@@ -156,7 +160,9 @@ impl<R: Read> Walk<'_, R> {
             // candle allocates the dimensions before reading them; ggml has at most 4.
             let n_dims = self.u32()?;
             if n_dims > 4 {
-                return Err(format!("a GGUF tensor with {n_dims} dimensions (at most 4)"));
+                return Err(format!(
+                    "a GGUF tensor with {n_dims} dimensions (at most 4)"
+                ));
             }
             for _ in 0..n_dims {
                 self.length()?;
@@ -252,7 +258,11 @@ mod tests {
     #[test]
     fn a_well_formed_file_reads_with_its_tensor() {
         let data: Vec<u8> = (0..8).flat_map(|i| (i as f32).to_le_bytes()).collect();
-        let file = gguf(&[("general.architecture", 8, string("llama"))], &[4, 2], &data);
+        let file = gguf(
+            &[("general.architecture", 8, string("llama"))],
+            &[4, 2],
+            &data,
+        );
         let mut r = Cursor::new(file);
         let content = read_content(&mut r).unwrap();
         let t = read_tensor(&content, &mut r, "token_embd.weight", &Device::Cpu).unwrap();
@@ -261,7 +271,15 @@ mod tests {
 
     #[test]
     fn alignment_zero_is_refused_instead_of_dividing_by_it() {
-        let file = gguf(&[("general.alignment", 4, 0u32.to_le_bytes().to_vec())], &[1], &[0; 4]);
+        let file = gguf(
+            &[("general.alignment", 4, 0u32.to_le_bytes().to_vec())],
+            &[1],
+            &[0; 4],
+        );
+        let err = read_content(&mut Cursor::new(file)).unwrap_err();
+        assert!(err.contains("general.alignment is 0"), "{err}");
+        // The key as candle reads it: trailing NULs dropped.
+        let file = gguf(&[("general.alignment\0\0", 0, vec![0])], &[1], &[0; 4]);
         let err = read_content(&mut Cursor::new(file)).unwrap_err();
         assert!(err.contains("general.alignment is 0"), "{err}");
     }
@@ -272,8 +290,7 @@ mod tests {
             let file = gguf(&[], &dims, &data);
             let mut r = Cursor::new(file);
             let content = read_content(&mut r).unwrap();
-            let err = read_tensor(&content, &mut r, "token_embd.weight", &Device::Cpu)
-                .unwrap_err();
+            let err = read_tensor(&content, &mut r, "token_embd.weight", &Device::Cpu).unwrap_err();
             assert!(err.contains("token_embd.weight"), "{err}");
         }
     }
