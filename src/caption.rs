@@ -101,9 +101,15 @@ fn generation_config(
     } else {
         Strategy::Greedy
     };
+    // A default length stops at the decoder's positions; --max-new-tokens past them is refused.
+    let room = model
+        .config
+        .text_config
+        .max_position_embeddings
+        .saturating_sub(start_len);
     let max_new_tokens = args
         .max_new_tokens
-        .unwrap_or_else(|| hf.max_new_tokens(start_len));
+        .unwrap_or_else(|| hf.max_new_tokens(start_len).min(room));
     let min_new_tokens = args
         .min_new_tokens
         .unwrap_or_else(|| hf.min_new_tokens(start_len));

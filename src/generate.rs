@@ -102,10 +102,16 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         .map(|ids| ids.to_vec())
         .unwrap_or_else(|| model.config.eos_token_ids());
     let sampling = args.temperature.is_some() || args.top_k.is_some() || args.top_p.is_some();
+    // A default length (the checkpoint's generation_config.json or HF's) stops at the model's
+    // positions; a length asked for with --max-new-tokens is refused past them below.
+    let room = model
+        .config
+        .max_position_embeddings
+        .saturating_sub(prompt.len());
     let cfg = GenerationConfig {
         max_new_tokens: args
             .max_new_tokens
-            .unwrap_or_else(|| hf.max_new_tokens(prompt.len())),
+            .unwrap_or_else(|| hf.max_new_tokens(prompt.len()).min(room)),
         min_new_tokens: args
             .min_new_tokens
             .unwrap_or_else(|| hf.min_new_tokens(prompt.len())),
