@@ -34,32 +34,32 @@ pub struct EmbedBenchArgs {
     pub json: bool,
 }
 
+/// The sizes of a ViT vision tower: hidden width, MLP width, layers, image size, patch size.
+fn vit_shape(cfg: &DualEncoderConfig) -> Option<(usize, usize, usize, usize, usize)> {
+    let shape = |d, i, l, s, p| Some((d, i, l, s, p));
+    match cfg {
+        DualEncoderConfig::Clip(c) => {
+            let v = &c.vision_config;
+            let (d, i, l) = (v.hidden_size, v.intermediate_size, v.num_hidden_layers);
+            shape(d, i, l, v.image_size, v.patch_size)
+        }
+        DualEncoderConfig::Siglip(c) => {
+            let v = &c.vision_config;
+            let (d, i, l) = (v.hidden_size, v.intermediate_size, v.num_hidden_layers);
+            shape(d, i, l, v.image_size, v.patch_size)
+        }
+        DualEncoderConfig::VisionText(_) => None,
+    }
+}
+
 /// A lower bound on the memory one image takes in the vision tower: its f32 pixels, and the
 /// activations of one encoder layer (inference) or of every layer (training keeps them for the
 /// backward): per token, the residual, q/k/v, the attention output and the MLP's hidden units.
 fn vision_bytes_per_image(cfg: &DualEncoderConfig, training: bool) -> f64 {
     let s = cfg.image_size() as f64;
     let pixels = 3.0 * s * s * 4.0;
-    let (d, i, layers, p) = match cfg {
-        DualEncoderConfig::Clip(c) => {
-            let v = &c.vision_config;
-            (
-                v.hidden_size,
-                v.intermediate_size,
-                v.num_hidden_layers,
-                v.patch_size,
-            )
-        }
-        DualEncoderConfig::Siglip(c) => {
-            let v = &c.vision_config;
-            (
-                v.hidden_size,
-                v.intermediate_size,
-                v.num_hidden_layers,
-                v.patch_size,
-            )
-        }
-        DualEncoderConfig::VisionText(_) => return pixels,
+    let Some((d, i, layers, _, p)) = vit_shape(cfg) else {
+        return pixels;
     };
     let tokens = (s / p.max(1) as f64).powi(2);
     let layer = tokens * (5 * d + i) as f64 * 4.0;
@@ -77,29 +77,10 @@ fn ensure_batch_fits(cfg: &DualEncoderConfig, batch: usize, training: bool) -> R
 /// and output projections, `QKᵀ` and `PV`, the MLP, and the pooling head or projection; no
 /// elementwise work).
 pub fn vision_flops(cfg: &DualEncoderConfig) -> Option<f64> {
-    let (d, i, layers, s, p, class_token, head, proj) = match cfg {
-        DualEncoderConfig::Clip(c) => {
-            let v = &c.vision_config;
-            let (d, i, l, s, p) = (
-                v.hidden_size,
-                v.intermediate_size,
-                v.num_hidden_layers,
-                v.image_size,
-                v.patch_size,
-            );
-            (d, i, l, s, p, true, false, c.projection_dim)
-        }
-        DualEncoderConfig::Siglip(c) => {
-            let v = &c.vision_config;
-            let (d, i, l, s, p) = (
-                v.hidden_size,
-                v.intermediate_size,
-                v.num_hidden_layers,
-                v.image_size,
-                v.patch_size,
-            );
-            (d, i, l, s, p, false, v.vision_use_head, 0)
-        }
+    let (d, i, layers, s, p) = vit_shape(cfg)?;
+    let (class_token, head, proj) = match cfg {
+        DualEncoderConfig::Clip(c) => (true, false, c.projection_dim),
+        DualEncoderConfig::Siglip(c) => (false, c.vision_config.vision_use_head, 0),
         DualEncoderConfig::VisionText(_) => return None,
     };
     let f = |x: usize| x as f64;
