@@ -13,15 +13,78 @@ use crate::flags;
 /// Where the model comes from and where it runs.
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
-    /// A local folder in HF layout, or a hub id `org/name[@revision]`.
+    /// A local folder in HF layout, or a hub id `org/name[@revision]`; for the LLM commands
+    /// also a llama.cpp `.gguf` file.
     #[arg(long)]
     pub model: String,
     /// cpu, cuda, cuda:N or metal.
     #[arg(long, default_value = "cpu", value_parser = flags::device)]
     pub device: String,
-    /// f32, f16 or bf16; defaults to the checkpoint's dtype.
+    /// f32, f16 or bf16; defaults to the checkpoint's dtype. A GGUF checkpoint keeps its
+    /// quantized weights unless this dequantizes them.
     #[arg(long, value_parser = flags::dtype)]
     pub dtype: Option<String>,
+}
+
+/// An LLM checkpoint (HF layout or GGUF) and where it runs.
+#[derive(Args, Debug, Clone)]
+pub struct LlmArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The GGUF file to load from the --model folder or hub repo (e.g.
+    /// `model.Q4_1.gguf`).
+    #[arg(long, value_name = "NAME")]
+    pub gguf_file: Option<String>,
+}
+
+/// An opened LLM: its checkpoint, model, tokenizer and decoding defaults.
+pub struct LoadedLlm {
+    pub source: zoo_models::llm::LlmSource,
+    pub model: zoo_models::llm::LlamaForCausalLM,
+    pub tokenizer: zoo_datasets::tokenize::TextTokenizer,
+    pub generation: zoo_models::generation::HfGenerationConfig,
+    pub device: Device,
+}
+
+impl LlmArgs {
+    pub fn load(&self) -> Result<LoadedLlm> {
+        let device = self.model.device()?;
+        let source =
+            zoo_models::llm::LlmSource::open(&self.model.model, self.gguf_file.as_deref())?;
+        let model = source.load_model(self.model.dtype()?, &device)?;
+        let tokenizer = zoo_trainers::lm::llm_tokenizer(&source)?;
+        let generation = source.generation_config()?;
+        Ok(LoadedLlm {
+            source,
+            model,
+            tokenizer,
+            generation,
+            device,
+        })
+    }
+}
+
+impl LoadedLlm {
+    /// The tokens that end a generation: the generation config's eos, else the model's.
+    pub fn eos(&self) -> Vec<u32> {
+        self.generation
+            .eos_token_id
+            .as_ref()
+            .map(|ids| ids.to_vec())
+            .unwrap_or_else(|| self.model.config.eos_token_ids())
+    }
+
+    /// The rendered ids of a chat, by the checkpoint's chat template.
+    pub fn chat_ids(&self, messages: &[zoo_datasets::chat::Message]) -> Result<Vec<u32>> {
+        let template = self.tokenizer.chat_template()?.with_context(|| {
+            format!(
+                "{} has no chat template (tokenizer_config.json chat_template or GGUF \
+                 tokenizer.chat_template)",
+                self.source.describe()
+            )
+        })?;
+        Ok(template.encode(&self.tokenizer, messages)?)
+    }
 }
 
 /// `--image-size` for the vision commands.

@@ -30,7 +30,7 @@ pub enum EvalCommand {
 #[derive(Args, Debug)]
 pub struct LmArgs {
     #[command(flatten)]
-    pub model: ModelArgs,
+    pub model: crate::common::LlmArgs,
     /// Text files or JSONL (`{"text": ...}`), comma-separated or globs.
     #[arg(long)]
     pub data: String,
@@ -107,13 +107,8 @@ pub fn run(cmd: EvalCommand) -> Result<()> {
 
 fn lm(args: LmArgs) -> Result<()> {
     use zoo_trainers::lm::{perplexity, Corpus, PackedSequences};
-    let device = args.model.device()?;
-    let repo = zoo_models::hub::ModelRepo::open(&args.model.model)?;
-    let model = zoo_models::llm::LlamaForCausalLM::load(&repo, args.model.dtype()?, &device)?;
-    let tokenizer = zoo_datasets::tokenize::TextTokenizer::from_files(
-        &repo.get("tokenizer.json")?,
-        repo.get_optional("tokenizer_config.json")?.as_deref(),
-    )?;
+    let llm = args.model.load()?;
+    let (model, tokenizer, device) = (&llm.model, &llm.tokenizer, &llm.device);
     let files = crate::train::text_files(&args.data)?;
     let corpus = Corpus::read(&files)?;
     let eos = model
@@ -129,8 +124,8 @@ fn lm(args: LmArgs) -> Result<()> {
             args.seq_len
         );
     }
-    let seqs = PackedSequences::new(&corpus.tokens(&tokenizer, eos)?, args.seq_len, 0)?;
-    let ppl = perplexity(&model, seqs.sequences(), &device)?;
+    let seqs = PackedSequences::new(&corpus.tokens(tokenizer, eos)?, args.seq_len, 0)?;
+    let ppl = perplexity(model, seqs.sequences(), device)?;
     let tokens = seqs.len() * args.seq_len;
     if args.json {
         outln!(

@@ -8,27 +8,32 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde_json::json;
-use zoo_datasets::tokenize::TextTokenizer;
-use zoo_models::generation::{
-    generate, GenerationConfig, HfGenerationConfig, SamplingOptions, Strategy,
-};
-use zoo_models::hub::ModelRepo;
+use zoo_models::generation::{generate, GenerationConfig, SamplingOptions, Strategy};
 use zoo_models::llm::{
-    medusa_generate, mtp_generate, KvCache, LlamaForCausalLM, LlamaStep, MedusaHeads, MedusaTree,
-    MtpModules, TypicalAcceptance,
+    medusa_generate, mtp_generate, KvCache, LlamaStep, MedusaHeads, MedusaTree, MtpModules,
+    TypicalAcceptance,
 };
 
-use crate::common::ModelArgs;
+use zoo_datasets::chat::Message;
+
+use crate::common::LlmArgs;
 use crate::flags;
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
     #[command(flatten)]
-    pub model: ModelArgs,
+    pub model: LlmArgs,
     /// The text to continue (tokenized with the checkpoint's tokenizer, special tokens added as
-    /// HF's tokenizer adds them).
+    /// HF's tokenizer adds them, or for a GGUF as its `add_bos_token` says).
     #[arg(long)]
     pub prompt: String,
+    /// The prompt is one user turn of a chat, rendered by the model's chat template (HF's
+    /// `apply_chat_template(add_generation_prompt=True)`).
+    #[arg(long)]
+    pub chat: bool,
+    /// With --chat: a system turn before the user's.
+    #[arg(long, requires = "chat")]
+    pub system: Option<String>,
     /// Most new tokens. Default: the checkpoint's generation_config.json, else HF's
     /// `max_length` of 20 tokens including the prompt.
     #[arg(long, value_parser = flags::count::<usize>, allow_negative_numbers = true)]
@@ -81,26 +86,22 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     if args.medusa_choices.is_some() && args.medusa.is_none() {
         bail!("--medusa-choices needs --medusa");
     }
-    let device = args.model.device()?;
-    let repo = ModelRepo::open(&args.model.model)?;
-    let model = LlamaForCausalLM::load(&repo, args.model.dtype()?, &device)?;
-    let tokenizer = TextTokenizer::from_files(
-        &repo.get("tokenizer.json")?,
-        repo.get_optional("tokenizer_config.json")?.as_deref(),
-    )?;
-    let hf = match repo.get_optional("generation_config.json")? {
-        Some(path) => HfGenerationConfig::from_file(&path)?,
-        None => HfGenerationConfig::default(),
+    let llm = args.model.load()?;
+    let (model, tokenizer, hf, device) = (&llm.model, &llm.tokenizer, &llm.generation, &llm.device);
+    let prompt = if args.chat {
+        let mut messages = Vec::new();
+        if let Some(system) = &args.system {
+            messages.push(Message::new("system", system));
+        }
+        messages.push(Message::new("user", &args.prompt));
+        llm.chat_ids(&messages)?
+    } else {
+        tokenizer.encode(&args.prompt)?
     };
-    let prompt = tokenizer.encode(&args.prompt)?;
     if prompt.is_empty() {
         bail!("the prompt is empty after tokenization");
     }
-    let eos = hf
-        .eos_token_id
-        .as_ref()
-        .map(|ids| ids.to_vec())
-        .unwrap_or_else(|| model.config.eos_token_ids());
+    let eos = llm.eos();
     let sampling = args.temperature.is_some() || args.top_k.is_some() || args.top_p.is_some();
     // A default length (the checkpoint's generation_config.json or HF's) stops at the model's
     // positions; a length asked for with --max-new-tokens is refused past them below.
@@ -175,11 +176,17 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         _ => None,
     };
     let mtp = if args.mtp {
+        let repo = llm.source.repo().with_context(|| {
+            format!(
+                "--mtp takes the MTP modules from an HF checkpoint; {} is a GGUF file",
+                llm.source.describe()
+            )
+        })?;
         Some(MtpModules::load(
-            &repo,
+            repo,
             &model.config,
             model.model.embeddings().dtype(),
-            &device,
+            device,
         )?)
     } else {
         None
@@ -191,7 +198,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                 model.config.hidden_size,
                 model.config.vocab_size,
                 model.model.embeddings().dtype(),
-                &device,
+                device,
             )?;
             let tree = match &args.medusa_choices {
                 Some(path) => MedusaTree::from_file(path)?,
@@ -209,7 +216,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                 _ => None,
             };
             let out = mtp_generate(
-                &model,
+                model,
                 mtp,
                 &prompt,
                 cfg.max_new_tokens,
@@ -221,7 +228,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         }
         (Some((heads, tree)), None) => {
             let out = medusa_generate(
-                &model,
+                model,
                 heads,
                 tree,
                 &prompt,
@@ -234,7 +241,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         }
         (None, None) => {
             let mut step = LlamaStep {
-                model: &model,
+                model,
                 cache: KvCache::new(),
             };
             let row = generate(&mut step, vec![prompt.clone()], &cfg)
@@ -263,7 +270,11 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         });
         outln!("{}", serde_json::to_string_pretty(&value)?)?;
     } else {
-        outln!("{}{text}", args.prompt)?;
+        if args.chat {
+            outln!("{text}")?;
+        } else {
+            outln!("{}{text}", args.prompt)?;
+        }
         eprintln!(
             "{new_tokens} new tokens in {seconds:.2} s ({:.1} tokens/s)",
             new_tokens as f64 / seconds.max(1e-9)

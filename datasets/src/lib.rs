@@ -7,13 +7,17 @@
 //! - [`synthetic`]: the seeded coloured-shapes image-caption generator used by `zoo demo`.
 //! - [`tokenize`]: `tokenizer.json` tokenization with HF padding/truncation
 //!   ([`tokenize::TextTokenizer`]), and the bundled CLIP BPE tokenizer.
+//! - [`chat`]: chat templates rendered as HF's `apply_chat_template` does.
+//! - [`gguf_tokenizer`]: the tokenizer a GGUF file's `tokenizer.ggml.*` metadata describes.
 //! - [`sources`]: image-caption sources (CSV/TSV, JSONL, WebDataset tar shards, ImageFolder)
 //!   that skip and count bad samples, and seeded shuffling.
 //!
 //! Errors ([`Error`]) name the file and the problem.
 
 pub mod augment;
+pub mod chat;
 pub mod error;
+pub mod gguf_tokenizer;
 pub mod preprocess;
 pub mod resample;
 pub mod sources;

@@ -64,6 +64,8 @@ pub struct TextTokenizer {
     pad_left: bool,
     /// `tokenizer_config.json` as read, written back by [`save`](Self::save).
     config: Value,
+    /// Where `config` came from, for errors about its chat template.
+    pub(crate) config_source: String,
     /// `Some(lowercase)` for HF's `SiglipTokenizer`, which canonicalises text before
     /// sentencepiece; see [`canonicalize_siglip`].
     siglip_canonical: Option<bool>,
@@ -156,7 +158,11 @@ impl TextTokenizer {
             }
             None => Value::Null,
         };
-        Ok(Self::new(tokenizer, &config))
+        let mut this = Self::new(tokenizer, &config);
+        if let Some(path) = tokenizer_config {
+            this.config_source = path.display().to_string();
+        }
+        Ok(this)
     }
 
     /// The bundled CLIP tokenizer ([`CLIP_TOKENIZER_JSON`]).
@@ -300,6 +306,7 @@ impl TextTokenizer {
             pad_left,
             siglip_canonical: siglip_canonical.then_some(lowercase),
             config: config.clone(),
+            config_source: "tokenizer_config.json".into(),
         }
     }
 
@@ -340,6 +347,26 @@ impl TextTokenizer {
             .encode(self.prepare(text).as_ref(), true)
             .map_err(|e| Error::Tokenizer(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
+    }
+
+    /// Token ids of one text without added special tokens (`add_special_tokens=False`);
+    /// special tokens written in the text are still recognised.
+    pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .tokenizer
+            .encode(self.prepare(text).as_ref(), false)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// The chat template of `tokenizer_config.json` (or the GGUF metadata), if any.
+    pub fn chat_template(&self) -> Result<Option<crate::chat::ChatTemplate>> {
+        crate::chat::ChatTemplate::from_config(&self.config, &self.config_source)
+    }
+
+    /// `tokenizer_config.json` as read.
+    pub fn config(&self) -> &Value {
+        &self.config
     }
 
     /// Tokenizes `texts`, truncating each to `max_length` (special tokens kept, as HF's

@@ -8,21 +8,22 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde_json::json;
-use zoo_datasets::tokenize::TextTokenizer;
-use zoo_models::generation::{generate, GenerationConfig, HfGenerationConfig};
-use zoo_models::hub::ModelRepo;
+use zoo_datasets::chat::Message;
+use zoo_models::generation::{generate, GenerationConfig};
 use zoo_models::llm::{
-    medusa_generate, mtp_generate, KvCache, LlamaForCausalLM, LlamaStep, MedusaHeads, MedusaTree,
-    MtpModules,
+    medusa_generate, mtp_generate, KvCache, LlamaStep, MedusaHeads, MedusaTree, MtpModules,
 };
 
-use crate::common::ModelArgs;
+use crate::common::LlmArgs;
 use crate::flags;
 
 #[derive(Args, Debug)]
 pub struct GenerateBenchArgs {
     #[command(flatten)]
-    pub model: ModelArgs,
+    pub model: LlmArgs,
+    /// Each prompt is one user turn of a chat, rendered by the model's chat template.
+    #[arg(long)]
+    pub chat: bool,
     /// Medusa heads to compare (a FasterDecoding folder).
     #[arg(long)]
     pub medusa: Option<PathBuf>,
@@ -70,23 +71,10 @@ pub fn bench_generate(args: GenerateBenchArgs) -> Result<()> {
     if prompts.is_empty() {
         bail!("give --prompt or --prompts");
     }
-    let device = args.model.device()?;
-    let repo = ModelRepo::open(&args.model.model)?;
-    let model = LlamaForCausalLM::load(&repo, args.model.dtype()?, &device)?;
+    let llm = args.model.load()?;
+    let (model, tokenizer, device) = (&llm.model, &llm.tokenizer, &llm.device);
     let dtype = model.model.embeddings().dtype();
-    let tokenizer = TextTokenizer::from_files(
-        &repo.get("tokenizer.json")?,
-        repo.get_optional("tokenizer_config.json")?.as_deref(),
-    )?;
-    let hf = match repo.get_optional("generation_config.json")? {
-        Some(path) => HfGenerationConfig::from_file(&path)?,
-        None => HfGenerationConfig::default(),
-    };
-    let stop = hf
-        .eos_token_id
-        .as_ref()
-        .map(|ids| ids.to_vec())
-        .unwrap_or_else(|| model.config.eos_token_ids());
+    let stop = llm.eos();
     let medusa = match &args.medusa {
         Some(dir) => {
             let heads = MedusaHeads::load(
@@ -94,7 +82,7 @@ pub fn bench_generate(args: GenerateBenchArgs) -> Result<()> {
                 model.config.hidden_size,
                 model.config.vocab_size,
                 dtype,
-                &device,
+                device,
             )?;
             let tree = match &args.medusa_choices {
                 Some(path) => MedusaTree::from_file(path)?,
@@ -104,15 +92,26 @@ pub fn bench_generate(args: GenerateBenchArgs) -> Result<()> {
         }
         None => None,
     };
-    let mtp = if args.mtp || model.config.num_nextn_predict_layers > 0 {
-        Some(MtpModules::load(&repo, &model.config, dtype, &device)?)
-    } else {
-        None
+    let mtp = match llm.source.repo() {
+        Some(repo) if args.mtp || model.config.num_nextn_predict_layers > 0 => {
+            Some(MtpModules::load(repo, &model.config, dtype, device)?)
+        }
+        None if args.mtp => bail!(
+            "--mtp takes the MTP modules from an HF checkpoint; {} is a GGUF file",
+            llm.source.describe()
+        ),
+        _ => None,
     };
     let encoded: Vec<Vec<u32>> = prompts
         .iter()
-        .map(|p| tokenizer.encode(p))
-        .collect::<zoo_datasets::Result<_>>()?;
+        .map(|p| {
+            if args.chat {
+                llm.chat_ids(&[Message::new("user", p)])
+            } else {
+                Ok(tokenizer.encode(p)?)
+            }
+        })
+        .collect::<Result<_>>()?;
     let max = args.max_new_tokens;
     for (text, ids) in prompts.iter().zip(&encoded) {
         if ids.is_empty() {
@@ -136,7 +135,7 @@ pub fn bench_generate(args: GenerateBenchArgs) -> Result<()> {
         "greedy",
         Box::new(|prompt: &[u32]| {
             let mut step = LlamaStep {
-                model: &model,
+                model,
                 cache: KvCache::new(),
             };
             let row = generate(&mut step, vec![prompt.to_vec()], &cfg)?.remove(0);
@@ -148,7 +147,7 @@ pub fn bench_generate(args: GenerateBenchArgs) -> Result<()> {
         methods.push((
             "medusa",
             Box::new(|prompt: &[u32]| {
-                let out = medusa_generate(&model, heads, tree, prompt, max, &stop, None)?;
+                let out = medusa_generate(model, heads, tree, prompt, max, &stop, None)?;
                 Ok((out.tokens, out.steps))
             }),
         ));
@@ -157,7 +156,7 @@ pub fn bench_generate(args: GenerateBenchArgs) -> Result<()> {
         methods.push((
             "mtp",
             Box::new(|prompt: &[u32]| {
-                let out = mtp_generate(&model, mtp, prompt, max, &stop, None)?;
+                let out = mtp_generate(model, mtp, prompt, max, &stop, None)?;
                 Ok((out.tokens, out.steps))
             }),
         ));
@@ -208,7 +207,7 @@ pub fn bench_generate(args: GenerateBenchArgs) -> Result<()> {
             serde_json::to_string_pretty(&json!({
                 "bench": "generate",
                 "impl": "candle-zoo",
-                "model": super::model_name(&args.model.model),
+                "model": super::model_name(&args.model.model.model),
                 "max_new_tokens": max,
                 "threads": candle_core::utils::get_num_threads(),
                 "results": rows,

@@ -15,7 +15,7 @@ use candle_nn::{VarBuilder, VarMap};
 use serde_json::json;
 use zoo_datasets::tokenize::TextTokenizer;
 use zoo_models::hub::ModelRepo;
-use zoo_models::llm::{KvCache, LlamaConfig, LlamaForCausalLM, MtpModules};
+use zoo_models::llm::{KvCache, LlamaConfig, LlamaForCausalLM, LlmSource, MtpModules};
 use zoo_models::weights::SafetensorsWeights;
 
 use crate::checkpoint;
@@ -26,6 +26,18 @@ use crate::optim::AdamWConfig;
 use crate::precision::Precision;
 use crate::rng::Rng;
 use crate::train::{initial_state, run_task, Task, TrainConfig, TrainState};
+
+/// The tokenizer of an LLM checkpoint: `tokenizer.json` (and `tokenizer_config.json`) of an
+/// HF one, the `tokenizer.ggml.*` metadata of a GGUF.
+pub fn llm_tokenizer(source: &LlmSource) -> Result<TextTokenizer> {
+    Ok(match source {
+        LlmSource::Hf { repo, .. } => TextTokenizer::from_files(
+            &repo.get("tokenizer.json")?,
+            repo.get_optional("tokenizer_config.json")?.as_deref(),
+        )?,
+        LlmSource::Gguf(g) => TextTokenizer::from_gguf(&g.content().metadata, g.path())?,
+    })
+}
 
 /// The presets `zoo train lm` can start from scratch.
 pub const PRESETS: &str = "llama-tiny, llama-small";
@@ -102,12 +114,19 @@ impl TrainableLlama {
         Self::assemble(config, varmap, tokenizer, device)
     }
 
-    /// Every parameter of an HF `LlamaForCausalLM` folder or hub id as a variable.
+    /// Every parameter of an HF `LlamaForCausalLM` folder or hub id, or of a GGUF file
+    /// (dequantized), as a variable.
     pub fn from_pretrained(spec: &str, device: &Device) -> Result<Self> {
-        let repo = ModelRepo::open(spec)?;
-        let config = LlamaConfig::from_file(&repo.get("config.json")?)?;
-        let vb =
-            SafetensorsWeights::open(&repo.weight_files()?)?.into_var_builder(DType::F32, device);
+        let source = LlmSource::open(spec, None)?;
+        let config = source.config().clone();
+        let vb = match &source {
+            LlmSource::Hf { repo, .. } => SafetensorsWeights::open(&repo.weight_files()?)?
+                .into_var_builder(DType::F32, device),
+            LlmSource::Gguf(g) => {
+                let (dense, _) = g.weights(Some(DType::F32), device)?;
+                VarBuilder::from_tensors(dense, DType::F32, device)
+            }
+        };
         let varmap = VarMap::new();
         {
             let mut data = lock(&varmap)?;
@@ -115,16 +134,13 @@ impl TrainableLlama {
                 let t = vb.get(shape, &name).map_err(|e| {
                     Error::Input(format!(
                         "{} does not fit its Llama config: {e}",
-                        repo.describe()
+                        source.describe()
                     ))
                 })?;
                 data.insert(name, Var::from_tensor(&t)?);
             }
         }
-        let tokenizer = TextTokenizer::from_files(
-            &repo.get("tokenizer.json")?,
-            repo.get_optional("tokenizer_config.json")?.as_deref(),
-        )?;
+        let tokenizer = llm_tokenizer(&source)?;
         Self::assemble(config, varmap, tokenizer, device)
     }
 

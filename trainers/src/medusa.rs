@@ -62,7 +62,7 @@ impl TrainableMedusa {
     ) -> Result<Self> {
         let (d, v) = (backbone.config.hidden_size, backbone.config.vocab_size);
         let device = backbone.model.embeddings().device().clone();
-        let lm_head = backbone.lm_head().weight().to_dtype(DType::F32)?;
+        let lm_head = backbone.lm_head().weight()?.to_dtype(DType::F32)?;
         let varmap = VarMap::new();
         {
             let mut data = lock(&varmap)?;

@@ -15,7 +15,7 @@ use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
 use super::fused_attention::{fused_attention, KeyVisibility, MAX_HEAD_DIM};
-use super::Linear;
+use super::{Linear, QuantizedWeights};
 
 /// How the query/key/value projections are stored in the checkpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,6 +120,15 @@ pub struct MultiHeadAttention {
 
 impl MultiHeadAttention {
     pub fn new(cfg: &AttentionConfig, vb: VarBuilder) -> Result<Self> {
+        Self::load(cfg, vb, &QuantizedWeights::default())
+    }
+
+    /// [`Self::new`] with the separate projections taken from `quantized` where it has them.
+    pub fn load(
+        cfg: &AttentionConfig,
+        vb: VarBuilder,
+        quantized: &QuantizedWeights,
+    ) -> Result<Self> {
         let (e, kv, h, hkv, d) = (
             cfg.embed_dim,
             cfg.kv_dim,
@@ -143,9 +152,9 @@ impl MultiHeadAttention {
         let (q_out, kv_out) = (h * d, hkv * d);
         let (q, k, v) = match cfg.layout {
             QkvLayout::Separate { q, k, v } => (
-                Linear::new(e, q_out, cfg.bias, vb.pp(q))?,
-                Linear::new(kv, kv_out, cfg.bias, vb.pp(k))?,
-                Linear::new(kv, kv_out, cfg.bias, vb.pp(v))?,
+                quantized.linear(e, q_out, cfg.bias, vb.pp(q))?,
+                quantized.linear(kv, kv_out, cfg.bias, vb.pp(k))?,
+                quantized.linear(kv, kv_out, cfg.bias, vb.pp(v))?,
             ),
             QkvLayout::Fused(name) => {
                 let vb = vb.pp(name);
@@ -168,7 +177,7 @@ impl MultiHeadAttention {
             }
         };
         let out = match cfg.out_proj {
-            Some(name) => Some(Linear::new(q_out, e, cfg.out_bias, vb.pp(name))?),
+            Some(name) => Some(quantized.linear(q_out, e, cfg.out_bias, vb.pp(name))?),
             None => None,
         };
         Ok(Self {

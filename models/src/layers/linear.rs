@@ -1,5 +1,9 @@
 //! Fully connected layer, `y = x Wᵀ + b`, matching `torch.nn.Linear`'s weight layout `[out, in]`.
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
@@ -13,14 +17,27 @@ use candle_nn::VarBuilder;
 /// or beams, costs several times the multiply: `[1376, 512]` against 2 rows took 0.8 ms, 0.2 ms
 /// against the contiguous transpose (2 cores). A training variable stays `[out, in]`, where the
 /// optimizer updates it, and training's many rows amortise the packing.
+///
+/// A quantized weight (a GGUF checkpoint's Q4_0 … Q8_0 or K-quant blocks, see
+/// [`QuantizedWeights`]) stays in its blocks and is multiplied by candle's quantized matmul;
+/// it has no backward.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    /// `[out, in]`.
-    weight: Tensor,
-    /// `[in, out]`, contiguous, when the weight does not come from a variable: `weight` is its
-    /// view.
-    weight_t: Option<Tensor>,
+    weight: Weight,
     bias: Option<Tensor>,
+}
+
+#[derive(Debug, Clone)]
+enum Weight {
+    Dense {
+        /// `[out, in]`.
+        weight: Tensor,
+        /// `[in, out]`, contiguous, when the weight does not come from a variable: `weight`
+        /// is its view.
+        weight_t: Option<Tensor>,
+    },
+    /// `[out, in]` in ggml blocks along `in`.
+    Quantized(Arc<QTensor>),
 }
 
 impl Linear {
@@ -42,21 +59,63 @@ impl Linear {
         // go stale at the first optimizer step.
         if weight.track_op() {
             return Ok(Self {
-                weight,
-                weight_t: None,
+                weight: Weight::Dense {
+                    weight,
+                    weight_t: None,
+                },
                 bias,
             });
         }
         let weight_t = weight.t()?.contiguous()?;
         Ok(Self {
-            weight: weight_t.t()?,
-            weight_t: Some(weight_t),
+            weight: Weight::Dense {
+                weight: weight_t.t()?,
+                weight_t: Some(weight_t),
+            },
             bias,
         })
     }
 
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
+    /// A projection by a quantized `[out, in]` weight. Float blocks (F32, F16, BF16) are
+    /// dequantized into a plain weight instead.
+    pub fn quantized(weight: Arc<QTensor>, bias: Option<Tensor>) -> Result<Self> {
+        use candle_core::quantized::GgmlDType;
+        if matches!(
+            weight.dtype(),
+            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16
+        ) {
+            let dense = weight.dequantize(&weight.device())?;
+            return Self::from_weights(dense, bias);
+        }
+        weight.shape().dims2()?;
+        Ok(Self {
+            weight: Weight::Quantized(weight),
+            bias,
+        })
+    }
+
+    /// The `[out, in]` weight; a quantized one dequantized to f32.
+    pub fn weight(&self) -> Result<Tensor> {
+        match &self.weight {
+            Weight::Dense { weight, .. } => Ok(weight.clone()),
+            Weight::Quantized(q) => q.dequantize(&q.device()),
+        }
+    }
+
+    /// The quantized weight, when the projection has one.
+    pub fn quantized_weight(&self) -> Option<&Arc<QTensor>> {
+        match &self.weight {
+            Weight::Quantized(q) => Some(q),
+            Weight::Dense { .. } => None,
+        }
+    }
+
+    /// Output features.
+    pub fn out_dim(&self) -> Result<usize> {
+        match &self.weight {
+            Weight::Dense { weight, .. } => weight.dim(0),
+            Weight::Quantized(q) => Ok(q.shape().dims2()?.0),
+        }
     }
 
     pub fn bias(&self) -> Option<&Tensor> {
@@ -72,17 +131,72 @@ impl Module for Linear {
         let lead: Vec<usize> = dims[..dims.len() - 1].to_vec();
         let rows = lead.iter().product::<usize>();
         let x2 = x.reshape((rows, in_dim))?;
-        let y = match &self.weight_t {
-            Some(weight_t) => x2.matmul(weight_t)?,
-            None => x2.matmul(&self.weight.t()?)?,
+        let y = match &self.weight {
+            Weight::Dense {
+                weight_t: Some(weight_t),
+                ..
+            } => x2.matmul(weight_t)?,
+            Weight::Dense { weight, .. } => x2.matmul(&weight.t()?)?,
+            Weight::Quantized(q) => QMatMul::QTensor(q.clone()).forward(&x2.contiguous()?)?,
         };
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         };
         let mut out_shape = lead;
-        out_shape.push(self.weight.dim(0)?);
+        out_shape.push(self.out_dim()?);
         y.reshape(out_shape)
+    }
+}
+
+/// Quantized weights by full tensor name (`model.layers.0.self_attn.q_proj.weight`), which
+/// replace the dense ones a [`VarBuilder`] would give: [`Self::linear`] loads a projection
+/// from here when it is here, from the `VarBuilder` otherwise. Empty for a plain checkpoint.
+#[derive(Debug, Clone, Default)]
+pub struct QuantizedWeights {
+    tensors: Arc<HashMap<String, Arc<QTensor>>>,
+}
+
+impl QuantizedWeights {
+    pub fn new(tensors: HashMap<String, Arc<QTensor>>) -> Self {
+        Self {
+            tensors: Arc::new(tensors),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tensors.is_empty()
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<QTensor>> {
+        self.tensors.get(name)
+    }
+
+    /// The `[out_dim, in_dim]` projection under `vb` (`weight`, and `bias` when `bias`):
+    /// quantized when its weight is here, with the shape checked.
+    pub fn linear(
+        &self,
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+        vb: VarBuilder,
+    ) -> Result<Linear> {
+        let name = format!("{}.weight", vb.prefix());
+        let Some(q) = self.tensors.get(&name) else {
+            return Linear::new(in_dim, out_dim, bias, vb);
+        };
+        if q.shape().dims() != [out_dim, in_dim] {
+            candle_core::bail!(
+                "{name} has shape {:?}, the config says [{out_dim}, {in_dim}]",
+                q.shape().dims()
+            );
+        }
+        let bias = if bias {
+            Some(vb.get(out_dim, "bias")?)
+        } else {
+            None
+        };
+        Linear::quantized(q.clone(), bias)
     }
 }
 
@@ -99,9 +213,12 @@ mod tests {
         let x = Tensor::new(&[[1f32, 2.0], [3.0, 4.0], [5.0, 6.0]], &dev).unwrap();
         let w = Tensor::new(&[[1f32, 0.5], [-1.0, 2.0]], &dev).unwrap();
         let plain = Linear::from_weights(w.clone(), None).unwrap();
-        assert!(plain.weight_t.as_ref().unwrap().is_contiguous());
+        let Weight::Dense { weight_t, .. } = &plain.weight else {
+            panic!("dense")
+        };
+        assert!(weight_t.as_ref().unwrap().is_contiguous());
         assert_eq!(
-            plain.weight().to_vec2::<f32>().unwrap(),
+            plain.weight().unwrap().to_vec2::<f32>().unwrap(),
             w.to_vec2::<f32>().unwrap()
         );
         let want = x.matmul(&w.t().unwrap()).unwrap().to_vec2::<f32>().unwrap();
@@ -109,7 +226,7 @@ mod tests {
 
         let fused = Var::from_tensor(&Tensor::cat(&[&w, &w], 0).unwrap()).unwrap();
         let half = Linear::from_weights(fused.as_tensor().narrow(0, 0, 2).unwrap(), None).unwrap();
-        assert!(half.weight_t.is_none());
+        assert!(matches!(half.weight, Weight::Dense { weight_t: None, .. }));
         fused.set(&(fused.as_tensor() * 2.0).unwrap()).unwrap();
         let doubled: Vec<Vec<f32>> = want
             .iter()

@@ -26,7 +26,7 @@ pub use attention::{
 };
 pub use encoder::{Encoder, EncoderConfig, EncoderLayer};
 pub use fused_attention::{fused_attention, KeyVisibility, MAX_HEAD_DIM};
-pub use linear::Linear;
+pub use linear::{Linear, QuantizedWeights};
 pub use mlp::Mlp;
 pub use norm::{LayerNorm, RmsNorm};
 pub use pooling::AttentionPoolingHead;

@@ -17,7 +17,7 @@ use crate::generation::StepModel;
 use crate::hub::ModelRepo;
 use crate::layers::{
     apply_rotary, rotary_cos_sin, Activation, AttentionConfig, AttentionMask, Linear,
-    MultiHeadAttention, QkvLayout, RmsNorm, RopeConfig, RopeScaling,
+    MultiHeadAttention, QkvLayout, QuantizedWeights, RmsNorm, RopeConfig, RopeScaling,
 };
 use crate::weights::SafetensorsWeights;
 
@@ -37,11 +37,12 @@ impl GatedMlp {
         bias: bool,
         act: Activation,
         vb: VarBuilder,
+        quantized: &QuantizedWeights,
     ) -> Result<Self> {
         Ok(Self {
-            gate_proj: Linear::new(hidden, intermediate, bias, vb.pp("gate_proj"))?,
-            up_proj: Linear::new(hidden, intermediate, bias, vb.pp("up_proj"))?,
-            down_proj: Linear::new(intermediate, hidden, bias, vb.pp("down_proj"))?,
+            gate_proj: quantized.linear(hidden, intermediate, bias, vb.pp("gate_proj"))?,
+            up_proj: quantized.linear(hidden, intermediate, bias, vb.pp("up_proj"))?,
+            down_proj: quantized.linear(intermediate, hidden, bias, vb.pp("down_proj"))?,
             act,
         })
     }
@@ -179,7 +180,7 @@ pub struct LlamaAttention {
 }
 
 impl LlamaAttention {
-    pub fn new(cfg: &LlamaConfig, vb: VarBuilder) -> Result<Self> {
+    pub fn new(cfg: &LlamaConfig, vb: VarBuilder, quantized: &QuantizedWeights) -> Result<Self> {
         let (qkv_bias, out_bias) = cfg.attention_biases();
         let attn_cfg = AttentionConfig {
             embed_dim: cfg.hidden_size,
@@ -193,7 +194,7 @@ impl LlamaAttention {
             out_proj: Some("o_proj"),
         };
         Ok(Self {
-            attn: MultiHeadAttention::new(&attn_cfg, vb)?,
+            attn: MultiHeadAttention::load(&attn_cfg, vb, quantized)?,
         })
     }
 
@@ -238,11 +239,12 @@ pub struct LlamaDecoderLayer {
 }
 
 impl LlamaDecoderLayer {
-    pub fn new(cfg: &LlamaConfig, vb: VarBuilder) -> Result<Self> {
+    /// Layer `vb`, its projections from `quantized` where it has them.
+    pub fn new(cfg: &LlamaConfig, vb: VarBuilder, quantized: &QuantizedWeights) -> Result<Self> {
         let (d, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
         Ok(Self {
             input_layernorm: RmsNorm::new(d, eps, vb.pp("input_layernorm"))?,
-            self_attn: LlamaAttention::new(cfg, vb.pp("self_attn"))?,
+            self_attn: LlamaAttention::new(cfg, vb.pp("self_attn"), quantized)?,
             post_attention_layernorm: RmsNorm::new(d, eps, vb.pp("post_attention_layernorm"))?,
             mlp: GatedMlp::new(
                 d,
@@ -250,6 +252,7 @@ impl LlamaDecoderLayer {
                 cfg.mlp_bias,
                 cfg.hidden_act,
                 vb.pp("mlp"),
+                quantized,
             )?,
         })
     }
@@ -283,13 +286,13 @@ pub struct LlamaModel {
 }
 
 impl LlamaModel {
-    pub fn new(cfg: &LlamaConfig, vb: VarBuilder) -> Result<Self> {
+    pub fn new(cfg: &LlamaConfig, vb: VarBuilder, quantized: &QuantizedWeights) -> Result<Self> {
         let rope = cfg.rope().map_err(candle_core::Error::msg)?;
         let table = vb.get((cfg.vocab_size, cfg.hidden_size), "embed_tokens.weight")?;
         Ok(Self {
             embed_tokens: candle_nn::Embedding::new(table, cfg.hidden_size),
             layers: (0..cfg.num_hidden_layers)
-                .map(|i| LlamaDecoderLayer::new(cfg, vb.pp("layers").pp(i)))
+                .map(|i| LlamaDecoderLayer::new(cfg, vb.pp("layers").pp(i), quantized))
                 .collect::<Result<_>>()?,
             norm: RmsNorm::new(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("norm"))?,
             rotary: Rotary::new(rope),
@@ -349,11 +352,22 @@ pub struct CausalLmOutput {
 
 impl LlamaForCausalLM {
     pub fn new(cfg: &LlamaConfig, vb: VarBuilder) -> Result<Self> {
-        let model = LlamaModel::new(cfg, vb.pp("model"))?;
-        let lm_head = if cfg.tie_word_embeddings {
-            Linear::from_weights(model.embeddings().clone(), None)?
-        } else {
-            Linear::new(cfg.hidden_size, cfg.vocab_size, false, vb.pp("lm_head"))?
+        Self::load_weights(cfg, vb, &QuantizedWeights::default())
+    }
+
+    /// [`Self::new`] with the projections taken from `quantized` where it has them (a
+    /// quantized GGUF checkpoint's). A tied `lm_head` is the quantized embedding table when
+    /// `quantized` has one, as llama.cpp multiplies by it.
+    pub fn load_weights(
+        cfg: &LlamaConfig,
+        vb: VarBuilder,
+        quantized: &QuantizedWeights,
+    ) -> Result<Self> {
+        let model = LlamaModel::new(cfg, vb.pp("model"), quantized)?;
+        let lm_head = match quantized.get("model.embed_tokens.weight") {
+            Some(table) if cfg.tie_word_embeddings => Linear::quantized(table.clone(), None)?,
+            _ if cfg.tie_word_embeddings => Linear::from_weights(model.embeddings().clone(), None)?,
+            _ => quantized.linear(cfg.hidden_size, cfg.vocab_size, false, vb.pp("lm_head"))?,
         };
         Ok(Self {
             model,

@@ -2,16 +2,21 @@
 //! variant), built from the shared layers, returning hidden states and logits for every
 //! position, with a KV cache that can be rolled back and compacted for speculative decoding;
 //! Medusa heads with tree-based speculative decoding, and DeepSeek-V3-style MTP modules with
-//! self-speculative decoding.
+//! self-speculative decoding. Checkpoints come in HF layout or as llama.cpp GGUF files
+//! ([`LlmSource`]), whose quantized projections run quantized.
 
 pub mod config;
+pub mod gguf;
 pub mod llama;
 pub mod medusa;
 pub mod mtp;
+pub mod source;
 pub mod speculative;
 
 pub use config::LlamaConfig;
+pub use gguf::GgufLlama;
 pub use llama::{CausalLmOutput, KvCache, LlamaForCausalLM, LlamaModel, LlamaStep};
 pub use medusa::{medusa_generate, MedusaHeads, MedusaTree};
 pub use mtp::{mtp_generate, MtpModule, MtpModules};
+pub use source::LlmSource;
 pub use speculative::{speculative_accept, SpeculativeOutput, TypicalAcceptance};

@@ -41,7 +41,7 @@ impl MtpModule {
             enorm: RmsNorm::new(d, eps, vb.pp("enorm"))?,
             hnorm: RmsNorm::new(d, eps, vb.pp("hnorm"))?,
             eh_proj: Linear::new(2 * d, d, false, vb.pp("eh_proj"))?,
-            block: LlamaDecoderLayer::new(cfg, vb.clone())?,
+            block: LlamaDecoderLayer::new(cfg, vb.clone(), &Default::default())?,
             shared_norm: RmsNorm::new(d, eps, vb.pp("shared_head").pp("norm"))?,
         })
     }

