@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde_json::json;
-use zoo_models::generation::{generate, GenerationConfig, SamplingOptions, Strategy};
+use zoo_models::generation::{generate_streaming, GenerationConfig, SamplingOptions, Strategy};
 use zoo_models::llm::{
     medusa_generate, mtp_generate, KvCache, LlamaStep, MedusaHeads, MedusaTree, MtpModules,
     TypicalAcceptance,
@@ -16,7 +16,7 @@ use zoo_models::llm::{
 
 use zoo_datasets::chat::Message;
 
-use crate::common::LlmArgs;
+use crate::common::{LlmArgs, LoadedLlm};
 use crate::flags;
 
 #[derive(Args, Debug)]
@@ -34,6 +34,17 @@ pub struct GenerateArgs {
     /// With --chat: a system turn before the user's.
     #[arg(long, requires = "chat")]
     pub system: Option<String>,
+    #[command(flatten)]
+    pub decoding: DecodingArgs,
+    /// Print {"text", "token_ids", "new_tokens", "steps", "mean_accepted", "tokens_per_s"}.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// How to decode: lengths, sampling, and speculative decoding (shared by `zoo generate` and
+/// `zoo chat`).
+#[derive(Args, Debug, Clone)]
+pub struct DecodingArgs {
     /// Most new tokens. Default: the checkpoint's generation_config.json, else HF's
     /// `max_length` of 20 tokens including the prompt.
     #[arg(long, value_parser = flags::count::<usize>, allow_negative_numbers = true)]
@@ -77,17 +88,243 @@ pub struct GenerateArgs {
     /// sampling flags: speculative sampling, distributed exactly as plain sampling.
     #[arg(long, conflicts_with = "medusa")]
     pub mtp: bool,
-    /// Print {"text", "token_ids", "new_tokens", "steps", "mean_accepted", "tokens_per_s"}.
-    #[arg(long)]
-    pub json: bool,
+}
+
+/// A decoder built from [`DecodingArgs`] for one loaded model: the speculative heads or
+/// modules loaded once, and the checks done once.
+pub struct Decoder<'a> {
+    llm: &'a LoadedLlm,
+    args: DecodingArgs,
+    medusa: Option<(MedusaHeads, MedusaTree)>,
+    mtp: Option<MtpModules>,
+    typical: Option<TypicalAcceptance>,
+}
+
+/// One decoded sequence.
+pub struct Decoded {
+    /// The prompt and the new tokens.
+    pub row: Vec<u32>,
+    /// Forward passes of the model after the prompt's.
+    pub steps: usize,
+    pub seconds: f64,
+}
+
+impl DecodingArgs {
+    fn sampling(&self) -> bool {
+        self.temperature.is_some() || self.top_k.is_some() || self.top_p.is_some()
+    }
+
+    pub fn decoder<'a>(&self, llm: &'a LoadedLlm) -> Result<Decoder<'a>> {
+        if self.medusa_choices.is_some() && self.medusa.is_none() {
+            bail!("--medusa-choices needs --medusa");
+        }
+        let speculative = self.medusa.is_some() || self.mtp;
+        let penalty = self
+            .repetition_penalty
+            .or(llm.generation.repetition_penalty)
+            .unwrap_or(1.0);
+        if speculative && (penalty != 1.0 || self.min_new_tokens.unwrap_or(0) > 0) {
+            bail!(
+                "--repetition-penalty and --min-new-tokens are not implemented with --medusa or \
+                 --mtp; drop them or decode without speculation"
+            );
+        }
+        if self.medusa.is_some() && (self.top_k.is_some() || self.top_p.is_some()) {
+            bail!(
+                "Medusa samples by typical acceptance, which has no top-k or top-p: use \
+                 --temperature with --posterior-threshold and --posterior-alpha (or --mtp, whose \
+                 speculative sampling takes --top-k and --top-p)"
+            );
+        }
+        let typical = match (&self.medusa, self.temperature) {
+            (Some(_), Some(temperature)) => {
+                let typical = TypicalAcceptance {
+                    temperature,
+                    posterior_threshold: self.posterior_threshold,
+                    posterior_alpha: self.posterior_alpha,
+                    seed: self.seed,
+                };
+                typical.validate().map_err(anyhow::Error::msg)?;
+                Some(typical)
+            }
+            _ => None,
+        };
+        let model = &llm.model;
+        let dtype = model.model.embeddings().dtype();
+        let mtp = if self.mtp {
+            let repo = llm.source.repo().with_context(|| {
+                format!(
+                    "--mtp takes the MTP modules from an HF checkpoint; {} is a GGUF file",
+                    llm.source.describe()
+                )
+            })?;
+            Some(MtpModules::load(repo, &model.config, dtype, &llm.device)?)
+        } else {
+            None
+        };
+        let medusa = match &self.medusa {
+            Some(dir) => {
+                let heads = MedusaHeads::load(
+                    dir,
+                    model.config.hidden_size,
+                    model.config.vocab_size,
+                    dtype,
+                    &llm.device,
+                )?;
+                let tree = match &self.medusa_choices {
+                    Some(path) => MedusaTree::from_file(path)?,
+                    None => MedusaTree::mc_sim_7b_63(),
+                };
+                Some((heads, tree))
+            }
+            None => None,
+        };
+        Ok(Decoder {
+            llm,
+            args: self.clone(),
+            medusa,
+            mtp,
+            typical,
+        })
+    }
+}
+
+impl Decoder<'_> {
+    /// The generation settings for a prompt of `prompt_len` tokens. A default length (the
+    /// checkpoint's generation_config.json or HF's) stops at the model's positions; a length
+    /// asked for with --max-new-tokens is refused past them.
+    fn config(&self, prompt_len: usize) -> Result<GenerationConfig> {
+        let (args, hf, model) = (&self.args, &self.llm.generation, &self.llm.model);
+        let eos = self.llm.eos();
+        let room = model
+            .config
+            .max_position_embeddings
+            .saturating_sub(prompt_len);
+        let cfg = GenerationConfig {
+            max_new_tokens: args
+                .max_new_tokens
+                .unwrap_or_else(|| hf.max_new_tokens(prompt_len).min(room)),
+            min_new_tokens: args
+                .min_new_tokens
+                .unwrap_or_else(|| hf.min_new_tokens(prompt_len)),
+            pad_token: hf
+                .pad_token_id
+                .or(model.config.pad_token_id)
+                .or(eos.first().copied())
+                .unwrap_or(0),
+            stop_tokens: eos,
+            repetition_penalty: args
+                .repetition_penalty
+                .or(hf.repetition_penalty)
+                .unwrap_or(1.0),
+            strategy: if args.sampling() {
+                Strategy::Sample(SamplingOptions {
+                    temperature: args.temperature.unwrap_or(1.0),
+                    top_k: args.top_k.unwrap_or(50),
+                    top_p: args.top_p.unwrap_or(1.0),
+                    seed: args.seed,
+                })
+            } else {
+                Strategy::Greedy
+            },
+        };
+        model
+            .config
+            .check_generation_length(prompt_len, cfg.max_new_tokens)
+            .map_err(anyhow::Error::msg)?;
+        if cfg.min_new_tokens > cfg.max_new_tokens {
+            bail!(
+                "--min-new-tokens {} is more than --max-new-tokens {}",
+                cfg.min_new_tokens,
+                cfg.max_new_tokens
+            );
+        }
+        Ok(cfg)
+    }
+
+    /// Decodes after `prompt`, calling `on_token` for each new token: as it is chosen in plain
+    /// decoding, after each verification step's accepted tokens with Medusa or MTP.
+    pub fn decode(
+        &self,
+        prompt: &[u32],
+        on_token: &mut dyn FnMut(u32) -> Result<()>,
+    ) -> Result<Decoded> {
+        if prompt.is_empty() {
+            bail!("the prompt is empty after tokenization");
+        }
+        let cfg = self.config(prompt.len())?;
+        let model = &self.llm.model;
+        let start = Instant::now();
+        let (row, steps) = match (&self.medusa, &self.mtp) {
+            (_, Some(mtp)) => {
+                let sampling = match &cfg.strategy {
+                    Strategy::Sample(s) => Some(s),
+                    _ => None,
+                };
+                let out = mtp_generate(
+                    model,
+                    mtp,
+                    prompt,
+                    cfg.max_new_tokens,
+                    &cfg.stop_tokens,
+                    sampling,
+                )
+                .context("MTP generation failed")?;
+                (out.tokens, out.steps)
+            }
+            (Some((heads, tree)), None) => {
+                let out = medusa_generate(
+                    model,
+                    heads,
+                    tree,
+                    prompt,
+                    cfg.max_new_tokens,
+                    &cfg.stop_tokens,
+                    self.typical.as_ref(),
+                )
+                .context("Medusa generation failed")?;
+                (out.tokens, out.steps)
+            }
+            (None, None) => {
+                let mut step = LlamaStep {
+                    model,
+                    cache: KvCache::new(),
+                };
+                let mut failure = None;
+                let row =
+                    generate_streaming(&mut step, vec![prompt.to_vec()], &cfg, &mut |_, t| {
+                        on_token(t).map_err(|e| {
+                            failure = Some(e);
+                            candle_core::Error::msg("stopped by the output")
+                        })
+                    });
+                if let Some(e) = failure {
+                    return Err(e);
+                }
+                let row = row.context("generation failed")?.remove(0);
+                // Plain decoding takes one forward pass per new token.
+                let steps = row.len() - prompt.len();
+                return Ok(Decoded {
+                    row,
+                    steps,
+                    seconds: start.elapsed().as_secs_f64(),
+                });
+            }
+        };
+        for &t in &row[prompt.len()..] {
+            on_token(t)?;
+        }
+        Ok(Decoded {
+            row,
+            steps,
+            seconds: start.elapsed().as_secs_f64(),
+        })
+    }
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
-    if args.medusa_choices.is_some() && args.medusa.is_none() {
-        bail!("--medusa-choices needs --medusa");
-    }
     let llm = args.model.load()?;
-    let (model, tokenizer, hf, device) = (&llm.model, &llm.tokenizer, &llm.generation, &llm.device);
+    let decoder = args.decoding.decoder(&llm)?;
     let prompt = if args.chat {
         let mut messages = Vec::new();
         if let Some(system) = &args.system {
@@ -96,166 +333,17 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         messages.push(Message::new("user", &args.prompt));
         llm.chat_ids(&messages)?
     } else {
-        tokenizer.encode(&args.prompt)?
+        llm.tokenizer.encode(&args.prompt)?
     };
-    if prompt.is_empty() {
-        bail!("the prompt is empty after tokenization");
-    }
-    let eos = llm.eos();
-    let sampling = args.temperature.is_some() || args.top_k.is_some() || args.top_p.is_some();
-    // A default length (the checkpoint's generation_config.json or HF's) stops at the model's
-    // positions; a length asked for with --max-new-tokens is refused past them below.
-    let room = model
-        .config
-        .max_position_embeddings
-        .saturating_sub(prompt.len());
-    let cfg = GenerationConfig {
-        max_new_tokens: args
-            .max_new_tokens
-            .unwrap_or_else(|| hf.max_new_tokens(prompt.len()).min(room)),
-        min_new_tokens: args
-            .min_new_tokens
-            .unwrap_or_else(|| hf.min_new_tokens(prompt.len())),
-        pad_token: hf
-            .pad_token_id
-            .or(model.config.pad_token_id)
-            .or(eos.first().copied())
-            .unwrap_or(0),
-        stop_tokens: eos,
-        repetition_penalty: args
-            .repetition_penalty
-            .or(hf.repetition_penalty)
-            .unwrap_or(1.0),
-        strategy: if sampling {
-            Strategy::Sample(SamplingOptions {
-                temperature: args.temperature.unwrap_or(1.0),
-                top_k: args.top_k.unwrap_or(50),
-                top_p: args.top_p.unwrap_or(1.0),
-                seed: args.seed,
-            })
-        } else {
-            Strategy::Greedy
-        },
-    };
-    model
-        .config
-        .check_generation_length(prompt.len(), cfg.max_new_tokens)
-        .map_err(anyhow::Error::msg)?;
-    if cfg.min_new_tokens > cfg.max_new_tokens {
-        bail!(
-            "--min-new-tokens {} is more than --max-new-tokens {}",
-            cfg.min_new_tokens,
-            cfg.max_new_tokens
-        );
-    }
-    let speculative = args.medusa.is_some() || args.mtp;
-    if speculative && (cfg.repetition_penalty != 1.0 || cfg.min_new_tokens > 0) {
-        bail!(
-            "--repetition-penalty and --min-new-tokens are not implemented with --medusa or \
-             --mtp; drop them or decode without speculation"
-        );
-    }
-    if args.medusa.is_some() && (args.top_k.is_some() || args.top_p.is_some()) {
-        bail!(
-            "Medusa samples by typical acceptance, which has no top-k or top-p: use \
-             --temperature with --posterior-threshold and --posterior-alpha (or --mtp, whose \
-             speculative sampling takes --top-k and --top-p)"
-        );
-    }
-    let typical = match (&args.medusa, args.temperature) {
-        (Some(_), Some(temperature)) => {
-            let typical = TypicalAcceptance {
-                temperature,
-                posterior_threshold: args.posterior_threshold,
-                posterior_alpha: args.posterior_alpha,
-                seed: args.seed,
-            };
-            typical.validate().map_err(anyhow::Error::msg)?;
-            Some(typical)
-        }
-        _ => None,
-    };
-    let mtp = if args.mtp {
-        let repo = llm.source.repo().with_context(|| {
-            format!(
-                "--mtp takes the MTP modules from an HF checkpoint; {} is a GGUF file",
-                llm.source.describe()
-            )
-        })?;
-        Some(MtpModules::load(
-            repo,
-            &model.config,
-            model.model.embeddings().dtype(),
-            device,
-        )?)
-    } else {
-        None
-    };
-    let medusa = match &args.medusa {
-        Some(dir) => {
-            let heads = MedusaHeads::load(
-                dir,
-                model.config.hidden_size,
-                model.config.vocab_size,
-                model.model.embeddings().dtype(),
-                device,
-            )?;
-            let tree = match &args.medusa_choices {
-                Some(path) => MedusaTree::from_file(path)?,
-                None => MedusaTree::mc_sim_7b_63(),
-            };
-            Some((heads, tree))
-        }
-        None => None,
-    };
-    let start = Instant::now();
-    let (row, steps) = match (&medusa, &mtp) {
-        (_, Some(mtp)) => {
-            let sampling = match &cfg.strategy {
-                Strategy::Sample(s) => Some(s),
-                _ => None,
-            };
-            let out = mtp_generate(
-                model,
-                mtp,
-                &prompt,
-                cfg.max_new_tokens,
-                &cfg.stop_tokens,
-                sampling,
-            )
-            .context("MTP generation failed")?;
-            (out.tokens, out.steps)
-        }
-        (Some((heads, tree)), None) => {
-            let out = medusa_generate(
-                model,
-                heads,
-                tree,
-                &prompt,
-                cfg.max_new_tokens,
-                &cfg.stop_tokens,
-                typical.as_ref(),
-            )
-            .context("Medusa generation failed")?;
-            (out.tokens, out.steps)
-        }
-        (None, None) => {
-            let mut step = LlamaStep {
-                model,
-                cache: KvCache::new(),
-            };
-            let row = generate(&mut step, vec![prompt.clone()], &cfg)
-                .context("generation failed")?
-                .remove(0);
-            // Plain decoding takes one forward pass per new token.
-            let steps = row.len() - prompt.len();
-            (row, steps)
-        }
-    };
-    let seconds = start.elapsed().as_secs_f64();
+    let Decoded {
+        row,
+        steps,
+        seconds,
+    } = decoder.decode(&prompt, &mut |_| Ok(()))?;
     let new = &row[prompt.len()..];
     let new_tokens = new.len();
-    let text = tokenizer
+    let text = llm
+        .tokenizer
         .inner()
         .decode(new, true)
         .map_err(|e| anyhow::anyhow!("cannot decode the generation: {e}"))?;

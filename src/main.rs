@@ -17,6 +17,7 @@ macro_rules! outln {
 mod bench;
 mod capfilt;
 mod caption;
+mod chat;
 mod classify;
 mod common;
 mod demo;
@@ -59,14 +60,16 @@ enum Command {
     Caption(caption::CaptionArgs),
     /// Score image-text pairs with BLIP: ITM probability and ITC cosine.
     Match(matching::MatchArgs),
-    /// Generate text with a Llama-architecture LLM.
+    /// Generate text with a Llama-architecture LLM (HF checkpoint or GGUF).
     Generate(generate::GenerateArgs),
+    /// Chat with an instruct LLM: its chat template, streamed replies, `/reset`.
+    Chat(chat::ChatArgs),
     /// Benchmarks: `zoo bench embed|train-step|caption|generate|attention`, JSON and a table.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
     /// Train a model: `zoo train clip|siglip|blip`.
     Train(Box<train::TrainArgs>),
-    /// Evaluate a model: `zoo eval zeroshot|retrieval|caption`.
+    /// Evaluate a model: `zoo eval zeroshot|retrieval|caption|lm`.
     #[command(subcommand)]
     Eval(eval::EvalCommand),
     /// Bootstrap noisy web pairs with BLIP's CapFilt: synthetic captions, then an ITM filter.
@@ -128,6 +131,7 @@ fn main() -> ExitCode {
         Command::Caption(args) => caption::run(args),
         Command::Match(args) => matching::run(args),
         Command::Generate(args) => generate::run(args),
+        Command::Chat(args) => chat::run(args),
         Command::Bench(cmd) => bench::run(cmd),
         Command::Train(args) => train::run_train(*args),
         Command::Eval(cmd) => eval::run(cmd),

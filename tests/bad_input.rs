@@ -934,3 +934,151 @@ fn training_removes_stale_temporary_checkpoints_of_dead_runs_only() {
     assert!(live.exists(), "a live process's temporary was removed");
     assert!(out.join("final/model.safetensors").is_file());
 }
+
+/// `bytes` with the first occurrence of `from` (after `after`, when given) replaced by `to`,
+/// which has the same length; returns where it was.
+fn patch(bytes: &mut [u8], after: Option<&[u8]>, from: &[u8], to: &[u8]) -> usize {
+    assert_eq!(from.len(), to.len());
+    let find = |hay: &[u8], needle: &[u8], start: usize| {
+        hay[start..]
+            .windows(needle.len())
+            .position(|w| w == needle)
+            .map(|p| p + start)
+            .expect("pattern in the fixture")
+    };
+    let start = after.map_or(0, |a| find(bytes, a, 0) + a.len());
+    let at = find(bytes, from, start);
+    bytes[at..at + to.len()].copy_from_slice(to);
+    at
+}
+
+#[test]
+fn gguf_files_and_chat_templates_are_refused_by_name() {
+    let s = Scratch::new();
+    let good = fs::read(fixtures().join("gguf/llama-tiny-q8_0-gpt2.gguf")).unwrap();
+    let variant = |name: &str, edit: &dyn Fn(&mut Vec<u8>)| {
+        let mut bytes = good.clone();
+        edit(&mut bytes);
+        s.write(name, &bytes)
+    };
+    let header_cut = variant("header-cut.gguf", &|b| b.truncate(200));
+    let data_cut = variant("data-cut.gguf", &|b| {
+        let n = b.len() - 1000;
+        b.truncate(n)
+    });
+    let magic = variant("magic.gguf", &|b| b[..4].copy_from_slice(b"GGUX"));
+    let arch = variant("arch.gguf", &|b| {
+        patch(b, Some(b"general.architecture"), b"llama", b"mamba");
+    });
+    let missing = variant("missing.gguf", &|b| {
+        patch(b, None, b"blk.1.ffn_up.weight", b"blk.1.ffn_xp.weight");
+    });
+    let shapes = variant("shapes.gguf", &|b| {
+        // llama.feed_forward_length: u32 type tag, then the value 128.
+        let at = patch(
+            b,
+            None,
+            b"llama.feed_forward_length",
+            b"llama.feed_forward_length",
+        );
+        let value = at + b"llama.feed_forward_length".len() + 4;
+        b[value..value + 4].copy_from_slice(&96u32.to_le_bytes());
+    });
+    let qtype = variant("qtype.gguf", &|b| {
+        // The tensor table entry of token_embd.weight: name, 2 dims, then its ggml type.
+        let at = patch(
+            b,
+            Some(b"general.name"),
+            b"token_embd.weight",
+            b"token_embd.weight",
+        );
+        let kind = at + b"token_embd.weight".len() + 4 + 16;
+        assert_eq!(b[kind..kind + 4], 8u32.to_le_bytes(), "Q8_0 there");
+        b[kind..kind + 4].copy_from_slice(&9u32.to_le_bytes());
+    });
+    let bad_template = s.model_with(
+        "llama-tiny",
+        "badchat",
+        "tokenizer_config.json",
+        r#"{"chat_template": "{% for m in messages %}{{ raise_exception('roles must alternate') }}{% endfor %}", "eos_token": "</s>"}"#,
+    );
+    let syntax_template = s.model_with(
+        "llama-tiny",
+        "syntaxchat",
+        "tokenizer_config.json",
+        r#"{"chat_template": "{% for m in messages %}{{ m.content }", "eos_token": "</s>"}"#,
+    );
+    let gguf_dir = fixture("gguf");
+    let generate =
+        |model: &str, names: &str| case(&["generate", "--model", model, "--prompt", "hi"], names);
+    let cases = vec![
+        generate(&header_cut, "header-cut.gguf"),
+        generate(&data_cut, "lies past the end of the file"),
+        generate(&magic, "no GGUF magic"),
+        generate(&arch, "unknown model_type `mamba`"),
+        generate(&missing, "tensor blk.1.ffn_up.weight is missing"),
+        generate(&shapes, "tensor blk.0.ffn_gate.weight has shape [128, 64]"),
+        generate(&qtype, "tensor token_embd.weight is of type Q8_1"),
+        case(
+            &[
+                "eval",
+                "lm",
+                "--model",
+                &magic,
+                "--data",
+                &fixture("llama-tiny/config.json"),
+            ],
+            "magic.gguf",
+        ),
+        case(
+            &[
+                "generate",
+                "--model",
+                &gguf_dir,
+                "--gguf-file",
+                "nope.gguf",
+                "--prompt",
+                "hi",
+            ],
+            "nope.gguf not found",
+        ),
+        case(
+            &[
+                "generate",
+                "--model",
+                &bad_template,
+                "--chat",
+                "--prompt",
+                "hi",
+            ],
+            "roles must alternate",
+        ),
+        case(
+            &[
+                "generate",
+                "--model",
+                &syntax_template,
+                "--chat",
+                "--prompt",
+                "hi",
+            ],
+            "syntaxchat/tokenizer_config.json",
+        ),
+        case(
+            &["chat", "--model", &fixture("llama-tiny")],
+            "has no chat template",
+        ),
+        case(
+            &[
+                "generate",
+                "--model",
+                &fixture("gguf/llama-tiny-f32-gpt2.gguf"),
+                "--mtp",
+                "--prompt",
+                "hi",
+            ],
+            "--mtp",
+        ),
+    ];
+    run_table(cases, s.dir.path());
+}

@@ -514,3 +514,104 @@ fn zoo_bench_generate_reports_greedy_and_medusa_side_by_side() {
     assert_eq!(rows[0]["mean_accepted"], 1.0);
     assert_eq!(rows[0]["speedup"], 1.0);
 }
+
+/// `zoo generate` on a GGUF file (dequantized and quantized), and `zoo chat` streaming the
+/// same reply as `zoo generate --chat`.
+#[test]
+fn gguf_generation_and_chat() {
+    let dir = fixtures().join("gguf");
+    let reference: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+            .unwrap();
+    for (file, dtype) in [
+        ("llama-tiny-q8_0-gpt2.gguf", Some("f32")),
+        ("llama-tiny-q4_0-llama.gguf", Some("f32")),
+        ("llama-tiny-f32-gpt2.gguf", None),
+    ] {
+        let want = &reference["files"][file];
+        let path = dir.join(file);
+        let mut args = vec![
+            "generate",
+            "--model",
+            path.to_str().unwrap(),
+            "--prompt",
+            "the cat sat on",
+            "--max-new-tokens",
+            "20",
+            "--json",
+        ];
+        if let Some(d) = dtype {
+            args.extend(["--dtype", d]);
+        }
+        let out = json_stdout(&zoo(&args));
+        assert_eq!(out["token_ids"], want["generated"], "{file} {dtype:?}");
+    }
+    // The same file through --gguf-file in its folder.
+    let out = json_stdout(&zoo(&[
+        "generate",
+        "--model",
+        dir.to_str().unwrap(),
+        "--gguf-file",
+        "llama-tiny-f32-gpt2.gguf",
+        "--prompt",
+        "the cat sat on",
+        "--max-new-tokens",
+        "20",
+        "--json",
+    ]));
+    assert_eq!(
+        out["token_ids"],
+        reference["files"]["llama-tiny-f32-gpt2.gguf"]["generated"]
+    );
+
+    let model = dir.join("llama-tiny-f32-gpt2.gguf");
+    let model = model.to_str().unwrap();
+    let chat_ids = &reference["tokenizers"]["gpt2"]["chats"][0]["ids"];
+    let generated = json_stdout(&zoo(&[
+        "generate",
+        "--model",
+        model,
+        "--chat",
+        "--prompt",
+        "the cat sat on",
+        "--max-new-tokens",
+        "8",
+        "--json",
+    ]));
+    let ids = generated["token_ids"].as_array().unwrap();
+    let rendered = chat_ids.as_array().unwrap();
+    assert_eq!(
+        &ids[..rendered.len()],
+        &rendered[..],
+        "token_ids start with the rendered chat"
+    );
+    let reply = generated["text"].as_str().unwrap();
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_zoo"))
+        .args(["chat", "--model", model, "--max-new-tokens", "8"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"hello there\n/reset\nthe cat sat on\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{stdout:?}");
+    assert_eq!(
+        lines[1], reply,
+        "after /reset the turn is a fresh conversation"
+    );
+}

@@ -16,6 +16,9 @@ use serde_json::Value;
 use crate::error::{Error, Result};
 use crate::tokenize::TextTokenizer;
 
+/// The most minijinja instructions a render may take.
+const TEMPLATE_FUEL: u64 = 50_000_000;
+
 /// One turn of a conversation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Message {
@@ -104,6 +107,9 @@ impl ChatTemplate {
         let mut env = Environment::new();
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
+        // A template that loops (near) forever is refused rather than run: chat templates
+        // render in well under a million instructions.
+        env.set_fuel(Some(TEMPLATE_FUEL));
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function(
             "raise_exception",
@@ -204,5 +210,10 @@ mod tests {
         );
         let err = ChatTemplate::new("{% for %}", "bad.json", Value::Null).unwrap_err();
         assert!(err.to_string().contains("bad.json"), "{err}");
+        let forever = template(
+            "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+        );
+        let err = forever.render(&[]).unwrap_err();
+        assert!(err.to_string().contains("out of fuel"), "{err}");
     }
 }

@@ -183,6 +183,17 @@ pub fn generate(
     starts: Vec<Vec<u32>>,
     cfg: &GenerationConfig,
 ) -> Result<Vec<Vec<u32>>> {
+    generate_streaming(model, starts, cfg, &mut |_, _| Ok(()))
+}
+
+/// [`generate`], calling `on_token(row, token)` for every token as it is chosen (greedy and
+/// sampling; beam search calls it for the winning beam's tokens at the end).
+pub fn generate_streaming(
+    model: &mut impl StepModel,
+    starts: Vec<Vec<u32>>,
+    cfg: &GenerationConfig,
+    on_token: &mut dyn FnMut(usize, u32) -> Result<()>,
+) -> Result<Vec<Vec<u32>>> {
     let prompt_len = starts.first().map_or(0, Vec::len);
     if starts.iter().any(|r| r.len() != prompt_len) {
         candle_core::bail!("generation needs start sequences of one length (no padded prompts)");
@@ -200,7 +211,7 @@ pub fn generate(
         return Ok(starts);
     }
     match cfg.strategy {
-        Strategy::Greedy => sample_or_greedy(model, starts, cfg, None),
+        Strategy::Greedy => sample_or_greedy(model, starts, cfg, None, on_token),
         Strategy::Sample(s) => {
             if s.temperature <= 0.0 || !s.temperature.is_finite() {
                 candle_core::bail!("temperature must be positive, got {}", s.temperature);
@@ -208,10 +219,20 @@ pub fn generate(
             if !(s.top_p > 0.0 && s.top_p <= 1.0) {
                 candle_core::bail!("top_p must be in (0, 1], got {}", s.top_p);
             }
-            sample_or_greedy(model, starts, cfg, Some(s))
+            sample_or_greedy(model, starts, cfg, Some(s), on_token)
         }
-        Strategy::Beam(b) if b.num_beams <= 1 => sample_or_greedy(model, starts, cfg, None),
-        Strategy::Beam(b) => beam_search(model, starts, cfg, &b),
+        Strategy::Beam(b) if b.num_beams <= 1 => {
+            sample_or_greedy(model, starts, cfg, None, on_token)
+        }
+        Strategy::Beam(b) => {
+            let rows = beam_search(model, starts, cfg, &b)?;
+            for (i, row) in rows.iter().enumerate() {
+                for &t in &row[prompt_len..] {
+                    on_token(i, t)?;
+                }
+            }
+            Ok(rows)
+        }
     }
 }
 
@@ -264,6 +285,7 @@ fn sample_or_greedy(
     mut rows: Vec<Vec<u32>>,
     cfg: &GenerationConfig,
     sampling: Option<SamplingOptions>,
+    on_token: &mut dyn FnMut(usize, u32) -> Result<()>,
 ) -> Result<Vec<Vec<u32>>> {
     let prompt_len = rows[0].len();
     let mut rng = sampling.map(|s| SplitMix64::new(s.seed));
@@ -284,6 +306,9 @@ fn sample_or_greedy(
                     _ => argmax(&scores),
                 }
             };
+            if !done[i] {
+                on_token(i, token)?;
+            }
             if cfg.stop_tokens.contains(&token) {
                 done[i] = true;
             }

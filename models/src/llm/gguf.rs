@@ -67,6 +67,17 @@ impl GgufLlama {
             source,
         })?;
         let content = crate::gguf::read_content(&mut BufReader::new(file)).map_err(invalid)?;
+        Self::from_content(path, content)
+    }
+
+    /// A checkpoint from an already read header; `path` is where its tensors are read from
+    /// by [`Self::tensors`] (and names the file in errors).
+    pub fn from_content(path: &Path, content: Content) -> Result<Self> {
+        let invalid = |message: String| Error::Invalid {
+            path: path.to_path_buf(),
+            what: "GGUF checkpoint",
+            message,
+        };
         let meta = Metadata(&content.metadata);
         let arch = meta.string("general.architecture").map_err(invalid)?;
         if !["llama", "qwen2"].contains(&arch.as_str()) {
@@ -182,21 +193,29 @@ impl GgufLlama {
 
     /// Every tensor under its HF name, in its GGUF type, with q and k rows in HF's order.
     pub fn tensors(&self, device: &Device) -> Result<HashMap<String, QTensor>> {
+        let file = File::open(&self.path).map_err(|source| Error::Io {
+            path: self.path.clone(),
+            source,
+        })?;
+        self.read_tensors(&mut BufReader::new(file), device)
+    }
+
+    /// [`Self::tensors`] from `reader`, which holds the file's bytes.
+    pub fn read_tensors<R: std::io::Read + std::io::Seek>(
+        &self,
+        reader: &mut R,
+        device: &Device,
+    ) -> Result<HashMap<String, QTensor>> {
         let invalid = |message: String| Error::Invalid {
             path: self.path.clone(),
             what: "GGUF checkpoint",
             message,
         };
-        let file = File::open(&self.path).map_err(|source| Error::Io {
-            path: self.path.clone(),
-            source,
-        })?;
-        let mut reader = BufReader::new(file);
         let c = &self.config;
         let mut out = HashMap::new();
         for (name, hf, _) in self.expected() {
-            let t = crate::gguf::read_tensor(&self.content, &mut reader, &name, device)
-                .map_err(invalid)?;
+            let t =
+                crate::gguf::read_tensor(&self.content, reader, &name, device).map_err(invalid)?;
             let heads = if name.contains("attn_q.") {
                 Some(c.num_attention_heads)
             } else if name.contains("attn_k.") {
