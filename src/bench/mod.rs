@@ -16,10 +16,12 @@ use rand_chacha::ChaCha8Rng;
 mod attention;
 mod generate;
 mod models;
+mod verify;
 
 pub use attention::AttentionBenchArgs;
 pub use generate::GenerateBenchArgs;
 pub use models::{CaptionBenchArgs, EmbedBenchArgs, TrainStepBenchArgs};
+pub use verify::VerifyBenchArgs;
 
 #[derive(Subcommand, Debug)]
 pub enum BenchCommand {
@@ -34,6 +36,9 @@ pub enum BenchCommand {
     Generate(GenerateBenchArgs),
     /// Time and peak memory of naive against fused attention over sequence lengths.
     Attention(AttentionBenchArgs),
+    /// Milliseconds per forward of 1, 2, 4 … 64 new tokens after a 256-token context: the cost
+    /// of verifying drafted tokens.
+    Verify(VerifyBenchArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
@@ -43,6 +48,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Caption(args) => models::bench_caption(args),
         BenchCommand::Generate(args) => generate::bench_generate(args),
         BenchCommand::Attention(args) => attention::bench_attention(args),
+        BenchCommand::Verify(args) => verify::bench_verify(args),
     }
 }
 

@@ -1,0 +1,76 @@
+//! `zoo bench verify`: the cost of one forward pass of k new tokens after a context, the cost
+//! speculative decoding pays to verify k drafted tokens. Printed as milliseconds per forward and
+//! as the ratio to one token, the curve `--medusa-choices` trees are sized against.
+
+use anyhow::{bail, Result};
+use clap::Args;
+use serde_json::json;
+use zoo_models::llm::KvCache;
+
+use crate::common::LlmArgs;
+use crate::flags;
+
+#[derive(Args, Debug)]
+pub struct VerifyBenchArgs {
+    #[command(flatten)]
+    pub model: LlmArgs,
+    /// Tokens in the cache before each timed forward.
+    #[arg(long, default_value_t = 256, value_parser = flags::count::<usize>, allow_negative_numbers = true)]
+    pub context: usize,
+    /// The numbers of new tokens to time, comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 2, 4, 8, 16, 32, 64])]
+    pub tokens: Vec<usize>,
+    /// Timed forwards per size (the median is reported).
+    #[arg(long, default_value_t = 5, value_parser = flags::count::<usize>, allow_negative_numbers = true)]
+    pub repeats: usize,
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn bench_verify(args: VerifyBenchArgs) -> Result<()> {
+    let llm = args.model.load()?;
+    let (model, device) = (&llm.model, &llm.device);
+    let vocab = model.config.vocab_size;
+    let longest = args.tokens.iter().copied().max().unwrap_or(0);
+    if args.tokens.contains(&0) {
+        bail!("invalid value '0' for '--tokens': every size must be at least 1");
+    }
+    model
+        .config
+        .check_generation_length(args.context, longest)
+        .map_err(|e| anyhow::anyhow!("--context {} with --tokens {longest}: {e}", args.context))?;
+    let context = super::random_ids(1, args.context, vocab, 1, device)?;
+    let mut cache = KvCache::new();
+    model.forward(&context, &mut cache)?;
+    let mut rows = Vec::new();
+    for &k in &args.tokens {
+        let ids = super::random_ids(1, k, vocab, 2 + k as u64, device)?;
+        let seconds = super::median_seconds(1, args.repeats, || {
+            let mut c = cache.clone();
+            let out = model.forward(&ids, &mut c)?;
+            out.logits.flatten_all()?.get(0)?.to_scalar::<f32>()?;
+            Ok(())
+        })?;
+        rows.push((k, seconds * 1e3));
+    }
+    let one = rows
+        .iter()
+        .find(|(k, _)| *k == 1)
+        .map(|r| r.1)
+        .unwrap_or(rows[0].1);
+    if args.json {
+        let value = json!({
+            "model": super::model_name(&args.model.model.model),
+            "context": args.context,
+            "threads": candle_core::utils::get_num_threads(),
+            "forwards": rows.iter().map(|(k, ms)| json!({"tokens": k, "ms": ms, "vs_one": ms / one})).collect::<Vec<_>>(),
+        });
+        outln!("{}", serde_json::to_string_pretty(&value)?)?;
+    } else {
+        outln!("| tokens | ms / forward | × one token |\n|---|---|---|")?;
+        for (k, ms) in &rows {
+            outln!("| {k} | {ms:.2} | {:.2} |", ms / one)?;
+        }
+    }
+    Ok(())
+}
