@@ -86,7 +86,7 @@ pub fn run(args: ChatArgs) -> Result<()> {
                 .map_err(|e| anyhow::anyhow!("cannot decode the reply: {e}"))?;
             // Print once a character is complete, and only text that extends what is shown.
             if !text.ends_with('\u{FFFD}') && text.starts_with(&shown) {
-                stdout.write_all(text[shown.len()..].as_bytes())?;
+                stdout.write_all(&text.as_bytes()[shown.len()..])?;
                 stdout.flush()?;
                 shown = text;
             }

@@ -137,7 +137,7 @@ impl Module for Linear {
                 ..
             } => x2.matmul(weight_t)?,
             Weight::Dense { weight, .. } => x2.matmul(&weight.t()?)?,
-            Weight::Quantized(q) => QMatMul::QTensor(q.clone()).forward(&x2.contiguous()?)?,
+            Weight::Quantized(q) => quantized_forward(q, &x2)?,
         };
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
@@ -147,6 +147,27 @@ impl Module for Linear {
         out_shape.push(self.out_dim()?);
         y.reshape(out_shape)
     }
+}
+
+/// `x [m, k] · Wᵀ` for a quantized `W`: this crate's small-row kernel on the CPU for the
+/// types it has ([`super::quantized_matmul`]), candle's quantized matmul otherwise.
+fn quantized_forward(q: &Arc<QTensor>, x: &Tensor) -> Result<Tensor> {
+    use super::quantized_matmul;
+    let (n, k) = q.shape().dims2()?;
+    let (m, _) = x.dims2()?;
+    if x.device().is_cpu()
+        && x.dtype() == candle_core::DType::F32
+        && quantized_matmul::supports(q.dtype())
+    {
+        let x = x.contiguous()?;
+        let data = q.data()?;
+        let mut out = vec![0f32; m * n];
+        let xs = x.flatten_all()?.to_vec1::<f32>()?;
+        if quantized_matmul::matmul(&xs, m, k, &data, q.dtype(), n, &mut out) {
+            return Tensor::from_vec(out, (m, n), x.device());
+        }
+    }
+    QMatMul::QTensor(q.clone()).forward(&x.contiguous()?)
 }
 
 /// Quantized weights by full tensor name (`model.layers.0.self_attn.q_proj.weight`), which

@@ -14,6 +14,7 @@ mod mlp;
 mod norm;
 mod pooling;
 mod position;
+pub mod quantized_matmul;
 mod resample;
 mod vit;
 
