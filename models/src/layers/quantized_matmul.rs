@@ -37,6 +37,8 @@ struct QBlock {
     qx: [i8; BLOCK],
     dx: f32,
     sum: i32,
+    /// `dx · sum`, which the offset of a weight block multiplies.
+    s: f32,
 }
 
 /// ggml's `quantize_row_q8_0`/`q8_1` of one block: `dx = max|x| / 127`, `qx = round(x / dx)`.
@@ -50,7 +52,12 @@ fn quantize_block(x: &[f32]) -> QBlock {
         *q = (v * inv).round() as i8;
         sum += i32::from(*q);
     }
-    QBlock { qx, dx, sum }
+    QBlock {
+        qx,
+        dx,
+        sum,
+        s: dx * sum as f32,
+    }
 }
 
 /// A ggml block format: its size, and its decoding into unsigned bytes `u`, scale and offset
@@ -150,120 +157,9 @@ impl Format for Q8_0 {
     }
 }
 
-/// The instruction set a pass is compiled for: its byte dot product and f16 conversion.
-trait Isa {
-    fn dot(u: &[u8; BLOCK], q: &[i8; BLOCK]) -> i32;
-    fn f16(bits: u16) -> f32;
-}
-
-struct Scalar;
-
-impl Isa for Scalar {
-    #[inline(always)]
-    fn dot(u: &[u8; BLOCK], q: &[i8; BLOCK]) -> i32 {
-        u.iter()
-            .zip(q)
-            .map(|(&a, &b)| i32::from(a) * i32::from(b))
-            .sum()
-    }
-    #[inline(always)]
-    fn f16(bits: u16) -> f32 {
-        f16::from_bits(bits).to_f32()
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-mod x86 {
-    use super::{Isa, BLOCK};
-    use std::arch::x86_64::*;
-
-    #[inline(always)]
-    unsafe fn load(u: &[u8; BLOCK], q: &[i8; BLOCK]) -> (__m256i, __m256i) {
-        (
-            _mm256_loadu_si256(u.as_ptr() as *const __m256i),
-            _mm256_loadu_si256(q.as_ptr() as *const __m256i),
-        )
-    }
-
-    #[inline(always)]
-    unsafe fn hsum(v: __m256i) -> i32 {
-        let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
-        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
-        _mm_cvtsi128_si32(s)
-    }
-
-    #[inline(always)]
-    unsafe fn f16c(bits: u16) -> f32 {
-        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))))
-    }
-
-    /// AVX-512 VNNI `vpdpbusd` on 256-bit registers.
-    pub struct Vnni512;
-    impl Isa for Vnni512 {
-        #[inline(always)]
-        fn dot(u: &[u8; BLOCK], q: &[i8; BLOCK]) -> i32 {
-            // SAFETY: only called inside passes compiled with these features, which run only
-            // where the CPU reports them.
-            unsafe {
-                let (a, b) = load(u, q);
-                hsum(_mm256_dpbusd_epi32(_mm256_setzero_si256(), a, b))
-            }
-        }
-        #[inline(always)]
-        fn f16(bits: u16) -> f32 {
-            // SAFETY: as above.
-            unsafe { f16c(bits) }
-        }
-    }
-
-    /// AVX-VNNI (the VEX form of `vpdpbusd`).
-    pub struct AvxVnni;
-    impl Isa for AvxVnni {
-        #[inline(always)]
-        fn dot(u: &[u8; BLOCK], q: &[i8; BLOCK]) -> i32 {
-            // SAFETY: as for Vnni512.
-            unsafe {
-                let (a, b) = load(u, q);
-                hsum(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), a, b))
-            }
-        }
-        #[inline(always)]
-        fn f16(bits: u16) -> f32 {
-            // SAFETY: as for Vnni512.
-            unsafe { f16c(bits) }
-        }
-    }
-
-    /// AVX2 `vpmaddubsw`, which saturates pairs past i16 (`u ≤ 255` against `|q| ≤ 127`), so
-    /// the bytes are split into their low 7 bits and the top bit: `u = lo + 128·hi`.
-    pub struct Avx2;
-    impl Isa for Avx2 {
-        #[inline(always)]
-        fn dot(u: &[u8; BLOCK], q: &[i8; BLOCK]) -> i32 {
-            // SAFETY: as for Vnni512.
-            unsafe {
-                let (a, b) = load(u, q);
-                let lo = _mm256_and_si256(a, _mm256_set1_epi8(0x7F));
-                let hi = _mm256_and_si256(_mm256_srli_epi16(a, 7), _mm256_set1_epi8(1));
-                let ones = _mm256_set1_epi16(1);
-                let plo = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, b), ones);
-                let phi = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, b), ones);
-                hsum(_mm256_add_epi32(plo, _mm256_slli_epi32(phi, 7)))
-            }
-        }
-        #[inline(always)]
-        fn f16(bits: u16) -> f32 {
-            // SAFETY: as for Vnni512.
-            unsafe { f16c(bits) }
-        }
-    }
-}
-
-/// The output columns `col0..` of one task for a tile of `rows` activation rows: `chunk` holds
-/// `rows` sums per column.
-#[inline(always)]
-fn columns<F: Format, I: Isa>(
+/// The output columns `col0..` of one task for a tile of `rows` activation rows, in plain
+/// Rust: `chunk` holds `rows` sums per column.
+fn columns_scalar<F: Format>(
     weight: &[u8],
     row_bytes: usize,
     qx: &[QBlock],
@@ -272,21 +168,240 @@ fn columns<F: Format, I: Isa>(
     chunk: &mut [f32],
 ) {
     let mut u = [0u8; BLOCK];
+    let half = |lo: u8, hi: u8| f16::from_le_bytes([lo, hi]).to_f32();
     for (c, acc) in chunk.chunks_mut(rows).enumerate() {
         let w = &weight[(col0 + c) * row_bytes..(col0 + c + 1) * row_bytes];
         for (b, block) in w.chunks_exact(F::BYTES).enumerate() {
-            let d = I::f16(u16::from_le_bytes([block[0], block[1]]));
+            let d = half(block[0], block[1]);
             let m = if F::has_min() {
-                I::f16(u16::from_le_bytes([block[2], block[3]]))
+                half(block[2], block[3])
             } else {
                 0.0
             };
             let off = F::decode(block, d, m, &mut u);
             for (a, q) in acc.iter_mut().zip(&qx[b * rows..(b + 1) * rows]) {
-                let s = I::dot(&u, &q.qx) as f32;
-                *a += q.dx * (d * s + off * q.sum as f32);
+                let s: i32 = u
+                    .iter()
+                    .zip(&q.qx)
+                    .map(|(&x, &y)| i32::from(x) * i32::from(y))
+                    .sum();
+                *a += q.dx * (d * s as f32 + off * q.sum as f32);
             }
         }
+    }
+}
+
+/// x86 passes: the weight block decoded into a register, the byte dot product kept in 8 i32
+/// lanes and accumulated as floats per row, summed across lanes once per column.
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{Format, QBlock, BLOCK, ROWS};
+    use std::arch::x86_64::*;
+
+    /// How 32 unsigned weight bytes meet 32 signed activation bytes.
+    #[derive(Clone, Copy, PartialEq, Eq)]
+    pub enum Dot {
+        /// AVX-512 VNNI `vpdpbusd` (EVEX, 256-bit).
+        Vnni512,
+        /// AVX-VNNI (the VEX form).
+        AvxVnni,
+        /// AVX2 `vpmaddubsw`: it saturates pairs past i16, which `u ≤ 255` against
+        /// `|q| ≤ 127` can reach, so bytes over 127 are split as `u = lo + 128·hi`.
+        Avx2,
+    }
+
+    #[inline(always)]
+    unsafe fn dot<const D: u8>(u: __m256i, q: __m256i, wide: bool) -> __m256i {
+        match D {
+            0 => _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, q),
+            1 => _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, q),
+            _ => {
+                let ones = _mm256_set1_epi16(1);
+                if !wide {
+                    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, q), ones);
+                }
+                let lo = _mm256_and_si256(u, _mm256_set1_epi8(0x7F));
+                let hi = _mm256_and_si256(_mm256_srli_epi16(u, 7), _mm256_set1_epi8(1));
+                let plo = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, q), ones);
+                let phi = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, q), ones);
+                _mm256_add_epi32(plo, _mm256_slli_epi32(phi, 7))
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn f16(lo: u8, hi: u8) -> f32 {
+        let bits = i32::from(u16::from_le_bytes([lo, hi]));
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits)))
+    }
+
+    #[inline(always)]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
+    }
+
+    /// The 32 values of a block as unsigned bytes in a register.
+    #[inline(always)]
+    unsafe fn load<F: Format>(block: &[u8], d: f32, m: f32, u: &mut [u8; BLOCK]) -> (__m256i, f32) {
+        match F::BYTES {
+            // Q4_0, Q4_1: 16 bytes of nibbles, low halves first.
+            18 | 20 => {
+                let qs = _mm_loadu_si128(block.as_ptr().add(F::BYTES - 16) as *const __m128i);
+                let mask = _mm_set1_epi8(0x0F);
+                let lo = _mm_and_si128(qs, mask);
+                let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), mask);
+                let off = if F::has_min() { m } else { -8.0 * d };
+                (_mm256_set_m128i(hi, lo), off)
+            }
+            // Q8_0: signed bytes, shifted by 128.
+            34 => {
+                let q = _mm256_loadu_si256(block.as_ptr().add(2) as *const __m256i);
+                (_mm256_xor_si256(q, _mm256_set1_epi8(-128)), -128.0 * d)
+            }
+            // Q5_0, Q5_1: the fifth bits spread in plain code.
+            _ => {
+                let off = F::decode(block, d, m, u);
+                (_mm256_loadu_si256(u.as_ptr() as *const __m256i), off)
+            }
+        }
+    }
+
+    #[inline(always)]
+    pub unsafe fn columns<F: Format, const D: u8>(
+        weight: &[u8],
+        row_bytes: usize,
+        qx: &[QBlock],
+        rows: usize,
+        col0: usize,
+        chunk: &mut [f32],
+    ) {
+        let wide = F::BYTES == 34;
+        let mut u = [0u8; BLOCK];
+        if rows == 1 {
+            for (c, out) in chunk.iter_mut().enumerate() {
+                let w = &weight[(col0 + c) * row_bytes..(col0 + c + 1) * row_bytes];
+                *out = column1::<F, D>(w, qx, wide, &mut u);
+            }
+            return;
+        }
+        let mut accv = [_mm256_setzero_ps(); ROWS];
+        let mut accs = [0f32; ROWS];
+        for (c, out) in chunk.chunks_mut(rows).enumerate() {
+            accv[..rows].fill(_mm256_setzero_ps());
+            accs[..rows].fill(0.0);
+            let w = &weight[(col0 + c) * row_bytes..(col0 + c + 1) * row_bytes];
+            for (b, block) in w.chunks_exact(F::BYTES).enumerate() {
+                let d = f16(block[0], block[1]);
+                let m = if F::has_min() {
+                    f16(block[2], block[3])
+                } else {
+                    0.0
+                };
+                let (wu, off) = load::<F>(block, d, m, &mut u);
+                let tile = &qx[b * rows..(b + 1) * rows];
+                for (r, q) in tile.iter().enumerate() {
+                    let x = _mm256_loadu_si256(q.qx.as_ptr() as *const __m256i);
+                    let p = _mm256_cvtepi32_ps(dot::<D>(wu, x, wide));
+                    accv[r] = _mm256_fmadd_ps(p, _mm256_set1_ps(d * q.dx), accv[r]);
+                    accs[r] += off * q.s;
+                }
+            }
+            for (r, o) in out.iter_mut().enumerate() {
+                *o = hsum(accv[r]) + accs[r];
+            }
+        }
+    }
+
+    /// One column against one row (plain decoding), two blocks at a time into independent
+    /// accumulators.
+    #[inline(always)]
+    unsafe fn column1<F: Format, const D: u8>(
+        w: &[u8],
+        qx: &[QBlock],
+        wide: bool,
+        u: &mut [u8; BLOCK],
+    ) -> f32 {
+        let mut step = |block: &[u8], q: &QBlock, acc: &mut __m256, s: &mut f32| {
+            let d = f16(block[0], block[1]);
+            let m = if F::has_min() {
+                f16(block[2], block[3])
+            } else {
+                0.0
+            };
+            let (wu, off) = load::<F>(block, d, m, u);
+            let x = _mm256_loadu_si256(q.qx.as_ptr() as *const __m256i);
+            let p = _mm256_cvtepi32_ps(dot::<D>(wu, x, wide));
+            *acc = _mm256_fmadd_ps(p, _mm256_set1_ps(d * q.dx), *acc);
+            *s += off * q.s;
+        };
+        let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let (mut s0, mut s1) = (0f32, 0f32);
+        let pairs = w.chunks_exact(2 * F::BYTES);
+        let tail = pairs.remainder();
+        let mut b = 0;
+        for pair in pairs {
+            step(&pair[..F::BYTES], &qx[b], &mut a0, &mut s0);
+            step(&pair[F::BYTES..], &qx[b + 1], &mut a1, &mut s1);
+            b += 2;
+        }
+        if !tail.is_empty() {
+            step(tail, &qx[b], &mut a0, &mut s0);
+        }
+        hsum(_mm256_add_ps(a0, a1)) + s0 + s1
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub unsafe fn vnni512<F: Format>(
+        w: &[u8],
+        rb: usize,
+        q: &[QBlock],
+        r: usize,
+        c: usize,
+        o: &mut [f32],
+    ) {
+        columns::<F, 0>(w, rb, q, r, c, o)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+    pub unsafe fn avx_vnni<F: Format>(
+        w: &[u8],
+        rb: usize,
+        q: &[QBlock],
+        r: usize,
+        c: usize,
+        o: &mut [f32],
+    ) {
+        columns::<F, 1>(w, rb, q, r, c, o)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn avx2<F: Format>(
+        w: &[u8],
+        rb: usize,
+        q: &[QBlock],
+        r: usize,
+        c: usize,
+        o: &mut [f32],
+    ) {
+        columns::<F, 2>(w, rb, q, r, c, o)
+    }
+
+    /// The best dot product this CPU runs, if any.
+    pub fn best() -> Option<Dot> {
+        use std::arch::is_x86_feature_detected as has;
+        if !(has!("avx2") && has!("fma") && has!("f16c")) {
+            return None;
+        }
+        if has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("avx512vnni") {
+            return Some(Dot::Vnni512);
+        }
+        if has!("avxvnni") {
+            return Some(Dot::AvxVnni);
+        }
+        Some(Dot::Avx2)
     }
 }
 
@@ -296,55 +411,21 @@ type Pass = fn(&[u8], usize, &[QBlock], usize, usize, &mut [f32]);
 fn pass<F: Format>() -> Pass {
     #[cfg(target_arch = "x86_64")]
     {
-        #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-        unsafe fn vnni512<F: Format>(
-            w: &[u8],
-            rb: usize,
-            q: &[QBlock],
-            r: usize,
-            c: usize,
-            o: &mut [f32],
-        ) {
-            columns::<F, x86::Vnni512>(w, rb, q, r, c, o)
-        }
-        #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
-        unsafe fn avxvnni<F: Format>(
-            w: &[u8],
-            rb: usize,
-            q: &[QBlock],
-            r: usize,
-            c: usize,
-            o: &mut [f32],
-        ) {
-            columns::<F, x86::AvxVnni>(w, rb, q, r, c, o)
-        }
-        #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn avx2<F: Format>(
-            w: &[u8],
-            rb: usize,
-            q: &[QBlock],
-            r: usize,
-            c: usize,
-            o: &mut [f32],
-        ) {
-            columns::<F, x86::Avx2>(w, rb, q, r, c, o)
-        }
-        use std::arch::is_x86_feature_detected as has;
-        let base = has!("avx2") && has!("fma") && has!("f16c");
-        if base && has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("avx512vnni") {
-            // SAFETY: the CPU has every feature the pass is compiled for.
-            return |w, rb, q, r, c, o| unsafe { vnni512::<F>(w, rb, q, r, c, o) };
-        }
-        if base && has!("avxvnni") {
-            // SAFETY: as above.
-            return |w, rb, q, r, c, o| unsafe { avxvnni::<F>(w, rb, q, r, c, o) };
-        }
-        if base {
-            // SAFETY: as above.
-            return |w, rb, q, r, c, o| unsafe { avx2::<F>(w, rb, q, r, c, o) };
+        // SAFETY (each closure): `best` found every feature the pass is compiled for.
+        match x86::best() {
+            Some(x86::Dot::Vnni512) => {
+                return |w, rb, q, r, c, o| unsafe { x86::vnni512::<F>(w, rb, q, r, c, o) }
+            }
+            Some(x86::Dot::AvxVnni) => {
+                return |w, rb, q, r, c, o| unsafe { x86::avx_vnni::<F>(w, rb, q, r, c, o) }
+            }
+            Some(x86::Dot::Avx2) => {
+                return |w, rb, q, r, c, o| unsafe { x86::avx2::<F>(w, rb, q, r, c, o) }
+            }
+            None => {}
         }
     }
-    columns::<F, Scalar>
+    columns_scalar::<F>
 }
 
 /// `out[m, n] = x[m, k] · Wᵀ` for `weight`, the bytes of an `[n, k]` tensor of `dtype`
@@ -408,31 +489,63 @@ pub fn matmul(
 mod tests {
     use super::*;
 
+    /// Every pass this CPU has (the best one, AVX2 and plain Rust) gives the same sums.
     #[test]
-    fn every_dot_product_agrees_with_plain_arithmetic() {
-        let mut u = [0u8; BLOCK];
-        let mut q = [0i8; BLOCK];
-        for i in 0..BLOCK {
-            u[i] = (i * 37 % 256) as u8;
-            q[i] = ((i as i32 * 53 % 255) - 127) as i8;
+    fn every_pass_agrees_with_plain_arithmetic() {
+        let (n, k, rows) = (5, 96, 3);
+        let blocks = k / BLOCK;
+        let mut seed = 7u32;
+        let mut next = || {
+            seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12345);
+            (seed >> 16) as u8
+        };
+        let qx: Vec<QBlock> = (0..blocks * rows)
+            .map(|_| {
+                let mut q = QBlock {
+                    qx: [0; BLOCK],
+                    dx: 0.01,
+                    sum: 0,
+                    s: 0.0,
+                };
+                for v in q.qx.iter_mut() {
+                    *v = (next() as i8).max(-127);
+                    q.sum += i32::from(*v);
+                }
+                q.s = q.dx * q.sum as f32;
+                q
+            })
+            .collect();
+        fn check<F: Format>(weight: &[u8], n: usize, blocks: usize, qx: &[QBlock], rows: usize) {
+            let row_bytes = blocks * F::BYTES;
+            let mut want = vec![0f32; n * rows];
+            columns_scalar::<F>(weight, row_bytes, qx, rows, 0, &mut want);
+            let mut got = vec![0f32; n * rows];
+            pass::<F>()(weight, row_bytes, qx, rows, 0, &mut got);
+            for (a, b) in got.iter().zip(&want) {
+                assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{a} vs {b}");
+            }
+            #[cfg(target_arch = "x86_64")]
+            if x86::best().is_some() {
+                let mut avx2 = vec![0f32; n * rows];
+                // SAFETY: `best` found AVX2, FMA and F16C.
+                unsafe { x86::avx2::<F>(weight, row_bytes, qx, rows, 0, &mut avx2) };
+                for (a, b) in avx2.iter().zip(&want) {
+                    assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{a} vs {b}");
+                }
+            }
         }
-        u[0] = 255;
-        u[1] = 255;
-        q[0] = -127;
-        q[1] = -127;
-        let want = Scalar::dot(&u, &q);
-        #[cfg(target_arch = "x86_64")]
-        {
-            use std::arch::is_x86_feature_detected as has;
-            if has!("avx2") {
-                assert_eq!(x86::Avx2::dot(&u, &q), want);
+        let mut weight = |bytes: usize| -> Vec<u8> {
+            let mut w: Vec<u8> = (0..n * blocks * bytes).map(|_| next()).collect();
+            // Finite f16 scales (and mins): 0x3C00 = 1.0, 0x3800 = 0.5.
+            for block in w.chunks_mut(bytes) {
+                block[..4].copy_from_slice(&[0x00, 0x3C, 0x00, 0x38]);
             }
-            if has!("avx512vnni") && has!("avx512vl") {
-                assert_eq!(x86::Vnni512::dot(&u, &q), want);
-            }
-            if has!("avxvnni") {
-                assert_eq!(x86::AvxVnni::dot(&u, &q), want);
-            }
-        }
+            w
+        };
+        check::<Q4_0>(&weight(18), n, blocks, &qx, rows);
+        check::<Q4_1>(&weight(20), n, blocks, &qx, rows);
+        check::<Q5_0>(&weight(22), n, blocks, &qx, rows);
+        check::<Q5_1>(&weight(24), n, blocks, &qx, rows);
+        check::<Q8_0>(&weight(34), n, blocks, &qx, rows);
     }
 }
