@@ -37,6 +37,10 @@ pub struct LmArgs {
     /// Tokens per evaluated sequence (the corpus is packed into sequences of this length).
     #[arg(long, default_value_t = 256, value_parser = flags::at_least_two::<usize>, allow_negative_numbers = true)]
     pub seq_len: usize,
+    /// Score only the second half of each sequence, as llama.cpp's `llama-perplexity -c
+    /// SEQ_LEN` does (each scored token sees at least half a window of context).
+    #[arg(long)]
+    pub second_half: bool,
     #[arg(long)]
     pub json: bool,
 }
@@ -125,7 +129,11 @@ fn lm(args: LmArgs) -> Result<()> {
         );
     }
     let seqs = PackedSequences::new(&corpus.tokens(tokenizer, eos)?, args.seq_len, 0)?;
-    let ppl = perplexity(model, seqs.sequences(), device)?;
+    let ppl = if args.second_half {
+        zoo_trainers::lm::perplexity_after(model, seqs.sequences(), device, args.seq_len / 2)?
+    } else {
+        perplexity(model, seqs.sequences(), device)?
+    };
     let tokens = seqs.len() * args.seq_len;
     if args.json {
         outln!(

@@ -615,3 +615,31 @@ fn gguf_generation_and_chat() {
         "after /reset the turn is a fresh conversation"
     );
 }
+
+/// `zoo eval lm` on a GGUF, over every position and, as llama-perplexity scores, over the
+/// second half of each window only.
+#[test]
+fn gguf_perplexity_whole_and_second_half() {
+    let model = fixtures().join("gguf/llama-tiny-q8_0-gpt2.gguf");
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("ppl.txt");
+    std::fs::write(&data, "the cat sat on the mat and looked at the dog. ".repeat(20)).unwrap();
+    let ppl = |extra: &[&str]| {
+        let mut args = vec![
+            "eval",
+            "lm",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--seq-len",
+            "32",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        json_stdout(&zoo(&args))["perplexity"].as_f64().unwrap()
+    };
+    let (whole, half) = (ppl(&[]), ppl(&["--second-half"]));
+    assert!(whole.is_finite() && half.is_finite() && whole > 1.0 && half > 1.0);
+    assert!((whole - half).abs() > 1e-6, "{whole} {half}");
+}

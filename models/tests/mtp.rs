@@ -173,7 +173,7 @@ fn drafts_from_scratch(model: &LlamaForCausalLM, mtp: &MtpModules, tokens: &[u32
             .model
             .embed(&Tensor::new(vec![ahead], &dev).unwrap())
             .unwrap();
-        let mut kv = None;
+        let mut kv = Default::default();
         hidden = module
             .forward(&hidden, &embeds, &cos, &sin, &mask, &mut kv)
             .unwrap();

@@ -252,7 +252,7 @@ impl TrainableLlama {
                     &cos,
                     &sin,
                     &zoo_models::layers::AttentionMask::causal(0),
-                    &mut None,
+                    &mut Default::default(),
                 )?;
                 let logits = module.logits(&hidden.narrow(1, 0, n - 1)?, self.model.lm_head())?;
                 let (b, _, v) = logits.dims3()?;
@@ -500,14 +500,36 @@ pub fn perplexity(
     sequences: &[Vec<u32>],
     device: &Device,
 ) -> Result<f64> {
+    perplexity_after(model, sequences, device, 0)
+}
+
+/// [`perplexity`] scoring only the tokens after the first `context + 1` of each sequence
+/// (their predictions still see the whole sequence before them). llama.cpp's
+/// `llama-perplexity` scores the second half of each window: `context = len / 2`.
+pub fn perplexity_after(
+    model: &LlamaForCausalLM,
+    sequences: &[Vec<u32>],
+    device: &Device,
+    context: usize,
+) -> Result<f64> {
     let (mut total, mut count) = (0.0, 0usize);
     for chunk in sequences.chunks(8) {
         let ids = Tensor::new(chunk.to_vec(), device)?;
         let out = model.forward(&ids, &mut KvCache::new())?;
         let (b, l, _) = out.logits.dims3()?;
-        let loss = next_token_loss(&out.logits, &ids)?.to_scalar::<f32>()?;
-        total += f64::from(loss) * (b * (l - 1)) as f64;
-        count += b * (l - 1);
+        if context + 1 >= l {
+            return Err(Error::Input(format!(
+                "sequences of {l} tokens leave nothing to score after {context}"
+            )));
+        }
+        let scored = l - context;
+        let loss = next_token_loss(
+            &out.logits.narrow(1, context, scored)?,
+            &ids.narrow(1, context, scored)?,
+        )?
+        .to_scalar::<f32>()?;
+        total += f64::from(loss) * (b * (scored - 1)) as f64;
+        count += b * (scored - 1);
     }
     Ok((total / count.max(1) as f64).exp())
 }

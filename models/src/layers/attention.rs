@@ -295,6 +295,11 @@ pub struct AttentionMask {
 }
 
 impl AttentionMask {
+    /// Whether every query sees every key.
+    pub fn is_none(&self) -> bool {
+        self.causal_offset.is_none() && self.keep.is_none() && self.additive.is_none()
+    }
+
     /// Every query sees every key.
     pub fn none() -> Self {
         Self::default()
@@ -473,6 +478,27 @@ pub fn naive_attention(
     mask: &AttentionMask,
 ) -> Result<Tensor> {
     let groups = q.dim(1)? / k.dim(1)?.max(1);
+    let inference = !(q.track_op() || k.track_op() || v.track_op());
+    if inference && groups > 1 {
+        // Each key/value head serves its `groups` query heads as rows of one product, so the
+        // cache is read in place instead of repeated per query head; a mask shared by the
+        // heads is repeated per group of rows.
+        let (b, h, lq, d) = q.dims4()?;
+        let (hkv, lk) = (k.dim(1)?, k.dim(2)?);
+        let additive = mask.to_additive(lq, lk, q.dtype(), q.device())?;
+        let shared = additive.as_ref().is_none_or(|m| m.rank() == 4 && m.dim(1).ok() == Some(1));
+        if shared {
+            let q = q.contiguous()?.reshape((b, hkv, groups * lq, d))?;
+            let scores = (q.matmul(&k.t()?)? * scale)?;
+            let scores = match additive {
+                Some(m) => scores.broadcast_add(&m.repeat((1, 1, groups, 1))?.to_dtype(scores.dtype())?)?,
+                None => scores,
+            };
+            let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(super::upcast(scores.dtype()))?)?;
+            let ctx = probs.to_dtype(v.dtype())?.matmul(v)?;
+            return ctx.reshape((b, h, lq, d));
+        }
+    }
     let (k, v) = (repeat_kv(k, groups)?, repeat_kv(v, groups)?);
     let additive = mask.to_additive(q.dim(2)?, k.dim(2)?, q.dtype(), q.device())?;
     scaled_dot_product_attention(q, &k, &v, scale, additive.as_ref())

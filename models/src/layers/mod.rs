@@ -9,6 +9,7 @@ mod attention;
 mod encoder;
 mod fast_math;
 mod fused_attention;
+mod kv_cache;
 mod linear;
 mod mlp;
 mod norm;
@@ -27,6 +28,7 @@ pub use attention::{
 };
 pub use encoder::{Encoder, EncoderConfig, EncoderLayer};
 pub use fused_attention::{fused_attention, KeyVisibility, MAX_HEAD_DIM};
+pub use kv_cache::KvBuffer;
 pub use linear::{Linear, QuantizedWeights};
 pub use mlp::Mlp;
 pub use norm::{LayerNorm, RmsNorm};

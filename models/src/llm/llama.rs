@@ -17,7 +17,7 @@ use crate::generation::StepModel;
 use crate::hub::ModelRepo;
 use crate::layers::{
     apply_rotary, rotary_cos_sin, Activation, AttentionConfig, AttentionMask, Linear,
-    MultiHeadAttention, QkvLayout, QuantizedWeights, RmsNorm, RopeConfig, RopeScaling,
+    KvBuffer, MultiHeadAttention, QkvLayout, QuantizedWeights, RmsNorm, RopeConfig, RopeScaling,
 };
 use crate::weights::SafetensorsWeights;
 
@@ -88,8 +88,8 @@ impl Rotary {
     }
 }
 
-/// One layer's cached keys and values `[B, Hkv, L, d]`.
-pub type LayerKv = Option<(Tensor, Tensor)>;
+/// One layer's cached keys and values `[B, Hkv, L, d]`, written in place.
+pub type LayerKv = KvBuffer;
 
 /// Keys and values of every layer for the tokens processed so far. Unlike a plain append-only
 /// cache it can be rolled back ([`Self::truncate`]) and compacted to chosen positions
@@ -119,9 +119,8 @@ impl KvCache {
         if len >= self.len {
             return Ok(());
         }
-        for (k, v) in self.layers.iter_mut().flatten() {
-            *k = k.narrow(2, 0, len)?;
-            *v = v.narrow(2, 0, len)?;
+        for kv in &mut self.layers {
+            kv.truncate(len);
         }
         self.len = len;
         Ok(())
@@ -140,23 +139,17 @@ impl KvCache {
         if positions.iter().enumerate().all(|(i, &p)| p == prefix + i) {
             return self.truncate(prefix + positions.len());
         }
-        let device = self
-            .layers
-            .iter()
-            .flatten()
-            .next()
-            .map(|(k, _)| k.device().clone());
-        let Some(device) = device else {
-            return Ok(());
+        let device = match self.layers.iter().find_map(|kv| kv.get().transpose()) {
+            Some(kv) => kv?.0.device().clone(),
+            None => return Ok(()),
         };
         let index: Vec<u32> = (0..prefix)
             .chain(positions.iter().copied())
             .map(|p| p as u32)
             .collect();
         let index = Tensor::new(index, &device)?;
-        for (k, v) in self.layers.iter_mut().flatten() {
-            *k = k.index_select(&index, 2)?;
-            *v = v.index_select(&index, 2)?;
+        for kv in &mut self.layers {
+            kv.keep(&index)?;
         }
         self.len = prefix + positions.len();
         Ok(())
@@ -164,9 +157,8 @@ impl KvCache {
 
     /// Rearranges the batch rows (beam search).
     pub fn reorder(&mut self, rows: &Tensor) -> Result<()> {
-        for (k, v) in self.layers.iter_mut().flatten() {
-            *k = k.index_select(rows, 0)?;
-            *v = v.index_select(rows, 0)?;
+        for kv in &mut self.layers {
+            kv.reorder(rows)?;
         }
         Ok(())
     }
@@ -209,11 +201,7 @@ impl LlamaAttention {
         let q = rotate(&self.attn.queries(x)?, cos, sin)?;
         let (k, v) = self.attn.key_values(x)?;
         let k = rotate(&k, cos, sin)?;
-        let (k, v) = match cache.take() {
-            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-            None => (k, v),
-        };
-        *cache = Some((k.clone(), v.clone()));
+        let (k, v) = cache.append(&k, &v)?;
         self.attn.attend_heads(&q, &k, &v, mask)
     }
 }
@@ -325,7 +313,7 @@ impl LlamaModel {
     ) -> Result<Tensor> {
         let (cos, sin) = self.rotary.cos_sin(positions, input_ids.device())?;
         let mut h = self.embed(input_ids)?;
-        cache.layers.resize(self.layers.len(), None);
+        cache.layers.resize(self.layers.len(), KvBuffer::new());
         for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
             h = layer.forward(&h, &cos, &sin, mask, kv)?;
         }

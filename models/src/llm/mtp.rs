@@ -133,10 +133,7 @@ struct ModuleCache {
 impl ModuleCache {
     fn truncate(&mut self, len: usize) -> Result<()> {
         if len < self.len {
-            if let Some((k, v)) = self.kv.as_mut() {
-                *k = k.narrow(2, 0, len)?;
-                *v = v.narrow(2, 0, len)?;
-            }
+            self.kv.truncate(len);
             self.len = len;
         }
         Ok(())
