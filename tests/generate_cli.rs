@@ -623,7 +623,11 @@ fn gguf_perplexity_whole_and_second_half() {
     let model = fixtures().join("gguf/llama-tiny-q8_0-gpt2.gguf");
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("ppl.txt");
-    std::fs::write(&data, "the cat sat on the mat and looked at the dog. ".repeat(20)).unwrap();
+    std::fs::write(
+        &data,
+        "the cat sat on the mat and looked at the dog. ".repeat(20),
+    )
+    .unwrap();
     let ppl = |extra: &[&str]| {
         let mut args = vec![
             "eval",

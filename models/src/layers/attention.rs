@@ -486,15 +486,20 @@ pub fn naive_attention(
         let (b, h, lq, d) = q.dims4()?;
         let (hkv, lk) = (k.dim(1)?, k.dim(2)?);
         let additive = mask.to_additive(lq, lk, q.dtype(), q.device())?;
-        let shared = additive.as_ref().is_none_or(|m| m.rank() == 4 && m.dim(1).ok() == Some(1));
+        let shared = additive
+            .as_ref()
+            .is_none_or(|m| m.rank() == 4 && m.dim(1).ok() == Some(1));
         if shared {
             let q = q.contiguous()?.reshape((b, hkv, groups * lq, d))?;
             let scores = (q.matmul(&k.t()?)? * scale)?;
             let scores = match additive {
-                Some(m) => scores.broadcast_add(&m.repeat((1, 1, groups, 1))?.to_dtype(scores.dtype())?)?,
+                Some(m) => {
+                    scores.broadcast_add(&m.repeat((1, 1, groups, 1))?.to_dtype(scores.dtype())?)?
+                }
                 None => scores,
             };
-            let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(super::upcast(scores.dtype()))?)?;
+            let probs =
+                candle_nn::ops::softmax_last_dim(&scores.to_dtype(super::upcast(scores.dtype()))?)?;
             let ctx = probs.to_dtype(v.dtype())?.matmul(v)?;
             return ctx.reshape((b, h, lq, d));
         }

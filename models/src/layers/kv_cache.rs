@@ -43,10 +43,9 @@ impl KvBuffer {
     /// The cached keys and values `[B, H, len, d]`, if any.
     pub fn get(&self) -> Result<Option<(Tensor, Tensor)>> {
         match &self.buffers {
-            Some((k, v)) if self.len > 0 => Ok(Some((
-                k.narrow(2, 0, self.len)?,
-                v.narrow(2, 0, self.len)?,
-            ))),
+            Some((k, v)) if self.len > 0 => {
+                Ok(Some((k.narrow(2, 0, self.len)?, v.narrow(2, 0, self.len)?)))
+            }
             _ => Ok(None),
         }
     }
@@ -151,7 +150,12 @@ mod tests {
             let got: Vec<f32> = ck.flatten_all().unwrap().to_vec1().unwrap();
             assert_eq!(got, want.flatten_all().unwrap().to_vec1::<f32>().unwrap());
             let got_v: Vec<f32> = cv.flatten_all().unwrap().to_vec1().unwrap();
-            let want_v = (&want * 2.0).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let want_v = (&want * 2.0)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
             assert_eq!(got_v, want_v);
             if i == 0 {
                 first_view = Some((ck.clone(), got));
@@ -172,6 +176,9 @@ mod tests {
         );
         // The first view still reads the first five positions.
         let (view, values) = first_view.unwrap();
-        assert_eq!(view.flatten_all().unwrap().to_vec1::<f32>().unwrap(), values);
+        assert_eq!(
+            view.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            values
+        );
     }
 }
