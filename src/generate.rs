@@ -80,7 +80,8 @@ pub struct DecodingArgs {
     /// (FasterDecoding's `posterior_alpha`).
     #[arg(long, default_value_t = 0.3, requires = "medusa", value_parser = flags::non_negative::<f32>, allow_negative_numbers = true)]
     pub posterior_alpha: f32,
-    /// The Medusa tree: a JSON list of paths of top-k ranks. Default: mc_sim_7b_63.
+    /// The Medusa tree: a JSON list of paths of top-k ranks. Default: mc_sim_7b_63, cut to
+    /// the checkpoint's number of heads.
     #[arg(long)]
     pub medusa_choices: Option<PathBuf>,
     /// Self-speculative decoding with the checkpoint's DeepSeek-V3-style MTP modules
@@ -173,7 +174,7 @@ impl DecodingArgs {
                 )?;
                 let tree = match &self.medusa_choices {
                     Some(path) => MedusaTree::from_file(path)?,
-                    None => MedusaTree::mc_sim_7b_63(),
+                    None => MedusaTree::mc_sim_7b_63_for(heads.heads.len()),
                 };
                 Some((heads, tree))
             }

@@ -27,7 +27,7 @@ pub struct GenerateBenchArgs {
     /// Medusa heads to compare (a FasterDecoding folder).
     #[arg(long)]
     pub medusa: Option<PathBuf>,
-    /// The Medusa tree (JSON list of paths); default mc_sim_7b_63.
+    /// The Medusa tree (JSON list of paths); default mc_sim_7b_63 cut to the heads.
     #[arg(long)]
     pub medusa_choices: Option<PathBuf>,
     /// Also compare the checkpoint's MTP modules (on by default when it has them).
@@ -86,7 +86,7 @@ pub fn bench_generate(args: GenerateBenchArgs) -> Result<()> {
             )?;
             let tree = match &args.medusa_choices {
                 Some(path) => MedusaTree::from_file(path)?,
-                None => MedusaTree::mc_sim_7b_63(),
+                None => MedusaTree::mc_sim_7b_63_for(heads.heads.len()),
             };
             Some((heads, tree))
         }

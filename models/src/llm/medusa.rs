@@ -299,6 +299,17 @@ impl MedusaTree {
         Self::new(&choices).expect("mc_sim_7b_63 is a valid tree")
     }
 
+    /// `mc_sim_7b_63` cut to the paths of at most `heads` heads (its choices are closed under
+    /// prefixes, so the cut is a tree): the default for a checkpoint with fewer than its 4.
+    pub fn mc_sim_7b_63_for(heads: usize) -> Self {
+        let choices: Vec<Vec<usize>> = MC_SIM_7B_63
+            .iter()
+            .filter(|c| c.len() <= heads.max(1))
+            .map(|c| c.to_vec())
+            .collect();
+        Self::new(&choices).expect("a prefix-closed cut of mc_sim_7b_63 is a valid tree")
+    }
+
     /// Reads `medusa_choices` from a JSON file: a list of paths.
     pub fn from_file(path: &Path) -> crate::Result<Self> {
         let choices: Vec<Vec<usize>> = crate::hub::read_json(path, "medusa_choices")?;
@@ -493,4 +504,20 @@ fn longest_path(
         }
     }
     (best, best_len)
+}
+
+#[cfg(test)]
+mod tree_tests {
+    use super::*;
+
+    #[test]
+    fn the_default_tree_is_cut_to_the_heads() {
+        assert_eq!(MedusaTree::mc_sim_7b_63_for(4), MedusaTree::mc_sim_7b_63());
+        for heads in 1..=3 {
+            let tree = MedusaTree::mc_sim_7b_63_for(heads);
+            assert_eq!(tree.depth(), heads);
+            let kept = MC_SIM_7B_63.iter().filter(|c| c.len() <= heads).count();
+            assert_eq!(tree.len(), kept + 1, "{heads} heads");
+        }
+    }
 }
