@@ -163,23 +163,11 @@ impl DecodingArgs {
         } else {
             None
         };
-        let medusa = match &self.medusa {
-            Some(dir) => {
-                let heads = MedusaHeads::load(
-                    dir,
-                    model.config.hidden_size,
-                    model.config.vocab_size,
-                    dtype,
-                    &llm.device,
-                )?;
-                let tree = match &self.medusa_choices {
-                    Some(path) => MedusaTree::from_file(path)?,
-                    None => MedusaTree::mc_sim_7b_63_for(heads.heads.len()),
-                };
-                Some((heads, tree))
-            }
-            None => None,
-        };
+        let medusa = self
+            .medusa
+            .as_deref()
+            .map(|dir| load_medusa(llm, dir, self.medusa_choices.as_deref()))
+            .transpose()?;
         Ok(Decoder {
             llm,
             args: self.clone(),
@@ -321,6 +309,28 @@ impl Decoder<'_> {
             seconds: start.elapsed().as_secs_f64(),
         })
     }
+}
+
+/// The Medusa heads in `dir` for `llm`'s backbone, and the tree from `choices` (default:
+/// `mc_sim_7b_63` cut to the heads).
+pub fn load_medusa(
+    llm: &LoadedLlm,
+    dir: &std::path::Path,
+    choices: Option<&std::path::Path>,
+) -> Result<(MedusaHeads, MedusaTree)> {
+    let model = &llm.model;
+    let heads = MedusaHeads::load(
+        dir,
+        model.config.hidden_size,
+        model.config.vocab_size,
+        model.model.embeddings().dtype(),
+        &llm.device,
+    )?;
+    let tree = match choices {
+        Some(path) => MedusaTree::from_file(path)?,
+        None => MedusaTree::mc_sim_7b_63_for(heads.heads.len()),
+    };
+    Ok((heads, tree))
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {

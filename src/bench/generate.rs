@@ -10,9 +10,7 @@ use clap::Args;
 use serde_json::json;
 use zoo_datasets::chat::Message;
 use zoo_models::generation::{generate, GenerationConfig};
-use zoo_models::llm::{
-    medusa_generate, mtp_generate, KvCache, LlamaStep, MedusaHeads, MedusaTree, MtpModules,
-};
+use zoo_models::llm::{medusa_generate, mtp_generate, KvCache, LlamaStep, MtpModules};
 
 use crate::common::LlmArgs;
 use crate::flags;
@@ -75,23 +73,11 @@ pub fn bench_generate(args: GenerateBenchArgs) -> Result<()> {
     let (model, tokenizer, device) = (&llm.model, &llm.tokenizer, &llm.device);
     let dtype = model.model.embeddings().dtype();
     let stop = llm.eos();
-    let medusa = match &args.medusa {
-        Some(dir) => {
-            let heads = MedusaHeads::load(
-                dir,
-                model.config.hidden_size,
-                model.config.vocab_size,
-                dtype,
-                device,
-            )?;
-            let tree = match &args.medusa_choices {
-                Some(path) => MedusaTree::from_file(path)?,
-                None => MedusaTree::mc_sim_7b_63_for(heads.heads.len()),
-            };
-            Some((heads, tree))
-        }
-        None => None,
-    };
+    let medusa = args
+        .medusa
+        .as_deref()
+        .map(|dir| crate::generate::load_medusa(&llm, dir, args.medusa_choices.as_deref()))
+        .transpose()?;
     let mtp = match llm.source.repo() {
         Some(repo) if args.mtp || model.config.num_nextn_predict_layers > 0 => {
             Some(MtpModules::load(repo, &model.config, dtype, device)?)
