@@ -984,6 +984,12 @@ fn gguf_files_and_chat_templates_are_refused_by_name() {
         let value = at + b"llama.feed_forward_length".len() + 4;
         b[value..value + 4].copy_from_slice(&96u32.to_le_bytes());
     });
+    let layers = variant("layers.gguf", &|b| {
+        // llama.block_count: u32 type tag, then a count no tensor table of this size backs.
+        let at = patch(b, None, b"llama.block_count", b"llama.block_count");
+        let value = at + b"llama.block_count".len() + 4;
+        b[value..value + 4].copy_from_slice(&(1u32 << 30).to_le_bytes());
+    });
     let qtype = variant("qtype.gguf", &|b| {
         // The tensor table entry of token_embd.weight: name, 2 dims, then its ggml type.
         let at = patch(
@@ -1019,6 +1025,7 @@ fn gguf_files_and_chat_templates_are_refused_by_name() {
         generate(&missing, "tensor blk.1.ffn_up.weight is missing"),
         generate(&shapes, "tensor blk.0.ffn_gate.weight has shape [128, 64]"),
         generate(&qtype, "tensor token_embd.weight is of type Q8_1"),
+        generate(&layers, "llama.block_count is 1073741824, but the file holds only"),
         case(
             &[
                 "eval",

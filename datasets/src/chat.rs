@@ -19,6 +19,33 @@ use crate::tokenize::TextTokenizer;
 /// The most minijinja instructions a render may take.
 const TEMPLATE_FUEL: u64 = 50_000_000;
 
+/// A render may write this many bytes, plus [`RENDER_BYTES_PER_MESSAGE_BYTE`] per byte of the
+/// messages.
+const RENDER_BASE_BYTES: usize = 1 << 20;
+const RENDER_BYTES_PER_MESSAGE_BYTE: usize = 16;
+
+/// A writer that refuses to grow past `limit` bytes.
+struct Bounded {
+    text: Vec<u8>,
+    limit: usize,
+    overflowed: bool,
+}
+
+impl std::io::Write for Bounded {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.text.len() + buf.len() > self.limit {
+            self.overflowed = true;
+            return Err(std::io::Error::other("the rendered text is too long"));
+        }
+        self.text.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// One turn of a conversation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Message {
@@ -142,7 +169,31 @@ impl ChatTemplate {
         ctx["add_generation_prompt"] = true.into();
         ctx["tools"] = Value::Null;
         ctx["documents"] = Value::Null;
-        template.render(&ctx).map_err(|e| self.render_error(&e))
+        // A template's text is its own plus the messages': far more than that is a template
+        // that multiplies strings, refused before it fills the memory.
+        let limit = RENDER_BASE_BYTES
+            + RENDER_BYTES_PER_MESSAGE_BYTE * messages.iter().map(|m| m.content.len()).sum::<usize>();
+        let mut out = Bounded {
+            text: Vec::new(),
+            limit,
+            overflowed: false,
+        };
+        template.render_to_write(&ctx, &mut out).map_err(|e| {
+            if out.overflowed {
+                Error::Invalid {
+                    path: self.source.clone().into(),
+                    what: "chat template",
+                    message: format!("it renders more than {limit} bytes for these messages"),
+                }
+            } else {
+                self.render_error(&e)
+            }
+        })?;
+        String::from_utf8(out.text).map_err(|_| Error::Invalid {
+            path: self.source.clone().into(),
+            what: "chat template",
+            message: "it renders text that is not UTF-8".into(),
+        })
     }
 
     /// The token ids of `messages` rendered, without added special tokens (as HF's
@@ -198,6 +249,13 @@ mod tests {
             ])
             .unwrap();
         assert_eq!(text, "<s>user: hi\nassistant: yo\nassistant:");
+    }
+
+    #[test]
+    fn a_template_that_multiplies_its_text_is_refused() {
+        let t = template("{% for i in range(1000) %}{{ 'x' * 10000000 }}{% endfor %}");
+        let err = t.render(&[Message::new("user", "hi")]).unwrap_err();
+        assert!(err.to_string().contains("renders more than"), "{err}");
     }
 
     #[test]

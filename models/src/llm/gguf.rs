@@ -29,6 +29,9 @@ pub const SUPPORTED_ARCHITECTURES: &str = "llama, qwen2";
 pub const SUPPORTED_TYPES: &str = "F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, \
                                    Q4_K, Q5_K, Q6_K";
 
+/// The fewest tensors a layer has: two norms, q/k/v/o and the gated MLP's three.
+const TENSORS_PER_LAYER: usize = 9;
+
 /// An opened GGUF checkpoint of a Llama-architecture model.
 pub struct GgufLlama {
     path: PathBuf,
@@ -464,12 +467,23 @@ fn config_from_metadata(arch: &str, content: &Content) -> std::result::Result<Ll
         }
     };
     let intermediate_size = meta.count(&key("feed_forward_length"))?;
+    // Each layer holds at least its nine tensors: a block count the tensor table cannot back
+    // is refused before the expected names are listed.
+    let num_hidden_layers = meta.count(&key("block_count"))?;
+    let tensors = content.tensor_infos.len();
+    if num_hidden_layers.saturating_mul(TENSORS_PER_LAYER) > tensors {
+        return Err(format!(
+            "metadata key {} is {num_hidden_layers}, but the file holds only {tensors} tensors \
+             ({TENSORS_PER_LAYER} per layer at least)",
+            key("block_count")
+        ));
+    }
     Ok(LlamaConfig {
         model_type: arch.to_string(),
         vocab_size,
         hidden_size,
         intermediate_size,
-        num_hidden_layers: meta.count(&key("block_count"))?,
+        num_hidden_layers,
         num_attention_heads,
         num_key_value_heads: Some(num_kv_heads),
         head_dim: Some(head_dim),
