@@ -57,6 +57,15 @@ pub fn mass<T: Float>(s: &str) -> Result<T, String> {
     float_in(s, |v| v > 0.0 && v <= 1.0, " in (0, 1]")
 }
 
+/// Text that must not be empty (a stop string).
+pub fn non_empty(s: &str) -> Result<String, String> {
+    if s.is_empty() {
+        Err("must not be empty".into())
+    } else {
+        Ok(s.to_string())
+    }
+}
+
 /// A size or a count where 0 would mean nothing: an integer ≥ 1.
 pub fn count<T: FromStr + PartialOrd + From<u8>>(s: &str) -> Result<T, String> {
     at_least(s, 1)

@@ -2,19 +2,20 @@
 //! `LlamaForCausalLM.generate`): greedy by default, or sampling; stops at eos. With Medusa
 //! heads or MTP modules it decodes speculatively.
 
+use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde_json::json;
-use zoo_models::generation::{generate_streaming, GenerationConfig, SamplingOptions, Strategy};
-use zoo_models::llm::{
-    medusa_generate, mtp_generate, KvCache, LlamaStep, MedusaHeads, MedusaTree, MtpModules,
-    TypicalAcceptance,
-};
-
 use zoo_datasets::chat::Message;
+use zoo_datasets::tokenize::TextTokenizer;
+use zoo_models::generation::{GenerationConfig, SamplingOptions, Strategy};
+use zoo_models::llm::{
+    decode, Acceptance, Drafter, MedusaDrafter, MedusaHeads, MedusaTree, MtpDrafter, MtpModules,
+    NoDrafts, TypicalAcceptance,
+};
 
 use crate::common::{LlmArgs, LoadedLlm};
 use crate::flags;
@@ -67,19 +68,28 @@ pub struct DecodingArgs {
     /// HF's repetition penalty (1: off).
     #[arg(long, value_parser = flags::positive::<f32>, allow_negative_numbers = true)]
     pub repetition_penalty: Option<f32>,
+    /// Stop when the new text contains this string (repeatable), as HF's `stop_strings`: the
+    /// output keeps it.
+    #[arg(long = "stop", value_name = "TEXT", value_parser = flags::non_empty)]
+    pub stop: Vec<String>,
     /// Speculative decoding with the FasterDecoding Medusa heads in this folder (config.json
     /// and medusa_lm_head.safetensors or .pt). Greedy: token-identical to plain greedy decoding;
-    /// with --temperature: typical acceptance.
+    /// sampling: typical acceptance, or exact speculative sampling with --acceptance exact.
     #[arg(long)]
     pub medusa: Option<PathBuf>,
-    /// Medusa typical acceptance: ε, the hard probability threshold (FasterDecoding's
-    /// `posterior_threshold`).
-    #[arg(long, default_value_t = 0.09, requires = "medusa", value_parser = flags::unit_interval::<f32>, allow_negative_numbers = true)]
-    pub posterior_threshold: f32,
-    /// Medusa typical acceptance: δ, the scale of the entropy-dependent threshold δ·exp(−H)
-    /// (FasterDecoding's `posterior_alpha`).
-    #[arg(long, default_value_t = 0.3, requires = "medusa", value_parser = flags::non_negative::<f32>, allow_negative_numbers = true)]
-    pub posterior_alpha: f32,
+    /// How sampled drafts are accepted with --medusa or --mtp: `typical` (Medusa's typical
+    /// acceptance; the default with --medusa) or `exact` (speculative sampling, distributed
+    /// exactly as plain sampling; the default with --mtp).
+    #[arg(long, value_enum)]
+    pub acceptance: Option<AcceptanceArg>,
+    /// Typical acceptance: ε, the hard probability threshold (FasterDecoding's
+    /// `posterior_threshold`; default 0.09).
+    #[arg(long, value_parser = flags::unit_interval::<f32>, allow_negative_numbers = true)]
+    pub posterior_threshold: Option<f32>,
+    /// Typical acceptance: δ, the scale of the entropy-dependent threshold δ·exp(−H)
+    /// (FasterDecoding's `posterior_alpha`; default 0.3).
+    #[arg(long, value_parser = flags::non_negative::<f32>, allow_negative_numbers = true)]
+    pub posterior_alpha: Option<f32>,
     /// The Medusa tree: a JSON list of paths of top-k ranks. Default: mc_sim_7b_63, cut to
     /// the checkpoint's number of heads.
     #[arg(long)]
@@ -91,6 +101,13 @@ pub struct DecodingArgs {
     pub mtp: bool,
 }
 
+/// `--acceptance`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AcceptanceArg {
+    Typical,
+    Exact,
+}
+
 /// A decoder built from [`DecodingArgs`] for one loaded model: the speculative heads or
 /// modules loaded once, and the checks done once.
 pub struct Decoder<'a> {
@@ -98,6 +115,7 @@ pub struct Decoder<'a> {
     args: DecodingArgs,
     medusa: Option<(MedusaHeads, MedusaTree)>,
     mtp: Option<MtpModules>,
+    /// Typical acceptance instead of the strategy's own rule.
     typical: Option<TypicalAcceptance>,
 }
 
@@ -120,35 +138,49 @@ impl DecodingArgs {
             bail!("--medusa-choices needs --medusa");
         }
         let speculative = self.medusa.is_some() || self.mtp;
-        let penalty = self
-            .repetition_penalty
-            .or(llm.generation.repetition_penalty)
-            .unwrap_or(1.0);
-        if speculative && (penalty != 1.0 || self.min_new_tokens.unwrap_or(0) > 0) {
+        if self.acceptance.is_some() && !(speculative && self.sampling()) {
             bail!(
-                "--repetition-penalty and --min-new-tokens are not implemented with --medusa or \
-                 --mtp; drop them or decode without speculation"
+                "--acceptance chooses how sampled drafts are accepted: it needs --medusa or \
+                 --mtp, and sampling (--temperature, --top-k or --top-p)"
             );
         }
-        if self.medusa.is_some() && (self.top_k.is_some() || self.top_p.is_some()) {
-            bail!(
-                "Medusa samples by typical acceptance, which has no top-k or top-p: use \
-                 --temperature with --posterior-threshold and --posterior-alpha (or --mtp, whose \
-                 speculative sampling takes --top-k and --top-p)"
-            );
-        }
-        let typical = match (&self.medusa, self.temperature) {
-            (Some(_), Some(temperature)) => {
-                let typical = TypicalAcceptance {
-                    temperature,
-                    posterior_threshold: self.posterior_threshold,
-                    posterior_alpha: self.posterior_alpha,
-                    seed: self.seed,
-                };
-                typical.validate().map_err(anyhow::Error::msg)?;
-                Some(typical)
+        let default = if self.medusa.is_some() {
+            AcceptanceArg::Typical
+        } else {
+            AcceptanceArg::Exact
+        };
+        let typical_rule = speculative
+            && self.sampling()
+            && self.acceptance.unwrap_or(default) == AcceptanceArg::Typical;
+        for (flag, given) in [
+            ("--posterior-threshold", self.posterior_threshold.is_some()),
+            ("--posterior-alpha", self.posterior_alpha.is_some()),
+        ] {
+            if given && !typical_rule {
+                bail!(
+                    "{flag} sets typical acceptance, which needs --medusa (or --mtp with \
+                     --acceptance typical) and --temperature"
+                );
             }
-            _ => None,
+        }
+        if typical_rule && (self.top_k.is_some() || self.top_p.is_some()) {
+            bail!(
+                "typical acceptance has no top-k or top-p: use --temperature with \
+                 --posterior-threshold and --posterior-alpha, or --acceptance exact for \
+                 speculative sampling with --top-k and --top-p"
+            );
+        }
+        let typical = if typical_rule {
+            let typical = TypicalAcceptance {
+                temperature: self.temperature.unwrap_or(1.0),
+                posterior_threshold: self.posterior_threshold.unwrap_or(0.09),
+                posterior_alpha: self.posterior_alpha.unwrap_or(0.3),
+                seed: self.seed,
+            };
+            typical.validate().map_err(anyhow::Error::msg)?;
+            Some(typical)
+        } else {
+            None
         };
         let model = &llm.model;
         let dtype = model.model.embeddings().dtype();
@@ -168,6 +200,9 @@ impl DecodingArgs {
             .as_deref()
             .map(|dir| load_medusa(llm, dir, self.medusa_choices.as_deref()))
             .transpose()?;
+        if let Some((heads, tree)) = &medusa {
+            MedusaDrafter::new(heads, tree)?;
+        }
         Ok(Decoder {
             llm,
             args: self.clone(),
@@ -231,8 +266,9 @@ impl Decoder<'_> {
         Ok(cfg)
     }
 
-    /// Decodes after `prompt`, calling `on_token` for each new token: as it is chosen in plain
-    /// decoding, after each verification step's accepted tokens with Medusa or MTP.
+    /// Decodes after `prompt` through the one decoding loop ([`decode`]), calling `on_token`
+    /// for each new token as it is chosen (with Medusa or MTP, a verification step's accepted
+    /// tokens one after another). Stops at eos, the length, or a --stop string.
     pub fn decode(
         &self,
         prompt: &[u32],
@@ -242,72 +278,77 @@ impl Decoder<'_> {
             bail!("the prompt is empty after tokenization");
         }
         let cfg = self.config(prompt.len())?;
-        let model = &self.llm.model;
-        let start = Instant::now();
-        let (row, steps) = match (&self.medusa, &self.mtp) {
-            (_, Some(mtp)) => {
-                let sampling = match &cfg.strategy {
-                    Strategy::Sample(s) => Some(s),
-                    _ => None,
-                };
-                let out = mtp_generate(
-                    model,
-                    mtp,
-                    prompt,
-                    cfg.max_new_tokens,
-                    &cfg.stop_tokens,
-                    sampling,
-                )
-                .context("MTP generation failed")?;
-                (out.tokens, out.steps)
-            }
-            (Some((heads, tree)), None) => {
-                let out = medusa_generate(
-                    model,
-                    heads,
-                    tree,
-                    prompt,
-                    cfg.max_new_tokens,
-                    &cfg.stop_tokens,
-                    self.typical.as_ref(),
-                )
-                .context("Medusa generation failed")?;
-                (out.tokens, out.steps)
-            }
-            (None, None) => {
-                let mut step = LlamaStep {
-                    model,
-                    cache: KvCache::new(),
-                };
-                let mut failure = None;
-                let row =
-                    generate_streaming(&mut step, vec![prompt.to_vec()], &cfg, &mut |_, t| {
-                        on_token(t).map_err(|e| {
-                            failure = Some(e);
-                            candle_core::Error::msg("stopped by the output")
-                        })
-                    });
-                if let Some(e) = failure {
-                    return Err(e);
-                }
-                let row = row.context("generation failed")?.remove(0);
-                // Plain decoding takes one forward pass per new token.
-                let steps = row.len() - prompt.len();
-                return Ok(Decoded {
-                    row,
-                    steps,
-                    seconds: start.elapsed().as_secs_f64(),
-                });
-            }
+        let rule = match &self.typical {
+            Some(t) => Acceptance::Typical(*t),
+            None => Acceptance::of(&cfg)?,
         };
-        for &t in &row[prompt.len()..] {
-            on_token(t)?;
+        let mut drafter: Box<dyn Drafter + '_> = match (&self.medusa, &self.mtp) {
+            (_, Some(mtp)) => Box::new(MtpDrafter::new(mtp)),
+            (Some((heads, tree)), None) => Box::new(MedusaDrafter::new(heads, tree)?),
+            (None, None) => Box::new(NoDrafts),
+        };
+        let mut stops = StopStrings::new(&self.args.stop);
+        let mut new = Vec::new();
+        let mut failure = None;
+        let start = Instant::now();
+        let out = decode(
+            &self.llm.model,
+            drafter.as_mut(),
+            prompt,
+            &cfg,
+            &rule,
+            &mut |token| {
+                new.push(token);
+                if let Err(e) = on_token(token) {
+                    failure = Some(e);
+                    return Ok(ControlFlow::Break(()));
+                }
+                Ok(if stops.hit(&self.llm.tokenizer, &new) {
+                    ControlFlow::Break(())
+                } else {
+                    ControlFlow::Continue(())
+                })
+            },
+        );
+        if let Some(e) = failure {
+            return Err(e);
         }
+        let out = out.context("generation failed")?;
         Ok(Decoded {
-            row,
-            steps,
+            row: out.tokens,
+            steps: out.steps,
             seconds: start.elapsed().as_secs_f64(),
         })
+    }
+}
+
+/// `--stop` strings, looked for in the text of the new tokens as each one comes.
+struct StopStrings<'a> {
+    stops: &'a [String],
+    /// Bytes of text already searched.
+    searched: usize,
+}
+
+impl<'a> StopStrings<'a> {
+    fn new(stops: &'a [String]) -> Self {
+        Self { stops, searched: 0 }
+    }
+
+    /// Whether the text of `new` now holds a stop string.
+    fn hit(&mut self, tokenizer: &TextTokenizer, new: &[u32]) -> bool {
+        if self.stops.is_empty() {
+            return false;
+        }
+        let Ok(text) = tokenizer.inner().decode(new, false) else {
+            return false;
+        };
+        let longest = self.stops.iter().map(String::len).max().unwrap_or(0);
+        let mut from = self.searched.saturating_sub(longest);
+        while !text.is_char_boundary(from) {
+            from -= 1;
+        }
+        self.searched = text.len();
+        self.stops.iter().any(|s| text[from..].contains(s.as_str()))
     }
 }
 

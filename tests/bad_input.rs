@@ -453,6 +453,17 @@ fn inference_flags_and_files_are_refused_by_name() {
         generate(&[("--repetition-penalty", "inf")], "--repetition-penalty"),
         generate(&[("--prompt", "")], "prompt"),
         generate(&[("--medusa-choices", choices.as_str())], "--medusa"),
+        generate(&[("--acceptance", "exact")], "--acceptance"),
+        generate(&[("--posterior-alpha", "0.2")], "--posterior-alpha"),
+        generate(&[("--stop", "")], "--stop"),
+        generate(
+            &[
+                ("--medusa", medusa.as_str()),
+                ("--temperature", "0.7"),
+                ("--top-p", "0.9"),
+            ],
+            "--acceptance exact",
+        ),
         generate(
             &[
                 ("--medusa", medusa.as_str()),
@@ -1025,7 +1036,10 @@ fn gguf_files_and_chat_templates_are_refused_by_name() {
         generate(&missing, "tensor blk.1.ffn_up.weight is missing"),
         generate(&shapes, "tensor blk.0.ffn_gate.weight has shape [128, 64]"),
         generate(&qtype, "tensor token_embd.weight is of type Q8_1"),
-        generate(&layers, "llama.block_count is 1073741824, but the file holds only"),
+        generate(
+            &layers,
+            "llama.block_count is 1073741824, but the file holds only",
+        ),
         case(
             &[
                 "eval",

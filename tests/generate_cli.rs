@@ -647,3 +647,94 @@ fn gguf_perplexity_whole_and_second_half() {
     assert!(whole.is_finite() && half.is_finite() && whole > 1.0 && half > 1.0);
     assert!((whole - half).abs() > 1e-6, "{whole} {half}");
 }
+
+#[test]
+fn every_decoder_takes_every_flag_with_plain_greedy_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    llama_with_mtp(dir.path());
+    let heads = fixtures().join("llama-tiny-medusa");
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "--model",
+            dir.path().to_str().unwrap(),
+            "--prompt",
+            "the cat sat on",
+            "--max-new-tokens",
+            "24",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        json_stdout(&zoo(&args))
+    };
+    let decoders: [&[&str]; 3] = [&[], &["--medusa", heads.to_str().unwrap()], &["--mtp"]];
+    for flags in [
+        &["--repetition-penalty", "1.4"][..],
+        &["--min-new-tokens", "20"],
+        &["--repetition-penalty", "1.2", "--min-new-tokens", "10"],
+    ] {
+        let plain = run(flags);
+        for decoder in &decoders[1..] {
+            let args: Vec<&str> = flags.iter().chain(decoder.iter()).copied().collect();
+            let out = run(&args);
+            assert_eq!(out["token_ids"], plain["token_ids"], "{args:?}");
+        }
+    }
+    // A stop string: the plain text up to and including its first occurrence, for every
+    // decoder, in fewer tokens.
+    let plain = run(&[]);
+    let text = plain["text"].as_str().unwrap().to_string();
+    // Two ASCII letters a third of the way in (the random model writes odd bytes too).
+    let bytes = text.as_bytes();
+    let at = (text.len() / 3..text.len() - 2)
+        .find(|&i| bytes[i].is_ascii_alphanumeric() && bytes[i + 1].is_ascii_alphanumeric())
+        .unwrap_or_else(|| panic!("no stop string to take from {text:?}"));
+    let stop = &text[at..at + 2];
+    for decoder in decoders {
+        let mut args = vec!["--stop", stop];
+        args.extend_from_slice(decoder);
+        let out = run(&args);
+        let got = out["text"].as_str().unwrap();
+        let end = text.find(stop).unwrap() + stop.len();
+        assert!(
+            got.starts_with(&text[..end]) && got.len() < text.len(),
+            "{decoder:?}: {got:?}"
+        );
+        assert!(out["new_tokens"].as_u64().unwrap() < 24, "{out}");
+        let ids = out["token_ids"].as_array().unwrap();
+        assert_eq!(ids[..], plain["token_ids"].as_array().unwrap()[..ids.len()]);
+    }
+    // Medusa with exact speculative sampling takes --top-k and --top-p, reproducibly.
+    let medusa = heads.to_str().unwrap();
+    let exact = |seed: &str| {
+        run(&[
+            "--medusa",
+            medusa,
+            "--acceptance",
+            "exact",
+            "--temperature",
+            "0.8",
+            "--top-k",
+            "20",
+            "--top-p",
+            "0.9",
+            "--seed",
+            seed,
+        ])
+    };
+    let first = exact("1");
+    assert_eq!(first["new_tokens"], 24);
+    assert_eq!(first["token_ids"], exact("1")["token_ids"]);
+    assert_ne!(first["token_ids"], exact("2")["token_ids"]);
+    // MTP with typical acceptance.
+    let typical = run(&[
+        "--mtp",
+        "--acceptance",
+        "typical",
+        "--temperature",
+        "0.7",
+        "--posterior-alpha",
+        "0.2",
+    ]);
+    assert_eq!(typical["new_tokens"], 24);
+}

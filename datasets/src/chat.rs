@@ -172,13 +172,14 @@ impl ChatTemplate {
         // A template's text is its own plus the messages': far more than that is a template
         // that multiplies strings, refused before it fills the memory.
         let limit = RENDER_BASE_BYTES
-            + RENDER_BYTES_PER_MESSAGE_BYTE * messages.iter().map(|m| m.content.len()).sum::<usize>();
+            + RENDER_BYTES_PER_MESSAGE_BYTE
+                * messages.iter().map(|m| m.content.len()).sum::<usize>();
         let mut out = Bounded {
             text: Vec::new(),
             limit,
             overflowed: false,
         };
-        template.render_to_write(&ctx, &mut out).map_err(|e| {
+        template.render_captured_to(&ctx, &mut out).map_err(|e| {
             if out.overflowed {
                 Error::Invalid {
                     path: self.source.clone().into(),

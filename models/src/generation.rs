@@ -266,9 +266,10 @@ pub fn apply_repetition_penalty(scores: &mut [f32], seq: &[u32], penalty: f32) {
     }
 }
 
-/// The processors HF applies to every strategy's scores: repetition penalty, then no stop token
-/// before `min_new_tokens`.
-fn process(scores: &mut [f32], seq: &[u32], new_len: usize, cfg: &GenerationConfig) {
+/// The processors HF applies to every strategy's scores: repetition penalty over `seq` (the
+/// sequence so far), then no stop token while `new_len` (the new tokens so far) is below
+/// `min_new_tokens`.
+pub fn process(scores: &mut [f32], seq: &[u32], new_len: usize, cfg: &GenerationConfig) {
     apply_repetition_penalty(scores, seq, cfg.repetition_penalty);
     if new_len < cfg.min_new_tokens {
         for &t in &cfg.stop_tokens {

@@ -214,8 +214,8 @@ fn typical_acceptance_keeps_only_tokens_above_the_threshold() {
         "no draft was accepted: {:?}",
         out.accepted
     );
-    // Walk the steps: each adds the base model's own (typically sampled) token, then its
-    // accepted drafts; every one must clear the threshold of the distribution it follows.
+    // Walk the steps: each adds its accepted drafts, then the base model's own (typically
+    // sampled) token; every one must clear the threshold of the distribution it follows.
     let logits = full_logits(&model, &out.tokens);
     let mut at = prompt.len();
     for (step, &accepted) in out.accepted.iter().enumerate() {
@@ -226,15 +226,15 @@ fn typical_acceptance_keeps_only_tokens_above_the_threshold() {
             let probs = typical.probs(&logits[at - 1]);
             let threshold = typical.threshold(&probs);
             let p = probs[out.tokens[at] as usize];
-            if k == 0 {
+            if k == accepted {
                 let best = probs.iter().copied().fold(0.0, f32::max);
                 assert!(
                     p >= threshold || p == best,
-                    "step {step}: root {p} < {threshold}"
+                    "step {step}: the base model's token {p} < {threshold}"
                 );
             } else {
                 assert!(p > threshold, "step {step}, draft {k}: {p} <= {threshold}");
-                assert_eq!(out.tokens[at], out.drafts[step][k - 1]);
+                assert_eq!(out.tokens[at], out.drafts[step][k]);
             }
             at += 1;
         }

@@ -198,8 +198,8 @@ fn cached_drafts_equal_drafts_computed_from_scratch() {
     let (model, mtp) = with_mtp(dir.path(), 3);
     let prompt = vec![260u32, 284, 261, 269, 261, 270];
     let out = mtp_generate(&model, &mtp, &prompt, 25, &[], None).unwrap();
-    // Round r starts after the prompt, the first token and the tokens of the rounds before it.
-    let mut len = prompt.len() + 1;
+    // Round r drafts after the prompt and the tokens of the rounds before it.
+    let mut len = prompt.len();
     for (r, drafts) in out.drafts.iter().enumerate() {
         let want = drafts_from_scratch(&model, &mtp, &out.tokens[..len]);
         assert_eq!(drafts, &want, "round {r} after {len} tokens");

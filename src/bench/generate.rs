@@ -2,6 +2,7 @@
 //! reports tokens/s, verification steps, mean accepted tokens per step and the speedup over
 //! plain greedy.
 
+use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -9,8 +10,10 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde_json::json;
 use zoo_datasets::chat::Message;
-use zoo_models::generation::{generate, GenerationConfig};
-use zoo_models::llm::{medusa_generate, mtp_generate, KvCache, LlamaStep, MtpModules};
+use zoo_models::generation::GenerationConfig;
+use zoo_models::llm::{
+    decode, Acceptance, Drafter, MedusaDrafter, MtpDrafter, MtpModules, NoDrafts,
+};
 
 use crate::common::LlmArgs;
 use crate::flags;
@@ -115,43 +118,41 @@ pub fn bench_generate(args: GenerateBenchArgs) -> Result<()> {
         ..GenerationConfig::default()
     };
 
-    // One decoding of a prompt: (tokens, steps).
-    type Method<'a> = Box<dyn Fn(&[u32]) -> Result<(Vec<u32>, usize)> + 'a>;
-    let mut methods: Vec<(&'static str, Method)> = vec![(
+    // Every method is greedy decoding through the one loop, with its drafter.
+    type MakeDrafter<'a> = Box<dyn Fn() -> Result<Box<dyn Drafter + 'a>> + 'a>;
+    let mut methods: Vec<(&'static str, MakeDrafter)> = vec![(
         "greedy",
-        Box::new(|prompt: &[u32]| {
-            let mut step = LlamaStep {
-                model,
-                cache: KvCache::new(),
-            };
-            let row = generate(&mut step, vec![prompt.to_vec()], &cfg)?.remove(0);
-            let steps = row.len() - prompt.len();
-            Ok((row, steps))
-        }),
+        Box::new(|| Ok(Box::new(NoDrafts) as Box<dyn Drafter>)),
     )];
     if let Some((heads, tree)) = &medusa {
         methods.push((
             "medusa",
-            Box::new(|prompt: &[u32]| {
-                let out = medusa_generate(model, heads, tree, prompt, max, &stop, None)?;
-                Ok((out.tokens, out.steps))
-            }),
+            Box::new(move || Ok(Box::new(MedusaDrafter::new(heads, tree)?) as Box<dyn Drafter>)),
         ));
     }
     if let Some(mtp) = &mtp {
         methods.push((
             "mtp",
-            Box::new(|prompt: &[u32]| {
-                let out = mtp_generate(model, mtp, prompt, max, &stop, None)?;
-                Ok((out.tokens, out.steps))
-            }),
+            Box::new(move || Ok(Box::new(MtpDrafter::new(mtp)) as Box<dyn Drafter>)),
         ));
     }
+    let run = |make: &MakeDrafter, prompt: &[u32]| -> Result<(Vec<u32>, usize)> {
+        let mut drafter = make()?;
+        let out = decode(
+            model,
+            drafter.as_mut(),
+            prompt,
+            &cfg,
+            &Acceptance::Greedy,
+            &mut |_| Ok(ControlFlow::Continue(())),
+        )?;
+        Ok((out.tokens, out.steps))
+    };
 
     let mut totals = Vec::new();
     for (name, method) in &methods {
         for _ in 0..args.warmup {
-            method(&encoded[0])?;
+            run(method, &encoded[0])?;
         }
         let mut t = Totals {
             name,
@@ -162,7 +163,8 @@ pub fn bench_generate(args: GenerateBenchArgs) -> Result<()> {
         };
         for prompt in &encoded {
             let start = Instant::now();
-            let (tokens, steps) = method(prompt).with_context(|| format!("{name} decoding"))?;
+            let (tokens, steps) =
+                run(method, prompt).with_context(|| format!("{name} decoding"))?;
             t.seconds += start.elapsed().as_secs_f64();
             t.new_tokens += tokens.len() - prompt.len();
             t.steps += steps;

@@ -15,14 +15,16 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
-use super::llama::{KvCache, LlamaForCausalLM};
-use super::speculative::{SpeculativeOutput, TypicalAcceptance};
+use super::llama::LlamaForCausalLM;
+use super::speculative::{
+    decode, Acceptance, DraftContext, DraftTree, Drafter, SpeculativeOutput, TypicalAcceptance,
+};
 use crate::error::CandleContext;
-use crate::generation::{argmax, SplitMix64};
+use crate::generation::GenerationConfig;
 use crate::layers::Linear;
 
 /// Candidates taken from each head (FasterDecoding's `TOPK`); tree choices index below it.
@@ -234,6 +236,8 @@ pub struct MedusaTree {
     /// Root-to-leaf node paths, covering every node; FasterDecoding's `retrieve_indices`
     /// without its padding.
     pub paths: Vec<Vec<usize>>,
+    /// Each node's parent (the root's is 0); a parent comes before its children.
+    pub parents: Vec<usize>,
 }
 
 impl MedusaTree {
@@ -251,6 +255,7 @@ impl MedusaTree {
         let mut visible = vec![vec![false; n]; n];
         let mut tree_indices = vec![0; n];
         let mut position_ids = vec![0; n];
+        let mut parents = vec![0; n];
         visible[0][0] = true;
         for (i, path) in sorted.iter().enumerate() {
             let k = i + 1;
@@ -266,6 +271,7 @@ impl MedusaTree {
                     format!("medusa choice {path:?} lacks its prefix {:?}", &path[..d])
                 })?;
                 visible[k][ancestor] = true;
+                parents[k] = ancestor;
             }
             let depth = path.len();
             tree_indices[k] = path[depth - 1] + TOPK * (depth - 1) + 1;
@@ -290,6 +296,7 @@ impl MedusaTree {
             tree_indices,
             position_ids,
             paths,
+            parents,
         })
     }
 
@@ -346,14 +353,60 @@ fn top_k(values: &[f32], k: usize) -> Vec<usize> {
     idx
 }
 
-/// Medusa decoding of `prompt` with tree verification: at each step the base model's next
-/// token and the heads' top candidates form `tree`, verified in one forward pass; the longest
-/// path the base model accepts is kept, with the base model's next token after it, and the
-/// cache is compacted to that path. Stops after `max_new_tokens` or a `stop` token.
+/// Medusa's drafter: the base model's next token as the root, and the heads' top candidates
+/// on its hidden state laid out as `tree`.
+pub struct MedusaDrafter<'a> {
+    heads: &'a MedusaHeads,
+    tree: &'a MedusaTree,
+}
+
+impl<'a> MedusaDrafter<'a> {
+    /// Refuses a tree deeper than the heads.
+    pub fn new(heads: &'a MedusaHeads, tree: &'a MedusaTree) -> Result<Self> {
+        if tree.depth() > heads.heads.len() {
+            candle_core::bail!(
+                "the Medusa tree is {} deep but the checkpoint has {} heads; use a tree of at \
+                 most {} levels",
+                tree.depth(),
+                heads.heads.len(),
+                heads.heads.len()
+            );
+        }
+        Ok(Self { heads, tree })
+    }
+}
+
+impl Drafter for MedusaDrafter<'_> {
+    fn draft(&mut self, ctx: DraftContext<'_>) -> Result<DraftTree> {
+        let root = *ctx.tokens.last().unwrap_or(&0);
+        let mut draft = DraftTree::root(root);
+        let Some(hidden) = ctx.hidden else {
+            return Ok(draft);
+        };
+        // The hidden state whose logits chose the root.
+        let last = hidden.narrow(1, hidden.dim(1)? - 1, 1)?;
+        let mut flat = vec![root];
+        for head_logits in self.heads.forward(&last, ctx.model.lm_head())? {
+            let values = head_logits
+                .flatten_all()?
+                .to_dtype(DType::F32)?
+                .to_vec1::<f32>()?;
+            flat.extend(top_k(&values, TOPK).into_iter().map(|t| t as u32));
+        }
+        for k in 1..self.tree.len() {
+            draft.push(self.tree.parents[k], flat[self.tree.tree_indices[k]], None);
+        }
+        Ok(draft)
+    }
+}
+
+/// Medusa decoding of `prompt` through [`decode`]: at each step the base model's next token
+/// and the heads' top candidates form `tree`, verified in one forward pass; the longest path
+/// the base model accepts is kept, with the base model's next token after it, and the cache is
+/// compacted to that path. Stops after `max_new_tokens` or a `stop` token.
 ///
-/// - `typical: None` (greedy): the base model's token is its argmax and a drafted token is
-///   accepted when it is the base model's argmax there. The output is token-identical to plain
-///   greedy decoding.
+/// - `typical: None` (greedy): a drafted token is accepted when it is the base model's argmax
+///   there. The output is token-identical to plain greedy decoding.
 /// - `typical: Some(..)`: the base model's token is drawn by typical sampling, and drafted
 ///   tokens pass [`TypicalAcceptance`]; of the longest accepted paths, the most likely one is
 ///   kept (FasterDecoding's `evaluate_posterior`).
@@ -366,144 +419,16 @@ pub fn medusa_generate(
     stop: &[u32],
     typical: Option<&TypicalAcceptance>,
 ) -> Result<SpeculativeOutput> {
-    if prompt.is_empty() {
-        candle_core::bail!("Medusa decoding needs a non-empty prompt");
-    }
-    if tree.depth() > heads.heads.len() {
-        candle_core::bail!(
-            "the Medusa tree is {} deep but the checkpoint has {} heads; use a tree of at most {} \
-             levels",
-            tree.depth(),
-            heads.heads.len(),
-            heads.heads.len()
-        );
-    }
-    if let Some(t) = typical {
-        t.validate().map_err(candle_core::Error::msg)?;
-    }
-    let mut rng = typical.map(|t| SplitMix64::new(t.seed));
-    let device = model.model.embeddings().device().clone();
-    let mut cache = KvCache::new();
-    let mut tokens = prompt.to_vec();
-    let prefill = model.forward(&Tensor::new(vec![prompt.to_vec()], &device)?, &mut cache)?;
-    let last = prompt.len() - 1;
-    let mut logits = prefill.logits.get(0)?.get(last)?;
-    let mut hidden = prefill.hidden.get(0)?.get(last)?;
-    let (mut new_tokens, mut steps) = (0, 0);
-    let (mut drafts, mut accepted) = (Vec::new(), Vec::new());
-    'decode: while new_tokens < max_new_tokens {
-        // Candidates: the base model's token, then each head's top-k.
-        let root_logits = logits.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-        let root = match (typical, rng.as_mut()) {
-            (Some(t), Some(rng)) => t.sample(&t.probs(&root_logits), rng),
-            _ => argmax(&root_logits),
-        };
-        let mut flat = vec![root];
-        for head_logits in heads.forward(&hidden.unsqueeze(0)?, model.lm_head())? {
-            let values = head_logits
-                .squeeze(0)?
-                .to_dtype(DType::F32)?
-                .to_vec1::<f32>()?;
-            flat.extend(top_k(&values, TOPK).into_iter().map(|t| t as u32));
-        }
-        let tree_tokens: Vec<u32> = tree.tree_indices.iter().map(|&i| flat[i]).collect();
-
-        // Verify the whole tree in one pass.
-        let base = cache.len();
-        let positions: Vec<u32> = tree
-            .position_ids
-            .iter()
-            .map(|&p| (base + p) as u32)
-            .collect();
-        let mask = LlamaForCausalLM::tree_mask(base, &tree.visible, &device)?;
-        let out = model.forward_at(
-            &Tensor::new(vec![tree_tokens.clone()], &device)?,
-            &positions,
-            &mask,
-            &mut cache,
-        )?;
-        steps += 1;
-        let node_logits = out.logits.squeeze(0)?.to_dtype(DType::F32)?;
-        let (best, best_len) = match typical {
-            None => {
-                let greedy: Vec<u32> = node_logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
-                longest_path(tree, |parent, child| {
-                    (tree_tokens[child] == greedy[parent]).then_some(0.0)
-                })
-            }
-            Some(t) => {
-                let rows = node_logits.to_vec2::<f32>()?;
-                // Each node's distribution and threshold, computed once.
-                let judged: Vec<(Vec<f32>, f32)> = rows
-                    .iter()
-                    .map(|row| {
-                        let probs = t.probs(row);
-                        let threshold = t.threshold(&probs);
-                        (probs, threshold)
-                    })
-                    .collect();
-                longest_path(tree, |parent, child| {
-                    let (probs, threshold) = &judged[parent];
-                    let p = probs[tree_tokens[child] as usize];
-                    (p > *threshold).then(|| p.ln())
-                })
-            }
-        };
-        let nodes = &tree.paths[best][..=best_len];
-        drafts.push(
-            tree.paths[best][1..]
-                .iter()
-                .map(|&k| tree_tokens[k])
-                .collect(),
-        );
-        accepted.push(best_len);
-        let kept: Vec<usize> = nodes.iter().map(|&k| base + k).collect();
-        cache.keep(base, &kept)?;
-        let end = *nodes.last().unwrap_or(&0);
-        logits = out.logits.get(0)?.get(end)?;
-        hidden = out.hidden.get(0)?.get(end)?;
-        for &node in nodes {
-            let token = tree_tokens[node];
-            tokens.push(token);
-            new_tokens += 1;
-            if stop.contains(&token) || new_tokens == max_new_tokens {
-                break 'decode;
-            }
-        }
-    }
-    Ok(SpeculativeOutput {
-        tokens,
-        new_tokens,
-        steps,
-        drafts,
-        accepted,
+    let cfg = GenerationConfig {
+        max_new_tokens,
+        stop_tokens: stop.to_vec(),
+        ..Default::default()
+    };
+    let rule = typical.map_or(Acceptance::Greedy, |t| Acceptance::Typical(*t));
+    let mut drafter = MedusaDrafter::new(heads, tree)?;
+    decode(model, &mut drafter, prompt, &cfg, &rule, &mut |_| {
+        Ok(std::ops::ControlFlow::Continue(()))
     })
-}
-
-/// The path of `tree` with the most accepted nodes after the root, and that count. `accept`
-/// judges a child given its parent: `Some(log-likelihood)` when accepted. Ties go to the higher
-/// summed log-likelihood, then to the earlier path.
-fn longest_path(
-    tree: &MedusaTree,
-    mut accept: impl FnMut(usize, usize) -> Option<f32>,
-) -> (usize, usize) {
-    let (mut best, mut best_len, mut best_score) = (0, 0, f32::NEG_INFINITY);
-    for (p, path) in tree.paths.iter().enumerate() {
-        let (mut len, mut score) = (0, 0.0);
-        for w in path.windows(2) {
-            match accept(w[0], w[1]) {
-                Some(s) => {
-                    len += 1;
-                    score += s;
-                }
-                None => break,
-            }
-        }
-        if len > best_len || (len == best_len && len > 0 && score > best_score) {
-            (best, best_len, best_score) = (p, len, score);
-        }
-    }
-    (best, best_len)
 }
 
 #[cfg(test)]

@@ -16,7 +16,10 @@ pub mod speculative;
 pub use config::LlamaConfig;
 pub use gguf::GgufLlama;
 pub use llama::{CausalLmOutput, KvCache, LlamaForCausalLM, LlamaModel, LlamaStep};
-pub use medusa::{medusa_generate, MedusaHeads, MedusaTree};
-pub use mtp::{mtp_generate, MtpModule, MtpModules};
+pub use medusa::{medusa_generate, MedusaDrafter, MedusaHeads, MedusaTree};
+pub use mtp::{mtp_generate, MtpDrafter, MtpModule, MtpModules};
 pub use source::LlmSource;
-pub use speculative::{speculative_accept, SpeculativeOutput, TypicalAcceptance};
+pub use speculative::{
+    decode, speculative_accept, Acceptance, DraftContext, DraftTree, Drafter, NoDrafts,
+    SpeculativeOutput, TypicalAcceptance,
+};

@@ -10,7 +10,7 @@
 //! The embedding and the output projection are the backbone's; each module has its own norms,
 //! `eh_proj` and block, named `model.layers.{num_hidden_layers + k - 1}.*`.
 //!
-//! [`mtp_generate`] uses the modules for self-speculative decoding: they draft a chain of
+//! [`MtpDrafter`] uses the modules for self-speculative decoding: they draft a chain of
 //! tokens, the backbone verifies the chain in one pass, and greedy acceptance keeps the output
 //! identical to plain greedy decoding.
 
@@ -18,9 +18,9 @@ use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
 use super::config::LlamaConfig;
-use super::llama::{KvCache, LayerKv, LlamaDecoderLayer, LlamaForCausalLM};
-use super::speculative::{speculative_accept, SpeculativeOutput};
-use crate::generation::{nucleus_probs, SamplingOptions, SplitMix64};
+use super::llama::{LayerKv, LlamaDecoderLayer, LlamaForCausalLM};
+use super::speculative::{decode, Acceptance, DraftContext, DraftTree, Drafter, SpeculativeOutput};
+use crate::generation::{GenerationConfig, SamplingOptions};
 use crate::layers::{AttentionMask, Linear, RmsNorm};
 
 /// One MTP module.
@@ -140,113 +140,59 @@ impl ModuleCache {
     }
 }
 
-/// Picks tokens from rows of logits: the argmax, or a draw from the sampling distribution
-/// (which it returns too).
-struct Chooser {
-    sampling: Option<(SamplingOptions, SplitMix64)>,
-}
-
-impl Chooser {
-    fn new(sampling: Option<&SamplingOptions>) -> Self {
-        Self {
-            sampling: sampling.map(|s| (*s, SplitMix64::new(s.seed))),
-        }
-    }
-
-    fn choose(&mut self, logits: &Tensor) -> Result<(u32, Option<Vec<f32>>)> {
-        let logits = logits.to_dtype(DType::F32)?;
-        Ok(match self.sampling.as_mut() {
-            // On the device: only the index comes back.
-            None => (logits.argmax(D::Minus1)?.to_scalar::<u32>()?, None),
-            Some((s, rng)) => {
-                let probs = nucleus_probs(&logits.to_vec1::<f32>()?, s);
-                (rng.choose(&probs), Some(probs))
-            }
-        })
-    }
-}
-
-/// Self-speculative decoding: after each verified step the modules draft one token each
-/// (module `k` the `k`-th token after the next), the backbone verifies the next token and the
-/// drafts in one causal pass, and a prefix of the drafts is accepted with one more token of the
-/// backbone's after it. Stops after `max_new_tokens` or a `stop` token.
-///
-/// - `sampling: None` (greedy): drafts are the modules' argmax and are accepted while they equal
-///   the backbone's argmax. Token-identical to plain greedy decoding.
-/// - `sampling: Some(..)`: drafts are drawn from the modules' distributions `q` and accepted by
-///   [`speculative_accept`] against the backbone's `p`, both after the same temperature, top-k
-///   and top-p. The output follows plain sampling's distribution exactly (the random draws
-///   differ, so a seed gives other text than plain sampling).
+/// The MTP modules as a drafter: after each verified step the modules draft one token each
+/// (module `k` the `k`-th token after the next), a chain under the root.
 ///
 /// Each module keeps a cache of the positions whose inputs are all known tokens; positions that
 /// depend on drafts are computed for the draft and then dropped.
-pub fn mtp_generate(
-    model: &LlamaForCausalLM,
-    mtp: &MtpModules,
-    prompt: &[u32],
-    max_new_tokens: usize,
-    stop: &[u32],
-    sampling: Option<&SamplingOptions>,
-) -> Result<SpeculativeOutput> {
-    if prompt.is_empty() {
-        candle_core::bail!("MTP decoding needs a non-empty prompt");
-    }
-    if let Some(s) = sampling {
-        if !(s.temperature > 0.0 && s.temperature.is_finite()) {
-            candle_core::bail!(
-                "sampling needs a positive temperature, got {}",
-                s.temperature
-            );
+pub struct MtpDrafter<'a> {
+    mtp: &'a MtpModules,
+    /// `done[k]`: positions `1..=done[k]` (1-based: token `t_i` sits at rotary position
+    /// `i - 1`) are permanently in module `k`'s cache.
+    done: Vec<usize>,
+    caches: Vec<ModuleCache>,
+    /// `pending[k]` for `k >= 1`: `h^k` of the positions module `k + 1` has not yet cached,
+    /// `[1, n, D]`, in order (`h^0`, the backbone's, comes with each draft's context).
+    pending: Vec<Option<Tensor>>,
+}
+
+impl<'a> MtpDrafter<'a> {
+    pub fn new(mtp: &'a MtpModules) -> Self {
+        let depth = mtp.len();
+        Self {
+            mtp,
+            done: vec![0; depth],
+            caches: (0..depth).map(|_| ModuleCache::default()).collect(),
+            pending: vec![None; depth.max(1)],
         }
     }
-    let mut chooser = Chooser::new(sampling);
-    let device: Device = model.model.embeddings().device().clone();
-    let depth = mtp.len();
-    let mut cache = KvCache::new();
-    let prefill = model.forward(&Tensor::new(vec![prompt.to_vec()], &device)?, &mut cache)?;
-    let mut tokens = prompt.to_vec();
-    if max_new_tokens == 0 {
-        return Ok(SpeculativeOutput {
-            tokens,
-            new_tokens: 0,
-            steps: 0,
-            drafts: Vec::new(),
-            accepted: Vec::new(),
-        });
-    }
-    let (first, _) = chooser.choose(&prefill.logits.get(0)?.get(prompt.len() - 1)?)?;
-    tokens.push(first);
-    let (mut new_tokens, mut steps) = (1, 1);
-    let (mut rounds, mut accepted_counts) = (Vec::new(), Vec::new());
-    if stop.contains(&first) || new_tokens == max_new_tokens {
-        return Ok(SpeculativeOutput {
-            tokens,
-            new_tokens,
-            steps,
-            drafts: rounds,
-            accepted: accepted_counts,
-        });
-    }
-    // Positions are 1-based here: token t_i sits at rotary position i - 1.
-    // `done[k]`: positions 1..=done[k] are permanently in module k's cache.
-    let mut done = vec![0usize; depth];
-    let mut caches: Vec<ModuleCache> = (0..depth).map(|_| ModuleCache::default()).collect();
-    // `pending[k]`: h^k (h^0: the backbone's) of the positions module k + 1 has not yet cached,
-    // `[1, n, D]`, in order.
-    let mut pending: Vec<Option<Tensor>> = vec![None; depth.max(1)];
-    pending[0] = Some(prefill.hidden.clone());
+}
 
-    while new_tokens < max_new_tokens {
+impl Drafter for MtpDrafter<'_> {
+    fn draft(&mut self, mut ctx: DraftContext<'_>) -> Result<DraftTree> {
+        let (model, tokens) = (ctx.model, ctx.tokens);
         let m = tokens.len();
+        let mut chain = DraftTree::root(tokens[m - 1]);
+        let Some(hidden) = ctx.hidden else {
+            return Ok(chain);
+        };
+        let device: Device = hidden.device().clone();
+        let depth = self.mtp.len();
+        self.pending[0] = Some(hidden.clone());
         let mut drafts: Vec<u32> = Vec::with_capacity(depth);
-        let mut draft_probs: Vec<Option<Vec<f32>>> = Vec::with_capacity(depth);
         let mut next_pending: Vec<Option<Tensor>> = vec![None; depth.max(1)];
         let mut prev_out: Option<Tensor> = None;
-        for (k0, (module, mcache)) in mtp.modules.iter().zip(caches.iter_mut()).enumerate() {
+        for (k0, (module, mcache)) in self
+            .mtp
+            .modules
+            .iter()
+            .zip(self.caches.iter_mut())
+            .enumerate()
+        {
             let k = k0 + 1;
-            let start = done[k0] + 1;
+            let start = self.done[k0] + 1;
             let end = m - 1;
-            let hidden_in = match (&pending[k0], &prev_out) {
+            let hidden_in = match (&self.pending[k0], &prev_out) {
                 (Some(p), Some(o)) if k > 1 => Tensor::cat(&[p, o], 1)?,
                 (None, Some(o)) if k > 1 => o.clone(),
                 (Some(p), _) => p.clone(),
@@ -280,14 +226,14 @@ pub fn mtp_generate(
             let out = module.forward(&hidden_in, &embeds, &cos, &sin, &mask, &mut mcache.kv)?;
             mcache.len += n;
             let last = out.narrow(1, n - 1, 1)?;
-            let (draft, q) = chooser.choose(
+            let (draft, q) = ctx.choose(
                 &module
                     .logits(&last, model.lm_head())?
                     .squeeze(0)?
                     .squeeze(0)?,
             )?;
             drafts.push(draft);
-            draft_probs.push(q);
+            chain.push(k0, draft, q);
             // Keep the positions whose inputs are all known: those with i + k <= m.
             let permanent = m.saturating_sub(k);
             mcache.truncate(permanent)?;
@@ -296,72 +242,45 @@ pub fn mtp_generate(
             if k < depth && permanent >= start {
                 next_pending[k] = Some(out.narrow(1, permanent - start, 1)?);
             }
-            done[k0] = permanent;
+            self.done[k0] = permanent;
             prev_out = Some(out);
         }
-
-        rounds.push(drafts.clone());
-        // Verify the next token and the drafts in one pass.
-        let verify: Vec<u32> = std::iter::once(tokens[m - 1])
-            .chain(drafts.iter().copied())
-            .collect();
-        let base = cache.len();
-        let out = model.forward(&Tensor::new(vec![verify.clone()], &device)?, &mut cache)?;
-        steps += 1;
-        let rows = out.logits.squeeze(0)?;
-        let (accepted, next) = match chooser.sampling.as_mut() {
-            None => {
-                let greedy: Vec<u32> = rows
-                    .to_dtype(DType::F32)?
-                    .argmax(D::Minus1)?
-                    .to_vec1::<u32>()?;
-                let accepted = drafts
-                    .iter()
-                    .zip(&greedy)
-                    .take_while(|(d, g)| d == g)
-                    .count();
-                (accepted, greedy[accepted])
-            }
-            Some((s, rng)) => {
-                let rows = rows.to_dtype(DType::F32)?.to_vec2::<f32>()?;
-                let mut verdict = None;
-                for (j, (&draft, q)) in drafts.iter().zip(&draft_probs).enumerate() {
-                    let p = nucleus_probs(&rows[j], s);
-                    let q = q.as_deref().unwrap_or(&p);
-                    if let Some(token) = speculative_accept(&p, q, draft, rng) {
-                        verdict = Some((j, token));
-                        break;
-                    }
-                }
-                match verdict {
-                    Some(v) => v,
-                    None => (depth, rng.choose(&nucleus_probs(&rows[depth], s))),
-                }
-            }
-        };
-        accepted_counts.push(accepted);
-        cache.truncate(base + accepted + 1)?;
-        next_pending[0] = Some(out.hidden.narrow(1, 0, accepted + 1)?);
-        pending = next_pending;
-        for &token in drafts[..accepted].iter().chain(std::iter::once(&next)) {
-            tokens.push(token);
-            new_tokens += 1;
-            if stop.contains(&token) || new_tokens == max_new_tokens {
-                return Ok(SpeculativeOutput {
-                    tokens,
-                    new_tokens,
-                    steps,
-                    drafts: rounds,
-                    accepted: accepted_counts,
-                });
-            }
-        }
+        self.pending = next_pending;
+        Ok(chain)
     }
-    Ok(SpeculativeOutput {
-        tokens,
-        new_tokens,
-        steps,
-        drafts: rounds,
-        accepted: accepted_counts,
-    })
+}
+
+/// Self-speculative decoding through [`decode`] with the modules drafting a chain
+/// ([`MtpDrafter`]); the backbone verifies the next token and the drafts in one causal pass,
+/// and a prefix of the drafts is accepted with one more token of the backbone's after it.
+/// Stops after `max_new_tokens` or a `stop` token.
+///
+/// - `sampling: None` (greedy): drafts are the modules' argmax and are accepted while they equal
+///   the backbone's argmax. Token-identical to plain greedy decoding.
+/// - `sampling: Some(..)`: drafts are drawn from the modules' distributions `q` and accepted by
+///   speculative sampling against the backbone's `p`, both after the same temperature, top-k
+///   and top-p. The output follows plain sampling's distribution exactly (the random draws
+///   differ, so a seed gives other text than plain sampling).
+pub fn mtp_generate(
+    model: &LlamaForCausalLM,
+    mtp: &MtpModules,
+    prompt: &[u32],
+    max_new_tokens: usize,
+    stop: &[u32],
+    sampling: Option<&SamplingOptions>,
+) -> Result<SpeculativeOutput> {
+    let cfg = GenerationConfig {
+        max_new_tokens,
+        stop_tokens: stop.to_vec(),
+        ..Default::default()
+    };
+    let rule = sampling.map_or(Acceptance::Greedy, |s| Acceptance::Sample(*s));
+    decode(
+        model,
+        &mut MtpDrafter::new(mtp),
+        prompt,
+        &cfg,
+        &rule,
+        &mut |_| Ok(std::ops::ControlFlow::Continue(())),
+    )
 }
