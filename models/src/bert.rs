@@ -15,8 +15,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::hub::read_json;
 use crate::layers::{
-    upcast, Activation, AttentionConfig, AttentionMask, LayerNorm, LearnedPositionEmbedding,
-    Linear, MultiHeadAttention, QkvLayout,
+    upcast, Activation, AttentionConfig, AttentionMask, KvBuffer, LayerNorm,
+    LearnedPositionEmbedding, Linear, MultiHeadAttention, QkvLayout,
 };
 
 /// How positions enter the model. Only `absolute` (a learned table added to the embeddings) is
@@ -333,12 +333,8 @@ impl BertLayer {
         cache: &mut LayerKvCache,
     ) -> Result<Tensor> {
         let (k, v) = self.attention.key_values(x)?;
-        let (k, v) = match cache.self_kv.take() {
-            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-            None => (k, v),
-        };
+        let (k, v) = cache.self_kv.append(&k, &v)?;
         let x = self.attention.forward_kv(x, &k, &v, mask)?;
-        cache.self_kv = Some((k, v));
         let x = match (&self.crossattention, encoder_hidden_states) {
             (Some(cross), Some(enc)) => {
                 let (k, v) = match &cache.cross_kv {
@@ -368,7 +364,9 @@ impl BertLayer {
 /// One layer's cached keys and values `[B, H, L, d]` (see [`BertLayer::forward_cached`]).
 #[derive(Debug, Clone, Default)]
 pub struct LayerKvCache {
-    self_kv: Option<(Tensor, Tensor)>,
+    /// Self-attention keys and values, written in place.
+    self_kv: KvBuffer,
+    /// Cross-attention keys and values of the encoder states, computed once.
     cross_kv: Option<(Tensor, Tensor)>,
 }
 
@@ -398,15 +396,11 @@ impl BertKvCache {
     /// Rearranges the cached rows: row `i` becomes the old row `indices[i]` (u32 `[N]`), as
     /// beam search keeps, drops and duplicates beams (HF's `Cache.reorder_cache`).
     pub fn reorder(&mut self, indices: &Tensor) -> Result<()> {
-        let select = |kv: &mut Option<(Tensor, Tensor)>| -> Result<()> {
-            if let Some((k, v)) = kv.take() {
-                *kv = Some((k.index_select(indices, 0)?, v.index_select(indices, 0)?));
-            }
-            Ok(())
-        };
         for layer in &mut self.layers {
-            select(&mut layer.self_kv)?;
-            select(&mut layer.cross_kv)?;
+            layer.self_kv.reorder(indices)?;
+            if let Some((k, v)) = layer.cross_kv.take() {
+                layer.cross_kv = Some((k.index_select(indices, 0)?, v.index_select(indices, 0)?));
+            }
         }
         Ok(())
     }
