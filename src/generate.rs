@@ -12,9 +12,10 @@ use serde_json::json;
 use zoo_datasets::chat::Message;
 use zoo_datasets::tokenize::TextTokenizer;
 use zoo_models::generation::{GenerationConfig, SamplingOptions, Strategy};
+use zoo_models::hub::ModelRepo;
 use zoo_models::llm::{
-    decode, Acceptance, Drafter, MedusaDrafter, MedusaHeads, MedusaTree, MtpDrafter, MtpModules,
-    NoDrafts, TypicalAcceptance,
+    decode, Acceptance, Drafter, LlamaConfig, MedusaDrafter, MedusaHeads, MedusaTree, MtpDrafter,
+    MtpModules, NoDrafts, TypicalAcceptance,
 };
 
 use crate::common::{LlmArgs, LoadedLlm};
@@ -94,11 +95,13 @@ pub struct DecodingArgs {
     /// the checkpoint's number of heads.
     #[arg(long)]
     pub medusa_choices: Option<PathBuf>,
-    /// Self-speculative decoding with the checkpoint's DeepSeek-V3-style MTP modules
-    /// (`num_nextn_predict_layers`). Greedy: token-identical to plain greedy decoding; with
-    /// sampling flags: speculative sampling, distributed exactly as plain sampling.
-    #[arg(long, conflicts_with = "medusa")]
-    pub mtp: bool,
+    /// Self-speculative decoding with DeepSeek-V3-style MTP modules: the checkpoint's own
+    /// (`num_nextn_predict_layers`), or with a value, those of a folder trained for this base
+    /// (`zoo train mtp`'s output), as a GGUF base needs. Greedy: token-identical to plain greedy
+    /// decoding; with sampling flags: speculative sampling, distributed exactly as plain
+    /// sampling.
+    #[arg(long, value_name = "DIR", num_args = 0..=1, conflicts_with = "medusa")]
+    pub mtp: Option<Option<PathBuf>>,
 }
 
 /// `--acceptance`.
@@ -137,7 +140,7 @@ impl DecodingArgs {
         if self.medusa_choices.is_some() && self.medusa.is_none() {
             bail!("--medusa-choices needs --medusa");
         }
-        let speculative = self.medusa.is_some() || self.mtp;
+        let speculative = self.medusa.is_some() || self.mtp.is_some();
         if self.acceptance.is_some() && !(speculative && self.sampling()) {
             bail!(
                 "--acceptance chooses how sampled drafts are accepted: it needs --medusa or \
@@ -182,19 +185,11 @@ impl DecodingArgs {
         } else {
             None
         };
-        let model = &llm.model;
-        let dtype = model.model.embeddings().dtype();
-        let mtp = if self.mtp {
-            let repo = llm.source.repo().with_context(|| {
-                format!(
-                    "--mtp takes the MTP modules from an HF checkpoint; {} is a GGUF file",
-                    llm.source.describe()
-                )
-            })?;
-            Some(MtpModules::load(repo, &model.config, dtype, &llm.device)?)
-        } else {
-            None
-        };
+        let mtp = self
+            .mtp
+            .as_ref()
+            .map(|dir| load_mtp(llm, dir.as_deref()))
+            .transpose()?;
         let medusa = self
             .medusa
             .as_deref()
@@ -350,6 +345,65 @@ impl<'a> StopStrings<'a> {
         self.searched = text.len();
         self.stops.iter().any(|s| text[from..].contains(s.as_str()))
     }
+}
+
+/// The MTP modules for `llm`'s backbone: its checkpoint's own, or those of the checkpoint in
+/// `dir`, whose backbone must have the same shape (the modules use its embedding and
+/// `lm_head`, and are named after its layer count).
+pub fn load_mtp(llm: &LoadedLlm, dir: Option<&std::path::Path>) -> Result<MtpModules> {
+    let model = &llm.model;
+    let dtype = model.model.embeddings().dtype();
+    let Some(dir) = dir else {
+        let repo = llm.source.repo().with_context(|| {
+            format!(
+                "{} is a GGUF file, which holds no MTP modules: give --mtp DIR, a folder of \
+                 modules trained for it (zoo train mtp --model {0})",
+                llm.source.describe()
+            )
+        })?;
+        return Ok(MtpModules::load(repo, &model.config, dtype, &llm.device)?);
+    };
+    let spec = dir.to_string_lossy();
+    let repo = ModelRepo::open(&spec)?;
+    let config_path = repo.get("config.json")?;
+    let cfg = LlamaConfig::from_file(&config_path)?;
+    let base = &model.config;
+    let keys = [
+        ("hidden_size", cfg.hidden_size, base.hidden_size),
+        (
+            "intermediate_size",
+            cfg.intermediate_size,
+            base.intermediate_size,
+        ),
+        (
+            "num_hidden_layers",
+            cfg.num_hidden_layers,
+            base.num_hidden_layers,
+        ),
+        (
+            "num_attention_heads",
+            cfg.num_attention_heads,
+            base.num_attention_heads,
+        ),
+        (
+            "num_key_value_heads",
+            cfg.num_kv_heads(),
+            base.num_kv_heads(),
+        ),
+        ("head_dim", cfg.head_dim(), base.head_dim()),
+        ("vocab_size", cfg.vocab_size, base.vocab_size),
+    ];
+    for (key, theirs, ours) in keys {
+        if theirs != ours {
+            bail!(
+                "{}: {key} is {theirs}, but the base model {} has {ours}; these MTP modules \
+                 were made for another model",
+                config_path.display(),
+                llm.source.describe()
+            );
+        }
+    }
+    Ok(MtpModules::load(&repo, &cfg, dtype, &llm.device)?)
 }
 
 /// The Medusa heads in `dir` for `llm`'s backbone, and the tree from `choices` (default:

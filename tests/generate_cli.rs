@@ -738,3 +738,38 @@ fn every_decoder_takes_every_flag_with_plain_greedy_ids() {
     ]);
     assert_eq!(typical["new_tokens"], 24);
 }
+
+#[test]
+fn a_gguf_base_decodes_with_mtp_modules_from_a_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    llama_with_mtp(dir.path());
+    let gguf = fixtures().join("gguf/llama-tiny-f32-gpt2.gguf");
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "--model",
+            gguf.to_str().unwrap(),
+            "--prompt",
+            "the cat sat on",
+            "--max-new-tokens",
+            "16",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        zoo(&args)
+    };
+    let plain = json_stdout(&run(&[]));
+    let mtp = json_stdout(&run(&["--mtp", dir.path().to_str().unwrap()]));
+    assert_eq!(mtp["token_ids"], plain["token_ids"]);
+    assert_eq!(mtp["new_tokens"], 16);
+
+    // Modules made for another shape of model are refused by name.
+    let config = dir.path().join("config.json");
+    let mut c: Value = serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    c["vocab_size"] = 321.into();
+    std::fs::write(&config, c.to_string()).unwrap();
+    let out = run(&["--mtp", dir.path().to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("config.json: vocab_size is 321"), "{err}");
+}

@@ -11,9 +11,7 @@ use clap::Args;
 use serde_json::json;
 use zoo_datasets::chat::Message;
 use zoo_models::generation::GenerationConfig;
-use zoo_models::llm::{
-    decode, Acceptance, Drafter, MedusaDrafter, MtpDrafter, MtpModules, NoDrafts,
-};
+use zoo_models::llm::{decode, Acceptance, Drafter, MedusaDrafter, MtpDrafter, NoDrafts};
 
 use crate::common::LlmArgs;
 use crate::flags;
@@ -31,9 +29,10 @@ pub struct GenerateBenchArgs {
     /// The Medusa tree (JSON list of paths); default mc_sim_7b_63 cut to the heads.
     #[arg(long)]
     pub medusa_choices: Option<PathBuf>,
-    /// Also compare the checkpoint's MTP modules (on by default when it has them).
-    #[arg(long)]
-    pub mtp: bool,
+    /// Also compare MTP modules: the checkpoint's (on by default when it has them), or with a
+    /// value, those of a folder trained for this base.
+    #[arg(long, value_name = "DIR", num_args = 0..=1)]
+    pub mtp: Option<Option<PathBuf>>,
     /// A prompt (repeatable).
     #[arg(long)]
     pub prompt: Vec<String>,
@@ -73,23 +72,19 @@ pub fn bench_generate(args: GenerateBenchArgs) -> Result<()> {
         bail!("give --prompt or --prompts");
     }
     let llm = args.model.load()?;
-    let (model, tokenizer, device) = (&llm.model, &llm.tokenizer, &llm.device);
-    let dtype = model.model.embeddings().dtype();
+    let (model, tokenizer) = (&llm.model, &llm.tokenizer);
     let stop = llm.eos();
     let medusa = args
         .medusa
         .as_deref()
         .map(|dir| crate::generate::load_medusa(&llm, dir, args.medusa_choices.as_deref()))
         .transpose()?;
-    let mtp = match llm.source.repo() {
-        Some(repo) if args.mtp || model.config.num_nextn_predict_layers > 0 => {
-            Some(MtpModules::load(repo, &model.config, dtype, device)?)
+    let mtp = match &args.mtp {
+        Some(dir) => Some(crate::generate::load_mtp(&llm, dir.as_deref())?),
+        None if model.config.num_nextn_predict_layers > 0 => {
+            Some(crate::generate::load_mtp(&llm, None)?)
         }
-        None if args.mtp => bail!(
-            "--mtp takes the MTP modules from an HF checkpoint; {} is a GGUF file",
-            llm.source.describe()
-        ),
-        _ => None,
+        None => None,
     };
     let encoded: Vec<Vec<u32>> = prompts
         .iter()
