@@ -773,3 +773,62 @@ fn a_gguf_base_decodes_with_mtp_modules_from_a_folder() {
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("config.json: vocab_size is 321"), "{err}");
 }
+
+#[test]
+fn medusa_heads_and_mtp_modules_train_on_a_gguf_base_and_decode_beside_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = dir.path().join("corpus.jsonl");
+    std::fs::write(
+        &corpus,
+        "{\"text\": \"the cat sat on the mat and looked at the dog. the dog sat too.\"}\n"
+            .repeat(20),
+    )
+    .unwrap();
+    let gguf = fixtures().join("gguf/llama-tiny-f32-gpt2.gguf");
+    let train = |family: &str, out: &str, extra: &[&str]| {
+        let output = dir.path().join(out);
+        let mut args = vec![
+            "train",
+            family,
+            "--model",
+            gguf.to_str().unwrap(),
+            "--train-data",
+            corpus.to_str().unwrap(),
+            "--steps",
+            "2",
+            "--seq-len",
+            "16",
+            "--batch-size",
+            "2",
+            "--output",
+            output.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let out = zoo(&args);
+        assert!(
+            out.status.success(),
+            "{family}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        output.join("final")
+    };
+    let medusa = train("medusa", "medusa", &[]);
+    let mtp = train("mtp", "mtp", &["--freeze-backbone"]);
+    let generate = |extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "--model",
+            gguf.to_str().unwrap(),
+            "--prompt",
+            "the cat",
+            "--max-new-tokens",
+            "12",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        json_stdout(&zoo(&args))["token_ids"].clone()
+    };
+    let plain = generate(&[]);
+    assert_eq!(generate(&["--medusa", medusa.to_str().unwrap()]), plain);
+    assert_eq!(generate(&["--mtp", mtp.to_str().unwrap()]), plain);
+}

@@ -28,9 +28,8 @@ use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::{VarBuilder, VarMap};
 use serde_json::json;
 use zoo_models::generation::{generate, GenerationConfig, SamplingOptions, Strategy};
-use zoo_models::hub::ModelRepo;
 use zoo_models::llm::medusa::MedusaConfig;
-use zoo_models::llm::{KvCache, LlamaForCausalLM, LlamaStep, MedusaHeads};
+use zoo_models::llm::{KvCache, LlamaForCausalLM, LlamaStep, LlmSource, MedusaHeads};
 
 use crate::checkpoint;
 use crate::data::DataPosition;
@@ -496,18 +495,14 @@ pub fn run(config: RunConfig, train_files: &[PathBuf]) -> Result<RunSummary> {
         .as_deref()
         .map(checkpoint::resolve)
         .transpose()?;
-    let original_repo = ModelRepo::open(&config.model)?;
-    let load_original = || LlamaForCausalLM::load(&original_repo, Some(DType::F32), &config.device);
+    // The original LM: an HF checkpoint or a GGUF file, dequantized to f32.
+    let original = LlmSource::open(&config.model, None)?;
+    let load_original = || original.load_model(Some(DType::F32), &config.device);
     // Medusa-2 checkpoints hold the trained backbone; Medusa-1 ones only the heads.
     let backbone = match (&resume_dir, config.joint) {
         (_, None) => Backbone::Frozen {
             model: load_original()?,
-            tokenizer: zoo_datasets::tokenize::TextTokenizer::from_files(
-                &original_repo.get("tokenizer.json")?,
-                original_repo
-                    .get_optional("tokenizer_config.json")?
-                    .as_deref(),
-            )?,
+            tokenizer: crate::lm::llm_tokenizer(&original)?,
         },
         (Some(dir), Some(_)) => Backbone::Joint(TrainableLlama::from_pretrained(
             &dir.to_string_lossy(),
