@@ -14,8 +14,8 @@ use zoo_datasets::tokenize::TextTokenizer;
 use zoo_models::generation::{GenerationConfig, SamplingOptions, Strategy};
 use zoo_models::hub::ModelRepo;
 use zoo_models::llm::{
-    decode, Acceptance, Drafter, LlamaConfig, MedusaDrafter, MedusaHeads, MedusaTree, MtpDrafter,
-    MtpModules, NoDrafts, TypicalAcceptance,
+    decode, Acceptance, Drafter, HeadAccuracy, LlamaConfig, MedusaDrafter, MedusaHeads, MedusaTree,
+    MtpDrafter, MtpModules, NoDrafts, TypicalAcceptance,
 };
 
 use crate::common::{LlmArgs, LoadedLlm};
@@ -91,10 +91,12 @@ pub struct DecodingArgs {
     /// (FasterDecoding's `posterior_alpha`; default 0.3).
     #[arg(long, value_parser = flags::non_negative::<f32>, allow_negative_numbers = true)]
     pub posterior_alpha: Option<f32>,
-    /// The Medusa tree: a JSON list of paths of top-k ranks. Default: mc_sim_7b_63, cut to
-    /// the checkpoint's number of heads.
-    #[arg(long)]
-    pub medusa_choices: Option<PathBuf>,
+    /// The Medusa tree: a JSON list of paths of top-k ranks, or `auto`: the tree that
+    /// maximises expected tokens/s from the heads' measured accuracy (`medusa_accuracy.json`,
+    /// written by zoo train medusa) and this machine's verification cost, measured at start.
+    /// Default: mc_sim_7b_63, cut to the checkpoint's number of heads.
+    #[arg(long, value_parser = parse_choices)]
+    pub medusa_choices: Option<Choices>,
     /// Self-speculative decoding with DeepSeek-V3-style MTP modules: the checkpoint's own
     /// (`num_nextn_predict_layers`), or with a value, those of a folder trained for this base
     /// (`zoo train mtp`'s output), as a GGUF base needs. Greedy: token-identical to plain greedy
@@ -102,6 +104,20 @@ pub struct DecodingArgs {
     /// sampling.
     #[arg(long, value_name = "DIR", num_args = 0..=1, conflicts_with = "medusa")]
     pub mtp: Option<Option<PathBuf>>,
+}
+
+/// `--medusa-choices`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Choices {
+    Auto,
+    File(PathBuf),
+}
+
+pub fn parse_choices(s: &str) -> std::result::Result<Choices, String> {
+    Ok(match s {
+        "auto" => Choices::Auto,
+        path => Choices::File(path.into()),
+    })
 }
 
 /// `--acceptance`.
@@ -193,7 +209,7 @@ impl DecodingArgs {
         let medusa = self
             .medusa
             .as_deref()
-            .map(|dir| load_medusa(llm, dir, self.medusa_choices.as_deref()))
+            .map(|dir| load_medusa(llm, dir, self.medusa_choices.as_ref()))
             .transpose()?;
         if let Some((heads, tree)) = &medusa {
             MedusaDrafter::new(heads, tree)?;
@@ -411,7 +427,7 @@ pub fn load_mtp(llm: &LoadedLlm, dir: Option<&std::path::Path>) -> Result<MtpMod
 pub fn load_medusa(
     llm: &LoadedLlm,
     dir: &std::path::Path,
-    choices: Option<&std::path::Path>,
+    choices: Option<&Choices>,
 ) -> Result<(MedusaHeads, MedusaTree)> {
     let model = &llm.model;
     let heads = MedusaHeads::load(
@@ -422,10 +438,57 @@ pub fn load_medusa(
         &llm.device,
     )?;
     let tree = match choices {
-        Some(path) => MedusaTree::from_file(path)?,
+        Some(Choices::File(path)) => MedusaTree::from_file(path)?,
+        Some(Choices::Auto) => auto_tree(llm, dir, heads.heads.len())?,
         None => MedusaTree::mc_sim_7b_63_for(heads.heads.len()),
     };
     Ok((heads, tree))
+}
+
+/// Verification sizes measured for `--medusa-choices auto`, and the context before them.
+const AUTO_SIZES: [usize; 7] = [1, 2, 4, 8, 16, 32, 64];
+const AUTO_CONTEXT: usize = 64;
+
+/// `--medusa-choices auto`: the tree of at most 63 nodes with the most expected tokens per
+/// second, from the heads' accuracy in `dir` and the verification cost measured here.
+fn auto_tree(llm: &LoadedLlm, dir: &std::path::Path, heads: usize) -> Result<MedusaTree> {
+    let mut acc = HeadAccuracy::load(dir)?;
+    acc.heads.truncate(heads);
+    let model = &llm.model;
+    let room = model.config.max_position_embeddings;
+    let context = AUTO_CONTEXT.min(room.saturating_sub(64).max(1));
+    let sizes: Vec<usize> = AUTO_SIZES
+        .iter()
+        .copied()
+        .filter(|&k| context + k <= room)
+        .collect();
+    let costs = crate::bench::verify::verify_costs(model, &llm.device, context, &sizes, 3)?;
+    // Linear between the measured sizes, flat past the last.
+    let cost = |n: usize| -> f64 {
+        let mut prev = costs[0];
+        for &(k, ms) in &costs {
+            if n <= k {
+                if k == prev.0 {
+                    return ms;
+                }
+                let t = (n - prev.0) as f64 / (k - prev.0) as f64;
+                return prev.1 + t * (ms - prev.1);
+            }
+            prev = (k, ms);
+        }
+        prev.1 * n as f64 / prev.0 as f64
+    };
+    let max_nodes = sizes.last().copied().unwrap_or(1).saturating_sub(1).max(1);
+    let (tree, chosen) = MedusaTree::auto(&acc, &cost, max_nodes);
+    eprintln!(
+        "medusa-choices auto: {} nodes, {:.2} expected tokens per step, {:.2}x plain decoding's \
+         rate by the measured verification cost ({} accuracy over {} positions)",
+        chosen.nodes, chosen.tokens_per_step, chosen.speedup, acc.data, acc.positions
+    );
+    if chosen.speedup < 1.0 {
+        eprintln!("medusa-choices auto: these heads cost more than they save here");
+    }
+    Ok(tree)
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {

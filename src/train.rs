@@ -661,7 +661,9 @@ fn run_medusa(args: TrainArgs) -> Result<()> {
         }),
         epochs: args.epochs,
     };
-    let summary = medusa::run(config, &train_files).with_context(|| training_failed(&args))?;
+    let val_files = args.val_data.as_deref().map(text_files).transpose()?;
+    let summary = medusa::run(config, &train_files, val_files.as_deref())
+        .with_context(|| training_failed(&args))?;
     report(&summary.state.losses, summary.state.step)?;
     if args.joint {
         outln!(

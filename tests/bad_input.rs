@@ -454,6 +454,10 @@ fn inference_flags_and_files_are_refused_by_name() {
         generate(&[("--prompt", "")], "prompt"),
         generate(&[("--medusa-choices", choices.as_str())], "--medusa"),
         generate(&[("--acceptance", "exact")], "--acceptance"),
+        generate(
+            &[("--medusa", medusa.as_str()), ("--medusa-choices", "auto")],
+            "medusa_accuracy.json",
+        ),
         generate(&[("--posterior-alpha", "0.2")], "--posterior-alpha"),
         generate(&[("--stop", "")], "--stop"),
         generate(

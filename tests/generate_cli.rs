@@ -812,7 +812,35 @@ fn medusa_heads_and_mtp_modules_train_on_a_gguf_base_and_decode_beside_it() {
         );
         output.join("final")
     };
-    let medusa = train("medusa", "medusa", &[]);
+    let medusa = train(
+        "medusa",
+        "medusa",
+        &["--val-data", corpus.to_str().unwrap()],
+    );
+    // The heads' accuracy on the validation text, per head and rank.
+    let acc: Value = serde_json::from_str(
+        &std::fs::read_to_string(medusa.join("medusa_accuracy.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(acc["data"], "validation");
+    let heads = acc["heads"].as_array().unwrap();
+    assert!(
+        !heads.is_empty() && acc["positions"].as_u64().unwrap() > 0,
+        "{acc}"
+    );
+    for head in heads {
+        let ranks: Vec<f64> = head
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_f64().unwrap())
+            .collect();
+        assert_eq!(ranks.len(), 10);
+        assert!(
+            ranks.iter().all(|a| (0.0..=1.0).contains(a))
+                && ranks.iter().sum::<f64>() <= 1.0 + 1e-9
+        );
+    }
     let mtp = train("mtp", "mtp", &["--freeze-backbone"]);
     let generate = |extra: &[&str]| {
         let mut args = vec![
@@ -830,5 +858,12 @@ fn medusa_heads_and_mtp_modules_train_on_a_gguf_base_and_decode_beside_it() {
     };
     let plain = generate(&[]);
     assert_eq!(generate(&["--medusa", medusa.to_str().unwrap()]), plain);
+    let auto = &[
+        "--medusa",
+        medusa.to_str().unwrap(),
+        "--medusa-choices",
+        "auto",
+    ];
+    assert_eq!(generate(auto), plain);
     assert_eq!(generate(&["--mtp", mtp.to_str().unwrap()]), plain);
 }

@@ -26,9 +26,10 @@ pub struct GenerateBenchArgs {
     /// Medusa heads to compare (a FasterDecoding folder).
     #[arg(long)]
     pub medusa: Option<PathBuf>,
-    /// The Medusa tree (JSON list of paths); default mc_sim_7b_63 cut to the heads.
-    #[arg(long)]
-    pub medusa_choices: Option<PathBuf>,
+    /// The Medusa tree (JSON list of paths, or `auto` as for zoo generate); default
+    /// mc_sim_7b_63 cut to the heads.
+    #[arg(long, value_parser = crate::generate::parse_choices)]
+    pub medusa_choices: Option<crate::generate::Choices>,
     /// Also compare MTP modules: the checkpoint's (on by default when it has them), or with a
     /// value, those of a folder trained for this base.
     #[arg(long, value_name = "DIR", num_args = 0..=1)]
@@ -77,7 +78,7 @@ pub fn bench_generate(args: GenerateBenchArgs) -> Result<()> {
     let medusa = args
         .medusa
         .as_deref()
-        .map(|dir| crate::generate::load_medusa(&llm, dir, args.medusa_choices.as_deref()))
+        .map(|dir| crate::generate::load_medusa(&llm, dir, args.medusa_choices.as_ref()))
         .transpose()?;
     let mtp = match &args.mtp {
         Some(dir) => Some(crate::generate::load_mtp(&llm, dir.as_deref())?),

@@ -16,7 +16,7 @@ use rand_chacha::ChaCha8Rng;
 mod attention;
 mod generate;
 mod models;
-mod verify;
+pub mod verify;
 
 pub use attention::AttentionBenchArgs;
 pub use generate::GenerateBenchArgs;

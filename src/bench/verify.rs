@@ -3,9 +3,10 @@
 //! as the ratio to one token, the curve `--medusa-choices` trees are sized against.
 
 use anyhow::{bail, Result};
+use candle_core::Device;
 use clap::Args;
 use serde_json::json;
-use zoo_models::llm::KvCache;
+use zoo_models::llm::{KvCache, LlamaForCausalLM};
 
 use crate::common::LlmArgs;
 use crate::flags;
@@ -27,10 +28,36 @@ pub struct VerifyBenchArgs {
     pub json: bool,
 }
 
+/// Milliseconds per forward pass of each of `sizes` new tokens after `context` random ones
+/// (the median of `repeats`), each from the same cached context.
+pub fn verify_costs(
+    model: &LlamaForCausalLM,
+    device: &Device,
+    context: usize,
+    sizes: &[usize],
+    repeats: usize,
+) -> Result<Vec<(usize, f64)>> {
+    let vocab = model.config.vocab_size;
+    let ids = super::random_ids(1, context, vocab, 1, device)?;
+    let mut cache = KvCache::new();
+    model.forward(&ids, &mut cache)?;
+    let mut rows = Vec::new();
+    for &k in sizes {
+        let ids = super::random_ids(1, k, vocab, 2 + k as u64, device)?;
+        let seconds = super::median_seconds(1, repeats, || {
+            let mut c = cache.clone();
+            let out = model.forward(&ids, &mut c)?;
+            out.logits.flatten_all()?.get(0)?.to_scalar::<f32>()?;
+            Ok(())
+        })?;
+        rows.push((k, seconds * 1e3));
+    }
+    Ok(rows)
+}
+
 pub fn bench_verify(args: VerifyBenchArgs) -> Result<()> {
     let llm = args.model.load()?;
     let (model, device) = (&llm.model, &llm.device);
-    let vocab = model.config.vocab_size;
     let longest = args.tokens.iter().copied().max().unwrap_or(0);
     if args.tokens.contains(&0) {
         bail!("invalid value '0' for '--tokens': every size must be at least 1");
@@ -39,20 +66,7 @@ pub fn bench_verify(args: VerifyBenchArgs) -> Result<()> {
         .config
         .check_generation_length(args.context, longest)
         .map_err(|e| anyhow::anyhow!("--context {} with --tokens {longest}: {e}", args.context))?;
-    let context = super::random_ids(1, args.context, vocab, 1, device)?;
-    let mut cache = KvCache::new();
-    model.forward(&context, &mut cache)?;
-    let mut rows = Vec::new();
-    for &k in &args.tokens {
-        let ids = super::random_ids(1, k, vocab, 2 + k as u64, device)?;
-        let seconds = super::median_seconds(1, args.repeats, || {
-            let mut c = cache.clone();
-            let out = model.forward(&ids, &mut c)?;
-            out.logits.flatten_all()?.get(0)?.to_scalar::<f32>()?;
-            Ok(())
-        })?;
-        rows.push((k, seconds * 1e3));
-    }
+    let rows = verify_costs(model, device, args.context, &args.tokens, args.repeats)?;
     let one = rows
         .iter()
         .find(|(k, _)| *k == 1)

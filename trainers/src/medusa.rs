@@ -28,8 +28,8 @@ use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::{VarBuilder, VarMap};
 use serde_json::json;
 use zoo_models::generation::{generate, GenerationConfig, SamplingOptions, Strategy};
-use zoo_models::llm::medusa::MedusaConfig;
-use zoo_models::llm::{KvCache, LlamaForCausalLM, LlamaStep, LlmSource, MedusaHeads};
+use zoo_models::llm::medusa::{MedusaConfig, TOPK};
+use zoo_models::llm::{HeadAccuracy, KvCache, LlamaForCausalLM, LlamaStep, LlmSource, MedusaHeads};
 
 use crate::checkpoint;
 use crate::data::DataPosition;
@@ -170,6 +170,48 @@ impl TrainableMedusa {
         Ok(losses)
     }
 
+    /// Each head's hits per rank below [`TOPK`] and the positions scored, on `ids` `[B, L]`
+    /// with the backbone's final `hidden` states: head `k` (1-based) at position `t` is right
+    /// at rank `r` when its `r`-th likeliest token is `ids[t + k + 1]`.
+    pub fn rank_hits(
+        &self,
+        backbone: &LlamaForCausalLM,
+        hidden: &Tensor,
+        ids: &Tensor,
+    ) -> Result<Vec<(Vec<usize>, usize)>> {
+        let l = ids.dim(1)?;
+        let mut out = Vec::new();
+        for (i, head) in self.heads.heads.iter().enumerate() {
+            let k = i + 1;
+            if l <= k + 1 {
+                break;
+            }
+            let n = l - k - 1;
+            let logits = head.forward(&hidden.narrow(1, 0, n)?, backbone.lm_head())?;
+            let (b, _, v) = logits.dims3()?;
+            let logits = logits.reshape((b * n, v))?.to_dtype(DType::F32)?;
+            let targets = ids
+                .narrow(1, k + 1, n)?
+                .flatten_all()?
+                .to_dtype(DType::U32)?;
+            let target = logits.gather(&targets.unsqueeze(1)?, 1)?;
+            // The rank: how many tokens score above the target.
+            let ranks = logits
+                .broadcast_gt(&target)?
+                .to_dtype(DType::U32)?
+                .sum(1)?
+                .to_vec1::<u32>()?;
+            let mut hits = vec![0usize; TOPK];
+            for r in ranks {
+                if let Some(h) = hits.get_mut(r as usize) {
+                    *h += 1;
+                }
+            }
+            out.push((hits, b * n));
+        }
+        Ok(out)
+    }
+
     /// Writes `medusa_lm_head.safetensors` and `config.json` into `dir`. With `base_config`
     /// (Medusa-2, where `dir` holds the backbone too) the heads' fields join that config.
     pub fn save(&self, dir: &Path, base_config: Option<serde_json::Value>) -> Result<()> {
@@ -282,9 +324,45 @@ pub struct MedusaTask {
     /// count.
     sums: (Vec<f64>, f64, usize),
     last: Vec<(String, f64)>,
+    /// Sequences the heads' accuracy is measured on at every save, and what they are.
+    accuracy_data: (Vec<Vec<u32>>, &'static str),
 }
 
 impl MedusaTask {
+    /// The heads' top-k accuracy on [`Self::accuracy_data`].
+    fn accuracy(&self) -> Result<HeadAccuracy> {
+        let (data, kind) = &self.accuracy_data;
+        let mut totals: Vec<(Vec<usize>, usize)> = Vec::new();
+        for chunk in data.chunks(ACCURACY_BATCH) {
+            let ids = Tensor::new(chunk.to_vec(), &self.device)?;
+            let hidden = self
+                .backbone
+                .model()
+                .model
+                .forward_at(
+                    &ids,
+                    &(0..ids.dim(1)? as u32).collect::<Vec<_>>(),
+                    &zoo_models::layers::AttentionMask::causal(0),
+                    &mut KvCache::new(),
+                )?
+                .detach();
+            let hits = self.heads.rank_hits(self.backbone.model(), &hidden, &ids)?;
+            totals.resize(hits.len(), (vec![0; TOPK], 0));
+            for (t, (h, n)) in totals.iter_mut().zip(hits) {
+                t.0.iter_mut().zip(&h).for_each(|(a, b)| *a += b);
+                t.1 += n;
+            }
+        }
+        Ok(HeadAccuracy {
+            heads: totals
+                .iter()
+                .map(|(h, n)| h.iter().map(|&c| c as f64 / (*n).max(1) as f64).collect())
+                .collect(),
+            positions: totals.first().map_or(0, |t| t.1),
+            data: kind.to_string(),
+        })
+    }
+
     /// Whether this step trains the backbone too.
     fn joint_now(&self) -> Option<Medusa2> {
         self.joint.filter(|j| self.step >= j.heads_warmup_steps)
@@ -381,12 +459,18 @@ impl Task for MedusaTask {
     /// Medusa-1: the heads' folder. Medusa-2: the backbone's HF folder with the heads in it.
     fn save_model(&self, dir: &Path) -> Result<()> {
         match &self.backbone {
-            Backbone::Frozen { .. } => self.heads.save(dir, None),
+            Backbone::Frozen { .. } => self.heads.save(dir, None)?,
             Backbone::Joint(backbone) => {
                 backbone.save_hf(dir)?;
-                self.heads.save(dir, Some(backbone.hf_config()))
+                self.heads.save(dir, Some(backbone.hf_config()))?
             }
         }
+        // What `--medusa-choices auto` sizes its tree by.
+        let accuracy = serde_json::to_vec_pretty(&self.accuracy()?)
+            .map_err(|e| Error::Input(format!("cannot write the heads' accuracy: {e}")))?;
+        let path = dir.join(HeadAccuracy::FILE);
+        std::fs::write(&path, accuracy)
+            .map_err(|e| Error::Input(format!("cannot write {}: {e}", path.display())))
     }
 
     fn lr_scale(&self, name: &str) -> f64 {
@@ -489,7 +573,18 @@ pub struct RunSummary {
 
 /// Loads the backbone, packs the corpus with its tokenizer (or has the backbone write it), and
 /// trains with the shared loop.
-pub fn run(config: RunConfig, train_files: &[PathBuf]) -> Result<RunSummary> {
+/// Sequences the heads' accuracy is measured on, at most.
+const ACCURACY_SEQUENCES: usize = 64;
+/// Sequences per forward pass when measuring it.
+const ACCURACY_BATCH: usize = 4;
+
+/// `val_files`: held-out text for the heads' accuracy; without it, the first training
+/// sequences stand in.
+pub fn run(
+    config: RunConfig,
+    train_files: &[PathBuf],
+    val_files: Option<&[PathBuf]>,
+) -> Result<RunSummary> {
     let resume_dir = config
         .resume
         .as_deref()
@@ -572,6 +667,18 @@ pub fn run(config: RunConfig, train_files: &[PathBuf]) -> Result<RunSummary> {
     if let Backbone::Joint(b) = &backbone {
         vars.extend(b.trainable_vars(false));
     }
+    let first = |d: &PackedSequences| d.sequences()[..d.len().min(ACCURACY_SEQUENCES)].to_vec();
+    let accuracy_data = match val_files {
+        Some(files) => {
+            let val = PackedSequences::new(
+                &Corpus::read(files)?.tokens(backbone.tokenizer(), eos)?,
+                config.seq_len,
+                seed,
+            )?;
+            (first(&val), "validation")
+        }
+        None => (first(&data), "training"),
+    };
     let mut task = MedusaTask {
         backbone,
         heads,
@@ -584,6 +691,7 @@ pub fn run(config: RunConfig, train_files: &[PathBuf]) -> Result<RunSummary> {
         step: state.step,
         sums: (Vec::new(), 0.0, 0),
         last: Vec::new(),
+        accuracy_data,
     };
     let state = run_task(
         &mut task,

@@ -90,6 +90,7 @@ fn the_warm_up_trains_only_heads_then_joint_training_reaches_every_parameter() {
     let warm = medusa::run(
         config(&dir.path().join("warm"), 3, Some(joint)),
         std::slice::from_ref(&corpus),
+        None,
     )
     .unwrap();
     let original = weights(&fixture());
@@ -128,6 +129,7 @@ fn the_warm_up_trains_only_heads_then_joint_training_reaches_every_parameter() {
             }),
         ),
         std::slice::from_ref(&corpus),
+        None,
     )
     .unwrap();
     let mut task = cold.task;
@@ -154,6 +156,7 @@ fn the_warm_up_trains_only_heads_then_joint_training_reaches_every_parameter() {
             }),
         ),
         std::slice::from_ref(&corpus),
+        None,
     )
     .unwrap();
     let saved = weights(&run.final_dir);
@@ -272,7 +275,7 @@ fn the_kl_loss_is_zero_for_the_teacher_itself_and_starts_at_zero_in_training() {
         temperature: 0.3,
         max_sequences: Some(8),
     });
-    medusa::run(cfg, std::slice::from_ref(&corpus)).unwrap();
+    medusa::run(cfg, std::slice::from_ref(&corpus), None).unwrap();
     let lines = std::fs::read_to_string(out.join("self_distill.jsonl")).unwrap();
     assert_eq!(lines.lines().count(), 8);
     let first: serde_json::Value = serde_json::from_str(
@@ -293,7 +296,7 @@ fn epochs_count_passes_over_the_packed_sequences() {
     let corpus = corpus(dir.path());
     let mut cfg = config(&dir.path().join("epochs"), 0, None);
     cfg.epochs = Some(2);
-    let run = medusa::run(cfg, std::slice::from_ref(&corpus)).unwrap();
+    let run = medusa::run(cfg, std::slice::from_ref(&corpus), None).unwrap();
     let tokenizer = zoo_datasets::tokenize::TextTokenizer::from_files(
         &fixture().join("tokenizer.json"),
         Some(&fixture().join("tokenizer_config.json")),

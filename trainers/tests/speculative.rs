@@ -167,6 +167,7 @@ fn trained_medusa_heads_accept_more_than_one_and_a_half_tokens_per_step() {
             epochs: None,
         },
         std::slice::from_ref(&corpus),
+        None,
     )
     .unwrap();
     assert_losses_halve(&metric_rows(&heads_out, "medusa1_loss"), "medusa", 4);
@@ -233,6 +234,7 @@ fn trained_medusa_heads_accept_more_than_one_and_a_half_tokens_per_step() {
             epochs: None,
         },
         std::slice::from_ref(&corpus),
+        None,
     )
     .unwrap();
     let rows = metric_rows(&joint_out, "medusa1_loss");

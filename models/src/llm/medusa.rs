@@ -17,7 +17,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::llama::LlamaForCausalLM;
 use super::speculative::{
@@ -353,6 +353,132 @@ fn top_k(values: &[f32], k: usize) -> Vec<usize> {
     idx
 }
 
+/// How often each head's top candidates are right, measured on held-out text by
+/// `zoo train medusa` and saved beside the heads as [`HeadAccuracy::FILE`]: `heads[h][r]` is
+/// the fraction of positions where head `h`'s rank-`r` candidate is the token `h + 2` places
+/// ahead (the one after the base model's next token, for head 0).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HeadAccuracy {
+    pub heads: Vec<Vec<f64>>,
+    /// Positions scored per head (the first head's count).
+    pub positions: usize,
+    /// Where the positions came from: `validation` or `training` text.
+    pub data: String,
+}
+
+impl HeadAccuracy {
+    pub const FILE: &'static str = "medusa_accuracy.json";
+
+    /// The record in a heads folder.
+    pub fn load(dir: &Path) -> crate::Result<Self> {
+        let path = dir.join(Self::FILE);
+        if !path.is_file() {
+            return Err(crate::Error::MissingFile {
+                folder: dir.display().to_string(),
+                file: format!(
+                    "{} (the heads' measured accuracy, which zoo train medusa writes; \
+                     --medusa-choices auto needs it)",
+                    Self::FILE
+                ),
+            });
+        }
+        let acc: Self = crate::hub::read_json(&path, "Medusa head accuracy")?;
+        let bad = acc
+            .heads
+            .iter()
+            .flatten()
+            .any(|&a| !(0.0..=1.0).contains(&a));
+        if acc.heads.is_empty() || bad {
+            return Err(crate::Error::Invalid {
+                path,
+                what: "Medusa head accuracy",
+                message: "heads must be lists of accuracies in [0, 1]".into(),
+            });
+        }
+        Ok(acc)
+    }
+}
+
+/// What [`MedusaTree::auto`] chose, for the user.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AutoTree {
+    /// Drafted nodes (the root not counted).
+    pub nodes: usize,
+    /// Expected new tokens per verification step: 1 plus each node's chance of acceptance.
+    pub tokens_per_step: f64,
+    /// `tokens_per_step` over the cost of verifying the tree, relative to one plain step.
+    pub speedup: f64,
+}
+
+impl MedusaTree {
+    /// The tree that maximises expected tokens per second for heads of accuracy `acc` on a
+    /// machine where verifying `n` tokens costs `cost(n)` (any unit; `cost(1)` is a plain
+    /// step). A node's chance of acceptance is the product of its ranks' accuracies along its
+    /// path (the heads taken as independent, as the Medusa paper sizes its trees); for each
+    /// size the best tree adds the likeliest nodes first, which keeps it closed under
+    /// prefixes. Up to `max_nodes` drafted nodes, at most one level per head.
+    pub fn auto(
+        acc: &HeadAccuracy,
+        cost: &dyn Fn(usize) -> f64,
+        max_nodes: usize,
+    ) -> (Self, AutoTree) {
+        let depth = acc.heads.len();
+        let ranks = |h: usize| acc.heads[h].len().min(TOPK);
+        // Chosen paths with their probabilities, and the frontier of their children.
+        let mut chosen: Vec<(Vec<usize>, f64)> = Vec::new();
+        let mut frontier: Vec<(Vec<usize>, f64)> =
+            (0..ranks(0)).map(|r| (vec![r], acc.heads[0][r])).collect();
+        let base = cost(1);
+        let mut best = (0, 1.0, 1.0);
+        let mut expected = 1.0;
+        while chosen.len() < max_nodes {
+            let Some(i) = (0..frontier.len())
+                .max_by(|&a, &b| frontier[a].1.total_cmp(&frontier[b].1).then(b.cmp(&a)))
+            else {
+                break;
+            };
+            let (path, p) = frontier.swap_remove(i);
+            if path.len() < depth {
+                let h = path.len();
+                for r in 0..ranks(h) {
+                    let mut child = path.clone();
+                    child.push(r);
+                    frontier.push((child, p * acc.heads[h][r]));
+                }
+            }
+            chosen.push((path, p));
+            expected += p;
+            let speedup = expected / (cost(chosen.len() + 1) / base);
+            if speedup > best.2 {
+                best = (chosen.len(), expected, speedup);
+            }
+        }
+        // At least one node, so that the heads are used at all.
+        let n = best.0.max(1).min(chosen.len().max(1));
+        let choices: Vec<Vec<usize>> = chosen[..n.min(chosen.len())]
+            .iter()
+            .map(|(c, _)| c.clone())
+            .collect();
+        let choices = if choices.is_empty() {
+            vec![vec![0]]
+        } else {
+            choices
+        };
+        let tokens_per_step = 1.0
+            + chosen[..n.min(chosen.len())]
+                .iter()
+                .map(|c| c.1)
+                .sum::<f64>();
+        let tree = Self::new(&choices).expect("a tree grown from its root is prefix-closed");
+        let stats = AutoTree {
+            nodes: choices.len(),
+            tokens_per_step,
+            speedup: tokens_per_step / (cost(choices.len() + 1) / base),
+        };
+        (tree, stats)
+    }
+}
+
 /// Medusa's drafter: the base model's next token as the root, and the heads' top candidates
 /// on its hidden state laid out as `tree`.
 pub struct MedusaDrafter<'a> {
@@ -434,6 +560,45 @@ pub fn medusa_generate(
 #[cfg(test)]
 mod tree_tests {
     use super::*;
+
+    fn accuracy(heads: Vec<Vec<f64>>) -> HeadAccuracy {
+        HeadAccuracy {
+            heads,
+            positions: 100,
+            data: "validation".into(),
+        }
+    }
+
+    /// Free verification takes every node it may; costly verification only the sure ones;
+    /// the likeliest nodes come first and every path's prefix is in the tree.
+    #[test]
+    fn the_auto_tree_follows_accuracy_and_verification_cost() {
+        let acc = accuracy(vec![vec![0.6, 0.2, 0.1], vec![0.5, 0.2], vec![0.4]]);
+        let (free, stats) = MedusaTree::auto(&acc, &|_| 1.0, 64);
+        // 3 + 3·2 + 3·2·1 paths.
+        assert_eq!(stats.nodes, 15);
+        assert_eq!(free.depth(), 3);
+        let all: f64 = [0.6, 0.2, 0.1]
+            .iter()
+            .map(|a| a * (1.0 + 0.7 + 0.7 * 0.4))
+            .sum();
+        assert!(
+            (stats.tokens_per_step - 1.0 - all).abs() < 1e-9,
+            "{stats:?}"
+        );
+        // Each extra token costs as much as a step: only nodes likelier than ... none pay.
+        let (_, linear) = MedusaTree::auto(&acc, &|n| n as f64, 64);
+        assert_eq!(linear.nodes, 1);
+        // A flat curve up to 4 tokens, then steep: the 3 likeliest nodes.
+        let (tree, knee) = MedusaTree::auto(&acc, &|n| if n <= 4 { 1.0 } else { n as f64 }, 64);
+        assert_eq!(knee.nodes, 3);
+        let expected = MedusaTree::new(&[vec![0], vec![0, 0], vec![1]]).unwrap();
+        assert_eq!(tree, expected);
+        assert!((knee.tokens_per_step - (1.0 + 0.6 + 0.3 + 0.2)).abs() < 1e-9);
+        // The size bound holds.
+        let (_, small) = MedusaTree::auto(&acc, &|_| 1.0, 5);
+        assert_eq!(small.nodes, 5);
+    }
 
     #[test]
     fn the_default_tree_is_cut_to_the_heads() {

@@ -16,7 +16,7 @@ pub mod speculative;
 pub use config::LlamaConfig;
 pub use gguf::GgufLlama;
 pub use llama::{CausalLmOutput, KvCache, LlamaForCausalLM, LlamaModel, LlamaStep};
-pub use medusa::{medusa_generate, MedusaDrafter, MedusaHeads, MedusaTree};
+pub use medusa::{medusa_generate, AutoTree, HeadAccuracy, MedusaDrafter, MedusaHeads, MedusaTree};
 pub use mtp::{mtp_generate, MtpDrafter, MtpModule, MtpModules};
 pub use source::LlmSource;
 pub use speculative::{
