@@ -479,7 +479,8 @@ fn auto_tree(llm: &LoadedLlm, dir: &std::path::Path, heads: usize) -> Result<Med
         prev.1 * n as f64 / prev.0 as f64
     };
     let max_nodes = sizes.last().copied().unwrap_or(1).saturating_sub(1).max(1);
-    let (tree, chosen) = MedusaTree::auto(&acc, &cost, max_nodes);
+    let (tree, chosen) = MedusaTree::auto(&acc, &cost, max_nodes)
+        .map_err(|e| anyhow::anyhow!("--medusa-choices auto for {}: {e}", dir.display()))?;
     eprintln!(
         "medusa-choices auto: {} nodes, {:.2} expected tokens per step, {:.2}x plain decoding's \
          rate by the measured verification cost ({} accuracy over {} positions)",

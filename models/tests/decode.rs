@@ -25,6 +25,18 @@ fn llama() -> LlamaForCausalLM {
     LlamaForCausalLM::load(&repo, None, &Device::Cpu).unwrap()
 }
 
+/// The fixture's Medusa heads for llama-tiny.
+fn medusa_heads() -> MedusaHeads {
+    MedusaHeads::load(
+        &fixtures().join("llama-tiny-medusa"),
+        64,
+        320,
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap()
+}
+
 /// `generate`'s output for `prompt`: the HF-parity reference.
 fn reference(model: &LlamaForCausalLM, prompt: &[u32], cfg: &GenerationConfig) -> Vec<u32> {
     let mut step = LlamaStep {
@@ -121,14 +133,7 @@ fn settings(model: &LlamaForCausalLM, prompt: &[u32]) -> Vec<GenerationConfig> {
 fn every_drafter_with_every_processor_decodes_as_plain_greedy() {
     let model = llama();
     let vocab = model.config.vocab_size as u32;
-    let heads = MedusaHeads::load(
-        &fixtures().join("llama-tiny-medusa"),
-        64,
-        320,
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let heads = medusa_heads();
     let full = MedusaTree::mc_sim_7b_63();
     let small = MedusaTree::new(&[vec![0], vec![1], vec![0, 0], vec![0, 1]]).unwrap();
     let varmap = VarMap::new();
@@ -216,14 +221,7 @@ fn plain_sampling_through_the_loop_is_plain_sampling() {
 #[test]
 fn sampled_drafts_are_reproducible_per_seed_and_keep_the_length() {
     let model = llama();
-    let heads = MedusaHeads::load(
-        &fixtures().join("llama-tiny-medusa"),
-        64,
-        320,
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let heads = medusa_heads();
     let tree = MedusaTree::mc_sim_7b_63();
     let prompt = vec![5u32, 17, 42];
     let cfg = |seed| GenerationConfig {

@@ -21,10 +21,10 @@ use serde::{Deserialize, Serialize};
 
 use super::llama::LlamaForCausalLM;
 use super::speculative::{
-    decode, Acceptance, DraftContext, DraftTree, Drafter, SpeculativeOutput, TypicalAcceptance,
+    decode_until, Acceptance, DraftContext, DraftTree, Drafter, SpeculativeOutput,
+    TypicalAcceptance,
 };
 use crate::error::CandleContext;
-use crate::generation::GenerationConfig;
 use crate::layers::Linear;
 
 /// Candidates taken from each head (FasterDecoding's `TOPK`); tree choices index below it.
@@ -386,13 +386,12 @@ impl HeadAccuracy {
         let bad = acc
             .heads
             .iter()
-            .flatten()
-            .any(|&a| !(0.0..=1.0).contains(&a));
+            .any(|h| h.is_empty() || h.iter().any(|a| !(0.0..=1.0).contains(a)));
         if acc.heads.is_empty() || bad {
             return Err(crate::Error::Invalid {
                 path,
                 what: "Medusa head accuracy",
-                message: "heads must be lists of accuracies in [0, 1]".into(),
+                message: "heads must be non-empty lists of accuracies in [0, 1]".into(),
             });
         }
         Ok(acc)
@@ -421,7 +420,7 @@ impl MedusaTree {
         acc: &HeadAccuracy,
         cost: &dyn Fn(usize) -> f64,
         max_nodes: usize,
-    ) -> (Self, AutoTree) {
+    ) -> std::result::Result<(Self, AutoTree), String> {
         let depth = acc.heads.len();
         let ranks = |h: usize| acc.heads[h].len().min(TOPK);
         // Chosen paths with their probabilities, and the frontier of their children.
@@ -454,28 +453,16 @@ impl MedusaTree {
             }
         }
         // At least one node, so that the heads are used at all.
-        let n = best.0.max(1).min(chosen.len().max(1));
-        let choices: Vec<Vec<usize>> = chosen[..n.min(chosen.len())]
-            .iter()
-            .map(|(c, _)| c.clone())
-            .collect();
-        let choices = if choices.is_empty() {
-            vec![vec![0]]
-        } else {
-            choices
-        };
-        let tokens_per_step = 1.0
-            + chosen[..n.min(chosen.len())]
-                .iter()
-                .map(|c| c.1)
-                .sum::<f64>();
-        let tree = Self::new(&choices).expect("a tree grown from its root is prefix-closed");
+        let chosen = &chosen[..best.0.max(1).min(chosen.len())];
+        let choices: Vec<Vec<usize>> = chosen.iter().map(|(c, _)| c.clone()).collect();
+        let tree = Self::new(&choices)?;
+        let tokens_per_step = 1.0 + chosen.iter().map(|c| c.1).sum::<f64>();
         let stats = AutoTree {
             nodes: choices.len(),
             tokens_per_step,
             speedup: tokens_per_step / (cost(choices.len() + 1) / base),
         };
-        (tree, stats)
+        Ok((tree, stats))
     }
 }
 
@@ -545,16 +532,9 @@ pub fn medusa_generate(
     stop: &[u32],
     typical: Option<&TypicalAcceptance>,
 ) -> Result<SpeculativeOutput> {
-    let cfg = GenerationConfig {
-        max_new_tokens,
-        stop_tokens: stop.to_vec(),
-        ..Default::default()
-    };
     let rule = typical.map_or(Acceptance::Greedy, |t| Acceptance::Typical(*t));
     let mut drafter = MedusaDrafter::new(heads, tree)?;
-    decode(model, &mut drafter, prompt, &cfg, &rule, &mut |_| {
-        Ok(std::ops::ControlFlow::Continue(()))
-    })
+    decode_until(model, &mut drafter, prompt, max_new_tokens, stop, &rule)
 }
 
 #[cfg(test)]
@@ -574,7 +554,7 @@ mod tree_tests {
     #[test]
     fn the_auto_tree_follows_accuracy_and_verification_cost() {
         let acc = accuracy(vec![vec![0.6, 0.2, 0.1], vec![0.5, 0.2], vec![0.4]]);
-        let (free, stats) = MedusaTree::auto(&acc, &|_| 1.0, 64);
+        let (free, stats) = MedusaTree::auto(&acc, &|_| 1.0, 64).unwrap();
         // 3 + 3·2 + 3·2·1 paths.
         assert_eq!(stats.nodes, 15);
         assert_eq!(free.depth(), 3);
@@ -587,16 +567,17 @@ mod tree_tests {
             "{stats:?}"
         );
         // Each extra token costs as much as a step: only nodes likelier than ... none pay.
-        let (_, linear) = MedusaTree::auto(&acc, &|n| n as f64, 64);
+        let (_, linear) = MedusaTree::auto(&acc, &|n| n as f64, 64).unwrap();
         assert_eq!(linear.nodes, 1);
         // A flat curve up to 4 tokens, then steep: the 3 likeliest nodes.
-        let (tree, knee) = MedusaTree::auto(&acc, &|n| if n <= 4 { 1.0 } else { n as f64 }, 64);
+        let (tree, knee) =
+            MedusaTree::auto(&acc, &|n| if n <= 4 { 1.0 } else { n as f64 }, 64).unwrap();
         assert_eq!(knee.nodes, 3);
         let expected = MedusaTree::new(&[vec![0], vec![0, 0], vec![1]]).unwrap();
         assert_eq!(tree, expected);
         assert!((knee.tokens_per_step - (1.0 + 0.6 + 0.3 + 0.2)).abs() < 1e-9);
         // The size bound holds.
-        let (_, small) = MedusaTree::auto(&acc, &|_| 1.0, 5);
+        let (_, small) = MedusaTree::auto(&acc, &|_| 1.0, 5).unwrap();
         assert_eq!(small.nodes, 5);
     }
 

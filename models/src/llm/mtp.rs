@@ -19,8 +19,10 @@ use candle_nn::VarBuilder;
 
 use super::config::LlamaConfig;
 use super::llama::{LayerKv, LlamaDecoderLayer, LlamaForCausalLM};
-use super::speculative::{decode, Acceptance, DraftContext, DraftTree, Drafter, SpeculativeOutput};
-use crate::generation::{GenerationConfig, SamplingOptions};
+use super::speculative::{
+    decode_until, Acceptance, DraftContext, DraftTree, Drafter, SpeculativeOutput,
+};
+use crate::generation::SamplingOptions;
 use crate::layers::{AttentionMask, Linear, RmsNorm};
 
 /// One MTP module.
@@ -269,18 +271,13 @@ pub fn mtp_generate(
     stop: &[u32],
     sampling: Option<&SamplingOptions>,
 ) -> Result<SpeculativeOutput> {
-    let cfg = GenerationConfig {
-        max_new_tokens,
-        stop_tokens: stop.to_vec(),
-        ..Default::default()
-    };
     let rule = sampling.map_or(Acceptance::Greedy, |s| Acceptance::Sample(*s));
-    decode(
+    decode_until(
         model,
         &mut MtpDrafter::new(mtp),
         prompt,
-        &cfg,
+        max_new_tokens,
+        stop,
         &rule,
-        &mut |_| Ok(std::ops::ControlFlow::Continue(())),
     )
 }

@@ -276,9 +276,13 @@ impl Scores<'_> {
             .get(node)?
             .to_dtype(DType::F32)?
             .to_vec1::<f32>()?;
-        let path = self.tree.path_to(node);
-        let mut seq = self.tokens.to_vec();
-        seq.extend(path[1..].iter().map(|&k| self.tree.tokens[k]));
+        // The sequence along the path, which only the repetition penalty reads.
+        let mut seq = Vec::new();
+        if self.cfg.repetition_penalty != 1.0 {
+            seq.extend_from_slice(self.tokens);
+            let path = self.tree.path_to(node);
+            seq.extend(path[1..].iter().map(|&k| self.tree.tokens[k]));
+        }
         process(
             &mut scores,
             &seq,
@@ -392,6 +396,26 @@ fn accept(
             Ok(Verdict { path, next })
         }
     }
+}
+
+/// [`decode`] to `max_new_tokens` or a `stop` token, with no other processors and nothing
+/// watching the tokens: what [`super::medusa_generate`] and [`super::mtp_generate`] run.
+pub fn decode_until(
+    model: &LlamaForCausalLM,
+    drafter: &mut dyn Drafter,
+    prompt: &[u32],
+    max_new_tokens: usize,
+    stop: &[u32],
+    rule: &Acceptance,
+) -> Result<SpeculativeOutput> {
+    let cfg = GenerationConfig {
+        max_new_tokens,
+        stop_tokens: stop.to_vec(),
+        ..Default::default()
+    };
+    decode(model, drafter, prompt, &cfg, rule, &mut |_| {
+        Ok(ControlFlow::Continue(()))
+    })
 }
 
 /// Decodes after `prompt` with `model`, `drafter` proposing tokens and `rule` choosing and
