@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use candle_core::Tensor;
 use clap::Args;
 use serde_json::json;
 use zoo_datasets::chat::Message;
@@ -15,7 +16,7 @@ use zoo_models::generation::{GenerationConfig, SamplingOptions, Strategy};
 use zoo_models::hub::ModelRepo;
 use zoo_models::llm::{
     decode, Acceptance, Drafter, HeadAccuracy, LlamaConfig, MedusaDrafter, MedusaHeads, MedusaTree,
-    MtpDrafter, MtpModules, NoDrafts, TypicalAcceptance,
+    MtpDraft, MtpDrafter, MtpModules, NoDrafts, TypicalAcceptance,
 };
 
 use crate::common::{LlmArgs, LoadedLlm};
@@ -104,6 +105,33 @@ pub struct DecodingArgs {
     /// sampling.
     #[arg(long, value_name = "DIR", num_args = 0..=1, conflicts_with = "medusa")]
     pub mtp: Option<Option<PathBuf>>,
+    #[command(flatten)]
+    pub mtp_tree: MtpTreeArgs,
+}
+
+/// How the MTP modules draft (`zoo generate`, `zoo chat`, `zoo bench generate`).
+#[derive(Args, Debug, Clone, Default)]
+pub struct MtpTreeArgs {
+    /// With --mtp: draft a tree of up to N tokens instead of a chain, grown by confidence as
+    /// EAGLE-2 grows one: each depth expands the --mtp-top-k most confident drafts by their
+    /// --mtp-top-k likeliest tokens, and the N most confident drafts are verified.
+    #[arg(long, value_name = "N", requires = "mtp", value_parser = flags::count::<usize>, allow_negative_numbers = true)]
+    pub mtp_tree: Option<usize>,
+    /// With --mtp-tree: drafts expanded per depth, and tokens per expanded draft.
+    #[arg(long, value_name = "K", default_value_t = 4, requires = "mtp_tree", value_parser = flags::count::<usize>, allow_negative_numbers = true)]
+    pub mtp_top_k: usize,
+}
+
+impl MtpTreeArgs {
+    pub fn shape(&self) -> MtpDraft {
+        match self.mtp_tree {
+            Some(max_nodes) => MtpDraft::Tree {
+                top_k: self.mtp_top_k,
+                max_nodes,
+            },
+            None => MtpDraft::Chain,
+        }
+    }
 }
 
 /// `--medusa-choices`.
@@ -294,7 +322,7 @@ impl Decoder<'_> {
             None => Acceptance::of(&cfg)?,
         };
         let mut drafter: Box<dyn Drafter + '_> = match (&self.medusa, &self.mtp) {
-            (_, Some(mtp)) => Box::new(MtpDrafter::new(mtp)),
+            (_, Some(mtp)) => Box::new(MtpDrafter::with_shape(mtp, self.args.mtp_tree.shape())),
             (Some((heads, tree)), None) => Box::new(MedusaDrafter::new(heads, tree)?),
             (None, None) => Box::new(NoDrafts),
         };
@@ -439,7 +467,7 @@ pub fn load_medusa(
     )?;
     let tree = match choices {
         Some(Choices::File(path)) => MedusaTree::from_file(path)?,
-        Some(Choices::Auto) => auto_tree(llm, dir, heads.heads.len())?,
+        Some(Choices::Auto) => auto_tree(llm, dir, &heads)?,
         None => MedusaTree::mc_sim_7b_63_for(heads.heads.len()),
     };
     Ok((heads, tree))
@@ -450,10 +478,11 @@ const AUTO_SIZES: [usize; 7] = [1, 2, 4, 8, 16, 32, 64];
 const AUTO_CONTEXT: usize = 64;
 
 /// `--medusa-choices auto`: the tree of at most 63 nodes with the most expected tokens per
-/// second, from the heads' accuracy in `dir` and the verification cost measured here.
-fn auto_tree(llm: &LoadedLlm, dir: &std::path::Path, heads: usize) -> Result<MedusaTree> {
+/// second, from the heads' accuracy in `dir` and the costs measured here: verifying 1..64
+/// tokens, and the heads' own pass over one hidden state, which every drafting step adds.
+fn auto_tree(llm: &LoadedLlm, dir: &std::path::Path, heads: &MedusaHeads) -> Result<MedusaTree> {
     let mut acc = HeadAccuracy::load(dir)?;
-    acc.heads.truncate(heads);
+    acc.heads.truncate(heads.heads.len());
     let model = &llm.model;
     let room = model.config.max_position_embeddings;
     let context = AUTO_CONTEXT.min(room.saturating_sub(64).max(1));
@@ -463,8 +492,21 @@ fn auto_tree(llm: &LoadedLlm, dir: &std::path::Path, heads: usize) -> Result<Med
         .filter(|&k| context + k <= room)
         .collect();
     let costs = crate::bench::verify::verify_costs(model, &llm.device, context, &sizes, 3)?;
-    // Linear between the measured sizes, flat past the last.
-    let cost = |n: usize| -> f64 {
+    let hidden = Tensor::zeros(
+        (1, 1, model.config.hidden_size),
+        model.model.embeddings().dtype(),
+        &llm.device,
+    )?;
+    let drafting_ms = 1e3
+        * crate::bench::median_seconds(1, 3, || {
+            for logits in heads.forward(&hidden, model.lm_head())? {
+                logits.flatten_all()?.get(0)?.to_scalar::<f32>()?;
+            }
+            Ok(())
+        })?;
+    // Linear between the measured sizes, flat past the last; a step with drafts also runs the
+    // heads.
+    let verify = |n: usize| -> f64 {
         let mut prev = costs[0];
         for &(k, ms) in &costs {
             if n <= k {
@@ -478,13 +520,21 @@ fn auto_tree(llm: &LoadedLlm, dir: &std::path::Path, heads: usize) -> Result<Med
         }
         prev.1 * n as f64 / prev.0 as f64
     };
+    let cost = |n: usize| verify(n) + if n > 1 { drafting_ms } else { 0.0 };
     let max_nodes = sizes.last().copied().unwrap_or(1).saturating_sub(1).max(1);
     let (tree, chosen) = MedusaTree::auto(&acc, &cost, max_nodes)
         .map_err(|e| anyhow::anyhow!("--medusa-choices auto for {}: {e}", dir.display()))?;
     eprintln!(
         "medusa-choices auto: {} nodes, {:.2} expected tokens per step, {:.2}x plain decoding's \
-         rate by the measured verification cost ({} accuracy over {} positions)",
-        chosen.nodes, chosen.tokens_per_step, chosen.speedup, acc.data, acc.positions
+         rate by the measured costs (one token {:.1} ms, the heads {:.1} ms; {} accuracy over {} \
+         positions)",
+        chosen.nodes,
+        chosen.tokens_per_step,
+        chosen.speedup,
+        costs[0].1,
+        drafting_ms,
+        acc.data,
+        acc.positions
     );
     if chosen.speedup < 1.0 {
         eprintln!("medusa-choices auto: these heads cost more than they save here");

@@ -109,6 +109,15 @@ pub struct TrainArgs {
     /// original backbone.
     #[arg(long)]
     pub self_distill: bool,
+    /// Self-distillation of a chat model: every line of the training text files (or JSONL
+    /// `text`) is one user turn, rendered by the model's chat template; the model's replies
+    /// (until eos, --seq-len tokens in all) are the data. --val-data prompts get replies too.
+    #[arg(long, requires = "self_distill")]
+    pub chat: bool,
+    /// Medusa: new heads project with the backbone's lm_head instead of a copy each
+    /// (FasterDecoding's "version 2" layout: one ResBlock of weights per head).
+    #[arg(long)]
+    pub medusa_shared_lm_head: bool,
     /// Self-distillation: prompt tokens kept from each sequence (default: a quarter of
     /// --seq-len).
     #[arg(long, value_parser = flags::count::<usize>, allow_negative_numbers = true)]
@@ -563,6 +572,7 @@ fn run_lm(args: TrainArgs) -> Result<()> {
         (args.image_size.is_some(), "--image-size"),
         (args.joint, "--joint"),
         (args.self_distill, "--self-distill"),
+        (args.medusa_shared_lm_head, "--medusa-shared-lm-head"),
     ];
     if let Some((_, flag)) = not_lm.iter().find(|(given, _)| *given) {
         bail!("{flag} is not a `zoo train lm` flag");
@@ -636,11 +646,17 @@ fn run_medusa(args: TrainArgs) -> Result<()> {
     {
         bail!("{flag} is a Medusa-2 setting; add --joint to train the backbone too");
     }
+    if args.chat && args.distill_prompt_len.is_some() {
+        bail!(
+            "--distill-prompt-len cuts prompts from a corpus; with --chat every line is a prompt"
+        );
+    }
     let train_files = text_files(&args.train_data)?;
     let config = medusa::RunConfig {
         model,
         num_heads: args.medusa_num_heads,
         num_layers: args.medusa_num_layers,
+        shared_lm_head: args.medusa_shared_lm_head,
         seq_len: args.seq_len,
         // With --epochs the trainer sets the steps (and caps the warmup) once it has packed the
         // corpus.
@@ -658,6 +674,7 @@ fn run_medusa(args: TrainArgs) -> Result<()> {
             prompt_len: args.distill_prompt_len.unwrap_or((args.seq_len / 4).max(1)),
             temperature: args.distill_temperature,
             max_sequences: args.distill_sequences,
+            chat: args.chat,
         }),
         epochs: args.epochs,
     };

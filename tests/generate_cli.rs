@@ -667,7 +667,12 @@ fn every_decoder_takes_every_flag_with_plain_greedy_ids() {
         args.extend_from_slice(extra);
         json_stdout(&zoo(&args))
     };
-    let decoders: [&[&str]; 3] = [&[], &["--medusa", heads.to_str().unwrap()], &["--mtp"]];
+    let decoders: [&[&str]; 4] = [
+        &[],
+        &["--medusa", heads.to_str().unwrap()],
+        &["--mtp"],
+        &["--mtp", "--mtp-tree", "5", "--mtp-top-k", "2"],
+    ];
     for flags in [
         &["--repetition-penalty", "1.4"][..],
         &["--min-new-tokens", "20"],
@@ -866,4 +871,60 @@ fn medusa_heads_and_mtp_modules_train_on_a_gguf_base_and_decode_beside_it() {
     ];
     assert_eq!(generate(auto), plain);
     assert_eq!(generate(&["--mtp", mtp.to_str().unwrap()]), plain);
+    assert_eq!(
+        generate(&["--mtp", mtp.to_str().unwrap(), "--mtp-tree", "4"]),
+        plain
+    );
+
+    // Chat self-distillation (one prompt per line, the model's replies as the data) into heads
+    // that share the model's lm_head: only ResBlocks are saved, and they decode beside it.
+    let prompts = dir.path().join("prompts.txt");
+    std::fs::write(&prompts, "the cat\nthe dog sat\nhello there\nthe mat\n").unwrap();
+    let shared = dir.path().join("shared");
+    let out = zoo(&[
+        "train",
+        "medusa",
+        "--model",
+        gguf.to_str().unwrap(),
+        "--train-data",
+        prompts.to_str().unwrap(),
+        "--val-data",
+        prompts.to_str().unwrap(),
+        "--self-distill",
+        "--chat",
+        "--distill-temperature",
+        "0",
+        "--medusa-shared-lm-head",
+        "--steps",
+        "2",
+        "--seq-len",
+        "112",
+        "--batch-size",
+        "2",
+        "--output",
+        shared.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines = std::fs::read_to_string(shared.join("self_distill.jsonl")).unwrap();
+    assert_eq!(lines.lines().count(), 4, "{lines}");
+    for line in lines.lines() {
+        let text: Value = serde_json::from_str(line).unwrap();
+        assert!(text["text"].as_str().unwrap().contains("the"), "{line}");
+    }
+    let weights = candle_core::safetensors::load(
+        shared.join("final/medusa_lm_head.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    assert!(
+        weights.keys().all(|k| k.contains(".linear.")),
+        "{:?}",
+        weights.keys()
+    );
+    let shared = shared.join("final");
+    assert_eq!(generate(&["--medusa", shared.to_str().unwrap()]), plain);
 }

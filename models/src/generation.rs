@@ -371,7 +371,8 @@ pub fn nucleus_probs(scores: &[f32], s: &SamplingOptions) -> Vec<f32> {
     softmax(&x)
 }
 
-fn softmax(x: &[f32]) -> Vec<f32> {
+/// `exp(x - max) / Σ exp(x - max)` over a row of logits.
+pub(crate) fn softmax(x: &[f32]) -> Vec<f32> {
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let e: Vec<f32> = x.iter().map(|v| (v - max).exp()).collect();
     let sum: f32 = e.iter().sum();

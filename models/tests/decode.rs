@@ -13,7 +13,8 @@ use zoo_models::generation::{generate, GenerationConfig, SamplingOptions, Strate
 use zoo_models::hub::ModelRepo;
 use zoo_models::llm::{
     decode, Acceptance, DraftContext, DraftTree, Drafter, KvCache, LlamaForCausalLM, LlamaStep,
-    MedusaDrafter, MedusaHeads, MedusaTree, MtpDrafter, MtpModules, NoDrafts, SpeculativeOutput,
+    MedusaDrafter, MedusaHeads, MedusaTree, MtpDraft, MtpDrafter, MtpModules, NoDrafts,
+    SpeculativeOutput,
 };
 
 fn fixtures() -> PathBuf {
@@ -161,6 +162,16 @@ fn every_drafter_with_every_processor_decodes_as_plain_greedy() {
                     Box::new(MedusaDrafter::new(&heads, &small).unwrap()),
                 ),
                 ("mtp", Box::new(MtpDrafter::new(&mtp))),
+                (
+                    "mtp-tree",
+                    Box::new(MtpDrafter::with_shape(
+                        &mtp,
+                        MtpDraft::Tree {
+                            top_k: 3,
+                            max_nodes: 6,
+                        },
+                    )),
+                ),
             ];
             for chain in [false, true] {
                 let oracle = Oracle {

@@ -1,16 +1,20 @@
 //! MTP modules: weights named as DeepSeek-V3 names them, and greedy self-speculative decoding
-//! token-identical to plain greedy decoding with random modules of depth 1 to 3; sampling that
-//! stays in the backbone's sampling support and repeats per seed.
+//! token-identical to plain greedy decoding with random modules of depth 1 to 3; cached chain
+//! and tree drafts equal to drafts computed from scratch, the tree grown and cut by confidence
+//! as EAGLE-2 does; sampling that stays in the backbone's sampling support and repeats per
+//! seed.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
+use zoo_models::generation::SplitMix64;
 use zoo_models::generation::{generate, GenerationConfig, SamplingOptions};
 use zoo_models::hub::ModelRepo;
 use zoo_models::llm::{
-    mtp_generate, KvCache, LlamaConfig, LlamaForCausalLM, LlamaStep, MtpModules,
+    mtp_generate, DraftContext, DraftTree, Drafter, KvCache, LlamaConfig, LlamaForCausalLM,
+    LlamaStep, MtpDraft, MtpDrafter, MtpModules,
 };
 
 fn fixtures() -> PathBuf {
@@ -190,6 +194,163 @@ fn drafts_from_scratch(model: &LlamaForCausalLM, mtp: &MtpModules, tokens: &[u32
         known.push(d);
     }
     drafts
+}
+
+/// Module `path.len() + 1`'s probabilities for the token after `tokens` and the drafted `path`,
+/// computed from scratch as [`drafts_from_scratch`] computes them.
+fn probs_from_scratch(
+    model: &LlamaForCausalLM,
+    mtp: &MtpModules,
+    tokens: &[u32],
+    path: &[u32],
+) -> Vec<f32> {
+    let dev = Device::Cpu;
+    let m = tokens.len();
+    let out = model
+        .forward(
+            &Tensor::new(vec![tokens[..m - 1].to_vec()], &dev).unwrap(),
+            &mut KvCache::new(),
+        )
+        .unwrap();
+    let known: Vec<u32> = tokens.iter().chain(path).copied().collect();
+    let positions: Vec<u32> = (0..(m - 1) as u32).collect();
+    let (cos, sin) = model.model.rotary_cos_sin(&positions, &dev).unwrap();
+    let mask = zoo_models::layers::AttentionMask::causal(0);
+    let mut hidden = out.hidden;
+    for (k0, module) in mtp.modules[..=path.len()].iter().enumerate() {
+        let k = k0 + 1;
+        let ahead: Vec<u32> = (1..m).map(|i| known[i + k - 1]).collect();
+        let embeds = model
+            .model
+            .embed(&Tensor::new(vec![ahead], &dev).unwrap())
+            .unwrap();
+        let mut kv = Default::default();
+        hidden = module
+            .forward(&hidden, &embeds, &cos, &sin, &mask, &mut kv)
+            .unwrap();
+    }
+    let module = &mtp.modules[path.len()];
+    let logits = module
+        .logits(&hidden.narrow(1, m - 2, 1).unwrap(), model.lm_head())
+        .unwrap();
+    candle_nn::ops::softmax_last_dim(&logits.flatten_all().unwrap())
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+}
+
+/// The tokens from the root's child down to `node`.
+fn path_to(tree: &DraftTree, node: usize) -> Vec<u32> {
+    let mut path = Vec::new();
+    let mut n = node;
+    while n != 0 {
+        path.push(tree.tokens[n]);
+        n = tree.parents[n];
+    }
+    path.reverse();
+    path
+}
+
+#[test]
+fn tree_drafts_are_the_most_confident_paths_computed_from_scratch() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, mtp) = with_mtp(dir.path(), 3);
+    let dev = Device::Cpu;
+    let top_k = 3;
+    let mut full = MtpDrafter::with_shape(
+        &mtp,
+        MtpDraft::Tree {
+            top_k,
+            max_nodes: 1000,
+        },
+    );
+    let mut cut = MtpDrafter::with_shape(
+        &mtp,
+        MtpDraft::Tree {
+            top_k,
+            max_nodes: 7,
+        },
+    );
+    let mut tokens = vec![260u32, 284, 261, 269, 261, 270];
+    let mut cached = 0;
+    let mut rng = SplitMix64::new(0);
+    // Rounds after 0, 2, 1 and 3 more tokens entered the cache (the drafter keeps its own).
+    for (round, more) in [vec![], vec![7u32, 300], vec![11], vec![4, 5, 6]]
+        .into_iter()
+        .enumerate()
+    {
+        tokens.extend(more);
+        let m = tokens.len();
+        let all = model
+            .forward(
+                &Tensor::new(vec![tokens[..m - 1].to_vec()], &dev).unwrap(),
+                &mut KvCache::new(),
+            )
+            .unwrap()
+            .hidden;
+        let hidden = all.narrow(1, cached, m - 1 - cached).unwrap();
+        cached = m - 1;
+        let big = full
+            .draft(DraftContext::greedy(
+                &model,
+                &tokens,
+                Some(&hidden),
+                &mut rng,
+            ))
+            .unwrap();
+        let small = cut
+            .draft(DraftContext::greedy(
+                &model,
+                &tokens,
+                Some(&hidden),
+                &mut rng,
+            ))
+            .unwrap();
+        // Every expanded node's children are the top-k of its module's distribution, most
+        // likely first; each depth expands its k most confident nodes.
+        let depths = big.depths();
+        let mut confidence = vec![1.0f32; big.len()];
+        for node in 0..big.len() {
+            let children: Vec<usize> = big.children(node).collect();
+            if children.is_empty() {
+                continue;
+            }
+            let probs = probs_from_scratch(&model, &mtp, &tokens, &path_to(&big, node));
+            let mut order: Vec<u32> = (0..probs.len() as u32).collect();
+            order.sort_by(|&a, &b| probs[b as usize].total_cmp(&probs[a as usize]));
+            let got: Vec<u32> = children.iter().map(|&c| big.tokens[c]).collect();
+            assert_eq!(got, order[..top_k], "round {round}, node {node}");
+            for &c in &children {
+                confidence[c] = confidence[node] * probs[big.tokens[c] as usize];
+            }
+        }
+        for depth in 1..=3 {
+            let at: Vec<usize> = (1..big.len()).filter(|&n| depths[n] == depth).collect();
+            // k under the root, then k children of each of the k expanded nodes.
+            assert_eq!(at.len(), if depth == 1 { top_k } else { top_k * top_k });
+            let expanded: Vec<usize> = at
+                .iter()
+                .copied()
+                .filter(|&n| big.children(n).next().is_some())
+                .collect();
+            if depth < 3 {
+                let mut ranked = at.clone();
+                ranked.sort_by(|&a, &b| confidence[b].total_cmp(&confidence[a]));
+                let mut want = ranked[..top_k].to_vec();
+                want.sort_unstable();
+                assert_eq!(expanded, want, "round {round}, depth {depth}");
+            }
+        }
+        // The cut tree: the 7 most confident drafts, closed under parents.
+        let mut ranked: Vec<usize> = (1..big.len()).collect();
+        ranked.sort_by(|&a, &b| confidence[b].total_cmp(&confidence[a]));
+        let mut want: Vec<Vec<u32>> = ranked[..7].iter().map(|&n| path_to(&big, n)).collect();
+        want.sort();
+        let mut got: Vec<Vec<u32>> = (1..small.len()).map(|n| path_to(&small, n)).collect();
+        got.sort();
+        assert_eq!(got, want, "round {round}");
+        assert!((1..small.len()).all(|n| small.parents[n] < n));
+    }
 }
 
 #[test]

@@ -70,6 +70,62 @@ fn small_row_kernel_matches_candles_quantized_matmul_for_every_type_and_row_coun
     }
 }
 
+/// A row's result does not depend on the rows beside it: every row of an m-row product has
+/// the bits of the same row alone (the plain-decoding pass), for every type and row count, and
+/// for odd and even block counts. Greedy speculative decoding relies on it to choose exactly
+/// the tokens of plain decoding.
+#[test]
+fn each_row_of_a_tile_has_the_bits_of_that_row_alone() {
+    for (n, k) in [(40, 192), (24, 160)] {
+        let w = random((n, k), 11);
+        for dtype in [
+            GgmlDType::Q4_0,
+            GgmlDType::Q4_1,
+            GgmlDType::Q5_0,
+            GgmlDType::Q5_1,
+            GgmlDType::Q8_0,
+        ] {
+            let data = QTensor::quantize(&w, dtype)
+                .unwrap()
+                .data()
+                .unwrap()
+                .into_owned();
+            for m in (2..=64).chain([65, 97]) {
+                let x = random((m, k), 300 + m as u64)
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap();
+                let mut tile = vec![0f32; m * n];
+                assert!(quantized_matmul::matmul(
+                    &x, m, k, &data, dtype, n, &mut tile
+                ));
+                for r in 0..m {
+                    let mut alone = vec![0f32; n];
+                    assert!(quantized_matmul::matmul(
+                        &x[r * k..(r + 1) * k],
+                        1,
+                        k,
+                        &data,
+                        dtype,
+                        n,
+                        &mut alone
+                    ));
+                    let row = &tile[r * n..(r + 1) * n];
+                    assert!(
+                        row.iter()
+                            .zip(&alone)
+                            .all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{dtype:?} k={k} m={m} row {r}: {:?} vs {:?}",
+                        &row[..4],
+                        &alone[..4]
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// An odd number of blocks per row, which candle's own Q4_1/Q5_1 kernels refuse with a panic.
 #[test]
 fn odd_block_counts_match_the_exact_product() {

@@ -34,6 +34,9 @@ pub struct GenerateBenchArgs {
     /// value, those of a folder trained for this base.
     #[arg(long, value_name = "DIR", num_args = 0..=1)]
     pub mtp: Option<Option<PathBuf>>,
+    /// Also compare MTP tree drafts (as for zoo generate; `mtp-tree` in the results).
+    #[command(flatten)]
+    pub mtp_tree: crate::generate::MtpTreeArgs,
     /// A prompt (repeatable).
     #[arg(long)]
     pub prompt: Vec<String>,
@@ -131,6 +134,15 @@ pub fn bench_generate(args: GenerateBenchArgs) -> Result<()> {
             "mtp",
             Box::new(move || Ok(Box::new(MtpDrafter::new(mtp)) as Box<dyn Drafter>)),
         ));
+        if args.mtp_tree.mtp_tree.is_some() {
+            let shape = args.mtp_tree.shape();
+            methods.push((
+                "mtp-tree",
+                Box::new(move || {
+                    Ok(Box::new(MtpDrafter::with_shape(mtp, shape)) as Box<dyn Drafter>)
+                }),
+            ));
+        }
     }
     let run = |make: &MakeDrafter, prompt: &[u32]| -> Result<(Vec<u32>, usize)> {
         let mut drafter = make()?;

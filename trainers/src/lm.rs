@@ -194,7 +194,10 @@ impl TrainableLlama {
     }
 
     /// Adds `depth` freshly initialised MTP modules (seeded), unless the model has them already.
-    pub fn add_mtp(self, depth: usize, seed: u64) -> Result<Self> {
+    /// With `from_last_layer` (a pretrained backbone) each module's transformer block and norms
+    /// start as copies of the backbone's last decoder layer and its `shared_head.norm` as the
+    /// final norm, so that only `eh_proj` (and the modules' specialisation) starts from scratch.
+    pub fn add_mtp(self, depth: usize, seed: u64, from_last_layer: bool) -> Result<Self> {
         match self.config.num_nextn_predict_layers {
             0 => {}
             n if n == depth => return Ok(self),
@@ -209,12 +212,20 @@ impl TrainableLlama {
         let mut rng = Rng::derive(seed, 0x3a7);
         {
             let mut data = lock(&self.varmap)?;
+            let layers = self.config.num_hidden_layers;
             for (name, shape) in parameter_shapes(&config)? {
                 if data.contains_key(&name) {
                     continue;
                 }
                 let t = initial_tensor(&name, &shape, &mut rng, &self.device)?;
-                data.insert(name, Var::from_tensor(&t)?);
+                let copied = from_last_layer
+                    .then(|| last_layer_source(&name, layers))
+                    .flatten()
+                    .and_then(|source| data.get(&source))
+                    .filter(|v| v.dims() == shape.dims())
+                    .map(|v| v.as_tensor().copy())
+                    .transpose()?;
+                data.insert(name, Var::from_tensor(&copied.unwrap_or(t))?);
             }
         }
         Self::assemble(config, self.varmap, self.tokenizer, &self.device)
@@ -318,6 +329,27 @@ impl TrainableLlama {
     }
 }
 
+/// The backbone parameter an MTP module's parameter `name` starts from: the same one of the
+/// last decoder layer (`layers - 1`), or the final norm for `shared_head.norm`; `None` for the
+/// module's own (`enorm`, `hnorm`, `eh_proj`).
+fn last_layer_source(name: &str, layers: usize) -> Option<String> {
+    let rest = name.strip_prefix("model.layers.")?;
+    let (index, suffix) = rest.split_once('.')?;
+    if index.parse::<usize>().ok()? < layers {
+        return None;
+    }
+    match suffix {
+        "shared_head.norm.weight" => Some("model.norm.weight".into()),
+        s if s.starts_with("self_attn.")
+            || s.starts_with("mlp.")
+            || s.ends_with("layernorm.weight") =>
+        {
+            Some(format!("model.layers.{}.{s}", layers - 1))
+        }
+        _ => None,
+    }
+}
+
 /// HF's Llama initialisation: norms 1, biases 0, other weights N(0, 0.02²).
 fn initial_tensor(name: &str, shape: &Shape, rng: &mut Rng, device: &Device) -> Result<Tensor> {
     Ok(if name.ends_with("norm.weight") {
@@ -377,6 +409,16 @@ impl Corpus {
     /// Reads `paths`: `.jsonl` files hold one `{"text": ...}` per line (malformed lines and
     /// lines without a string `text` are skipped and counted); any other file is one document.
     pub fn read(paths: &[PathBuf]) -> Result<Self> {
+        Self::read_split(paths, false)
+    }
+
+    /// Prompts: as [`Self::read`], but every non-empty line of a file other than `.jsonl` is one
+    /// document.
+    pub fn read_prompts(paths: &[PathBuf]) -> Result<Self> {
+        Self::read_split(paths, true)
+    }
+
+    fn read_split(paths: &[PathBuf], by_line: bool) -> Result<Self> {
         let mut documents = Vec::new();
         let mut skipped = 0;
         for path in paths {
@@ -392,6 +434,12 @@ impl Corpus {
                         _ => skipped += 1,
                     }
                 }
+            } else if by_line {
+                documents.extend(
+                    text.lines()
+                        .filter(|l| !l.trim().is_empty())
+                        .map(str::to_string),
+                );
             } else if !text.trim().is_empty() {
                 documents.push(text);
             }
@@ -732,7 +780,12 @@ pub fn run(
         Some(mtp) if mtp.depth == 0 => {
             return Err(Error::Input("--mtp-depth must be at least 1".into()))
         }
-        Some(mtp) => model.add_mtp(mtp.depth, seed)?,
+        // A pretrained backbone lends its last layer to new modules.
+        Some(mtp) => model.add_mtp(
+            mtp.depth,
+            seed,
+            matches!(config.model, ModelSpec::Pretrained(_)),
+        )?,
         None => model,
     };
     let eos = model.eos()?;

@@ -12,8 +12,9 @@
 //!   `medusa_lm_head.safetensors` beside `model.safetensors`: it is both `--model` and
 //!   `--medusa` for `zoo generate`.
 //! - **Self-distillation** ([`SelfDistill`]): the training sequences are the backbone's own
-//!   continuations of prompts cut from the corpus (FasterDecoding's `data_generation`), so
-//!   heads learn what the model will generate rather than what the corpus says. Under
+//!   continuations of prompts cut from the corpus, or its replies to chat prompts rendered by
+//!   its chat template ([`distill_chat`], FasterDecoding's `data_generation`), so heads learn
+//!   what the model will generate rather than what the corpus says. Under
 //!   Medusa-2 the LM loss becomes the KL divergence from the original backbone's
 //!   distribution, which keeps the model's behaviour.
 //!
@@ -27,6 +28,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::{VarBuilder, VarMap};
 use serde_json::json;
+use zoo_datasets::chat::Message;
 use zoo_models::generation::{generate, GenerationConfig, SamplingOptions, Strategy};
 use zoo_models::llm::medusa::{MedusaConfig, TOPK};
 use zoo_models::llm::{HeadAccuracy, KvCache, LlamaForCausalLM, LlamaStep, LlmSource, MedusaHeads};
@@ -52,12 +54,15 @@ pub struct TrainableMedusa {
 }
 
 impl TrainableMedusa {
-    /// `config.medusa_num_heads` new heads for `backbone`: identity ResBlocks and the backbone's
-    /// `lm_head` as each head's projection.
+    /// `config.medusa_num_heads` new heads for `backbone`: identity ResBlocks and a copy of the
+    /// backbone's `lm_head` as each head's projection, or, with `shared_lm_head`, no projection
+    /// of their own: the heads read the backbone's frozen `lm_head` (FasterDecoding's
+    /// "version 2" layout, a ResBlock's worth of weights per head).
     pub fn new(
         config: MedusaConfig,
         backbone: &LlamaForCausalLM,
         base_model: &str,
+        shared_lm_head: bool,
     ) -> Result<Self> {
         let (d, v) = (backbone.config.hidden_size, backbone.config.vocab_size);
         let device = backbone.model.embeddings().device().clone();
@@ -75,6 +80,9 @@ impl TrainableMedusa {
                         format!("{i}.{j}.linear.bias"),
                         Var::zeros(d, DType::F32, &device)?,
                     );
+                }
+                if shared_lm_head {
+                    continue;
                 }
                 let out = Var::from_tensor(&lm_head.copy()?)?;
                 if out.dims() != [v, d] {
@@ -272,8 +280,11 @@ pub struct SelfDistill {
     /// Sampling temperature of the generations (FasterDecoding's `data_generation`: 0.3); 0
     /// generates greedily.
     pub temperature: f32,
-    /// Generate at most this many sequences (all of the corpus's when `None`).
+    /// Generate at most this many sequences (all of the corpus's when `None`); with `chat`,
+    /// this many conversations.
     pub max_sequences: Option<usize>,
+    /// Every corpus document is one user turn of a chat instead ([`distill_chat`]).
+    pub chat: bool,
 }
 
 /// The name of head parameter `name` among the optimizer's variables.
@@ -524,16 +535,7 @@ pub fn self_distill(
             .collect();
         let cfg = GenerationConfig {
             max_new_tokens: seq_len - settings.prompt_len,
-            strategy: if settings.temperature > 0.0 {
-                Strategy::Sample(SamplingOptions {
-                    temperature: settings.temperature,
-                    top_k: 0,
-                    top_p: 1.0,
-                    seed: seed.wrapping_add(i as u64),
-                })
-            } else {
-                Strategy::Greedy
-            },
+            strategy: distill_strategy(settings, seed.wrapping_add(i as u64)),
             ..GenerationConfig::default()
         };
         let mut step = LlamaStep {
@@ -545,12 +547,122 @@ pub fn self_distill(
     PackedSequences::from_sequences(out, seed)
 }
 
+/// Chat self-distillation, as FasterDecoding's `data_generation` regenerates ShareGPT's
+/// assistant turns: every prompt is one user turn, rendered by the backbone's chat template
+/// (HF's `apply_chat_template(add_generation_prompt=True)`), and the backbone writes the reply,
+/// until eos or `seq_len` tokens in all. Prompts of one rendered length are generated together,
+/// 16 at a time. The conversations, each ending in eos, are packed into sequences of `seq_len`;
+/// their texts (without the final eos, which the corpus reader adds back) are returned too.
+pub fn distill_chat(
+    model: &LlamaForCausalLM,
+    tokenizer: &zoo_datasets::tokenize::TextTokenizer,
+    prompts: &[String],
+    settings: &SelfDistill,
+    seq_len: usize,
+    seed: u64,
+) -> Result<(PackedSequences, Vec<String>)> {
+    let template = tokenizer.chat_template()?.ok_or_else(|| {
+        Error::Input(
+            "--chat self-distillation needs a chat template, and the backbone's tokenizer has \
+             none (tokenizer_config.json chat_template or GGUF tokenizer.chat_template)"
+                .into(),
+        )
+    })?;
+    let stops = model.config.eos_token_ids();
+    let Some(&eos) = stops.first() else {
+        return Err(Error::Input(
+            "the backbone config has no eos_token_id".into(),
+        ));
+    };
+    let count = settings
+        .max_sequences
+        .map_or(prompts.len(), |n| n.min(prompts.len()));
+    let mut rendered = Vec::with_capacity(count);
+    for prompt in &prompts[..count] {
+        let ids = template.encode(tokenizer, &[Message::new("user", prompt.trim())])?;
+        // A reply needs room for at least one token.
+        if ids.len() < seq_len {
+            rendered.push(ids);
+        }
+    }
+    if rendered.is_empty() {
+        return Err(Error::Input(format!(
+            "every chat prompt renders to {seq_len} tokens or more (--seq-len)"
+        )));
+    }
+    let mut by_len: std::collections::BTreeMap<usize, Vec<usize>> = Default::default();
+    for (i, ids) in rendered.iter().enumerate() {
+        by_len.entry(ids.len()).or_default().push(i);
+    }
+    let mut replies = vec![Vec::new(); rendered.len()];
+    let mut batch = 0u64;
+    for (&len, members) in &by_len {
+        for chunk in members.chunks(16) {
+            let cfg = GenerationConfig {
+                max_new_tokens: seq_len - len,
+                stop_tokens: stops.clone(),
+                pad_token: eos,
+                strategy: distill_strategy(settings, seed.wrapping_add(batch)),
+                ..GenerationConfig::default()
+            };
+            batch += 1;
+            let mut step = LlamaStep {
+                model,
+                cache: KvCache::new(),
+            };
+            let starts = chunk.iter().map(|&i| rendered[i].clone()).collect();
+            for (&i, row) in chunk.iter().zip(generate(&mut step, starts, &cfg)?) {
+                let new = &row[len..];
+                let end = new
+                    .iter()
+                    .position(|t| stops.contains(t))
+                    .map_or(new.len(), |p| p + 1);
+                replies[i] = new[..end].to_vec();
+            }
+        }
+    }
+    let mut tokens = Vec::new();
+    let mut texts = Vec::with_capacity(rendered.len());
+    for (prompt, reply) in rendered.iter().zip(&replies) {
+        let mut conversation = prompt.clone();
+        conversation.extend(reply);
+        if conversation.last().is_some_and(|t| stops.contains(t)) {
+            conversation.pop();
+        }
+        texts.push(
+            tokenizer
+                .inner()
+                .decode(&conversation, false)
+                .map_err(|e| Error::Input(format!("cannot decode a generation: {e}")))?,
+        );
+        tokens.extend(conversation);
+        tokens.push(eos);
+    }
+    Ok((PackedSequences::new(&tokens, seq_len, seed)?, texts))
+}
+
+/// Sampling at the self-distillation temperature, or greedy at 0.
+fn distill_strategy(settings: &SelfDistill, seed: u64) -> Strategy {
+    if settings.temperature > 0.0 {
+        Strategy::Sample(SamplingOptions {
+            temperature: settings.temperature,
+            top_k: 0,
+            top_p: 1.0,
+            seed,
+        })
+    } else {
+        Strategy::Greedy
+    }
+}
+
 /// Everything a Medusa run needs.
 pub struct RunConfig {
     /// The backbone: an HF `LlamaForCausalLM` folder or hub id (with its tokenizer).
     pub model: String,
     pub num_heads: usize,
     pub num_layers: usize,
+    /// New heads read the backbone's `lm_head` instead of a copy of their own.
+    pub shared_lm_head: bool,
     pub seq_len: usize,
     pub train: TrainConfig,
     pub batch_size: usize,
@@ -622,25 +734,55 @@ pub fn run(
             config.seq_len
         )));
     }
-    let corpus = Corpus::read(train_files)?;
+    let chat = config.self_distill.is_some_and(|s| s.chat);
+    let corpus = if chat {
+        Corpus::read_prompts(train_files)?
+    } else {
+        Corpus::read(train_files)?
+    };
     let seed = config.train.seed;
-    let mut data = PackedSequences::new(
-        &corpus.tokens(backbone.tokenizer(), eos)?,
-        config.seq_len,
-        seed,
-    )?;
+    let tokenizer = backbone.tokenizer();
+    let pack = |corpus: &Corpus| -> Result<PackedSequences> {
+        PackedSequences::new(&corpus.tokens(tokenizer, eos)?, config.seq_len, seed)
+    };
     // Medusa-2's frozen copy of the original LM: the LM loss's teacher under self-distillation.
     let teacher = match (&config.self_distill, config.joint) {
         (Some(_), Some(_)) => Some(load_original()?),
         _ => None,
     };
-    if let Some(settings) = &config.self_distill {
-        // The original LM writes the data: Medusa-1's frozen backbone, or Medusa-2's teacher
-        // (its backbone moves on, also when resuming).
-        let writer = teacher.as_ref().unwrap_or(backbone.model());
-        data = self_distill(writer, &data, settings, seed)?;
-        write_generations(&config.train.output, &data, backbone.tokenizer())?;
-    }
+    // The original LM writes the data: Medusa-1's frozen backbone, or Medusa-2's teacher (its
+    // backbone moves on, also when resuming).
+    let writer = teacher.as_ref().unwrap_or(backbone.model());
+    let data = match &config.self_distill {
+        None => pack(&corpus)?,
+        Some(settings) if settings.chat => {
+            let (data, texts) = distill_chat(
+                writer,
+                tokenizer,
+                &corpus.documents,
+                settings,
+                config.seq_len,
+                seed,
+            )?;
+            write_generations(&config.train.output, &texts)?;
+            data
+        }
+        Some(settings) => {
+            let data = self_distill(writer, &pack(&corpus)?, settings, seed)?;
+            let texts = data
+                .sequences()
+                .iter()
+                .map(|seq| {
+                    tokenizer
+                        .inner()
+                        .decode(seq, false)
+                        .map_err(|e| Error::Input(format!("cannot decode a generation: {e}")))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            write_generations(&config.train.output, &texts)?;
+            data
+        }
+    };
     let train = match config.epochs {
         Some(epochs) => config
             .train
@@ -656,6 +798,7 @@ pub fn run(
             },
             backbone.model(),
             &config.model,
+            config.shared_lm_head,
         )?,
     };
     let state = initial_state(resume_dir.as_deref(), seed)?;
@@ -668,16 +811,20 @@ pub fn run(
         vars.extend(b.trainable_vars(false));
     }
     let first = |d: &PackedSequences| d.sequences()[..d.len().min(ACCURACY_SEQUENCES)].to_vec();
-    let accuracy_data = match val_files {
-        Some(files) => {
-            let val = PackedSequences::new(
-                &Corpus::read(files)?.tokens(backbone.tokenizer(), eos)?,
-                config.seq_len,
-                seed,
-            )?;
+    // Under chat self-distillation the held-out prompts get the backbone's replies too.
+    let accuracy_data = match (val_files, &config.self_distill) {
+        (Some(files), Some(settings)) if settings.chat => {
+            let settings = SelfDistill {
+                max_sequences: Some(ACCURACY_SEQUENCES * 2),
+                ..*settings
+            };
+            let prompts = Corpus::read_prompts(files)?.documents;
+            let (val, _) =
+                distill_chat(writer, tokenizer, &prompts, &settings, config.seq_len, seed)?;
             (first(&val), "validation")
         }
-        None => (first(&data), "training"),
+        (Some(files), _) => (first(&pack(&Corpus::read(files)?)?), "validation"),
+        (None, _) => (first(&data), "training"),
     };
     let mut task = MedusaTask {
         backbone,
@@ -711,19 +858,11 @@ pub fn run(
 
 /// Writes the self-distilled sequences as `self_distill.jsonl` (`{"text": ...}` per line, as
 /// FasterDecoding's `data_generation` writes them) into `output`, for inspection and reuse.
-fn write_generations(
-    output: &Path,
-    data: &PackedSequences,
-    tokenizer: &zoo_datasets::tokenize::TextTokenizer,
-) -> Result<()> {
+fn write_generations(output: &Path, texts: &[String]) -> Result<()> {
     std::fs::create_dir_all(output)
         .map_err(|e| Error::Input(format!("cannot create {}: {e}", output.display())))?;
     let mut lines = String::new();
-    for seq in data.sequences() {
-        let text = tokenizer
-            .inner()
-            .decode(seq, false)
-            .map_err(|e| Error::Input(format!("cannot decode a generation: {e}")))?;
+    for text in texts {
         lines.push_str(&json!({ "text": text }).to_string());
         lines.push('\n');
     }

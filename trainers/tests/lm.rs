@@ -110,7 +110,7 @@ fn every_parameter_receives_a_gradient_when_mtp_modules_train_jointly() {
     let tok = TextTokenizer::train_bpe(SENTENCES.iter(), 300).unwrap();
     let m = TrainableLlama::from_preset("llama-tiny", tok, 0, &Device::Cpu)
         .unwrap()
-        .add_mtp(2, 0)
+        .add_mtp(2, 0, false)
         .unwrap();
     let ids: Vec<u32> = m.tokenizer.encode(SENTENCES[1]).unwrap();
     let (main, depths) = m
@@ -129,6 +129,51 @@ fn every_parameter_receives_a_gradient_when_mtp_modules_train_jointly() {
     );
     let missing = without_gradient(&vars, &grads).unwrap();
     assert!(missing.is_empty(), "no gradient reached {missing:?}");
+}
+
+#[test]
+fn mtp_modules_added_to_a_pretrained_model_start_from_its_last_layer() {
+    let fixture = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/llama-tiny");
+    let m = TrainableLlama::from_pretrained(&fixture.to_string_lossy(), &Device::Cpu)
+        .unwrap()
+        .add_mtp(2, 0, true)
+        .unwrap();
+    let layers = m.config.num_hidden_layers;
+    let vars = m.varmap.data().lock().unwrap();
+    let get = |name: &str| {
+        vars[name].as_tensor().to_vec1::<f32>().unwrap_or_else(|_| {
+            vars[name]
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        })
+    };
+    for k in 0..2 {
+        let module = format!("model.layers.{}", layers + k);
+        let last = format!("model.layers.{}", layers - 1);
+        for part in [
+            "self_attn.q_proj.weight",
+            "self_attn.o_proj.weight",
+            "mlp.down_proj.weight",
+            "input_layernorm.weight",
+            "post_attention_layernorm.weight",
+        ] {
+            assert_eq!(
+                get(&format!("{module}.{part}")),
+                get(&format!("{last}.{part}")),
+                "{part}"
+            );
+        }
+        assert_eq!(
+            get(&format!("{module}.shared_head.norm.weight")),
+            get("model.norm.weight")
+        );
+        // The module's own input projection starts fresh.
+        let eh = get(&format!("{module}.eh_proj.weight"));
+        assert!(eh.iter().any(|&v| v != 0.0) && eh.iter().all(|v| v.abs() < 0.2));
+    }
 }
 
 #[test]

@@ -2,8 +2,10 @@
 //! backbone untouched and joint training then moves it, with a gradient into every parameter;
 //! the heads' learning rate is the multiple asked for; the saved folder is both the model and
 //! its heads; self-distilled sequences are the backbone's own greedy continuations, and the KL
-//! loss starts at zero because the student starts as its teacher. `--epochs` counts passes
-//! over the packed sequences.
+//! loss starts at zero because the student starts as its teacher; chat self-distillation's
+//! conversations are each prompt's rendered chat and the backbone's own greedy reply, and
+//! heads sharing the backbone's `lm_head` train, save and load without a projection of their
+//! own. `--epochs` counts passes over the packed sequences.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -38,6 +40,7 @@ fn config(output: &Path, steps: u64, joint: Option<Medusa2>) -> RunConfig {
         model: fixture().to_string_lossy().into_owned(),
         num_heads: 3,
         num_layers: 1,
+        shared_lm_head: false,
         seq_len: 16,
         train: TrainConfig {
             precision: Default::default(),
@@ -208,6 +211,7 @@ fn self_distilled_sequences_are_the_backbones_greedy_continuations() {
         prompt_len: 4,
         temperature: 0.0,
         max_sequences: Some(3),
+        chat: false,
     };
     let distilled = medusa::self_distill(&model, &data, &settings, 0).unwrap();
     assert_eq!(distilled.len(), 3);
@@ -274,6 +278,7 @@ fn the_kl_loss_is_zero_for_the_teacher_itself_and_starts_at_zero_in_training() {
         prompt_len: 4,
         temperature: 0.3,
         max_sequences: Some(8),
+        chat: false,
     });
     medusa::run(cfg, std::slice::from_ref(&corpus), None).unwrap();
     let lines = std::fs::read_to_string(out.join("self_distill.jsonl")).unwrap();
@@ -305,4 +310,118 @@ fn epochs_count_passes_over_the_packed_sequences() {
     let corpus = zoo_trainers::lm::Corpus::read(&[corpus]).unwrap();
     let sequences = corpus.tokens(&tokenizer, 2).unwrap().len() / 16;
     assert_eq!(run.state.step, (2 * sequences as u64).div_ceil(4));
+}
+
+#[test]
+fn chat_self_distillation_packs_each_rendered_prompt_and_the_backbones_own_reply() {
+    // The GGUF fixture: the tiny Llama with a chat template.
+    let gguf = fixture().join("../gguf/llama-tiny-f32-gpt2.gguf");
+    let source = zoo_models::llm::LlmSource::open(&gguf.to_string_lossy(), None).unwrap();
+    let model = source.load_model(Some(DType::F32), &Device::Cpu).unwrap();
+    let tokenizer = zoo_trainers::lm::llm_tokenizer(&source).unwrap();
+    let template = tokenizer.chat_template().unwrap().unwrap();
+    // The first two render to one length and are generated in one batch.
+    let prompts: Vec<String> = ["the cat", "a cat", "a small red circle is on the left"]
+        .map(String::from)
+        .to_vec();
+    let rendered: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| {
+            template
+                .encode(&tokenizer, &[zoo_datasets::chat::Message::new("user", p)])
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(rendered[0].len(), rendered[1].len());
+    let seq_len = rendered.iter().map(Vec::len).max().unwrap() + 6;
+    let settings = SelfDistill {
+        prompt_len: 1,
+        temperature: 0.0,
+        max_sequences: None,
+        chat: true,
+    };
+    let (data, texts) =
+        medusa::distill_chat(&model, &tokenizer, &prompts, &settings, seq_len, 0).unwrap();
+    let eos = model.config.eos_token_ids();
+    let mut want = Vec::new();
+    for (ids, text) in rendered.iter().zip(&texts) {
+        let mut step = LlamaStep {
+            model: &model,
+            cache: KvCache::new(),
+        };
+        let cfg = GenerationConfig {
+            max_new_tokens: seq_len - ids.len(),
+            stop_tokens: eos.clone(),
+            pad_token: eos[0],
+            ..GenerationConfig::default()
+        };
+        let mut alone = generate(&mut step, vec![ids.clone()], &cfg)
+            .unwrap()
+            .remove(0);
+        if let Some(p) = alone[ids.len()..].iter().position(|t| eos.contains(t)) {
+            alone.truncate(ids.len() + p);
+        }
+        assert_eq!(*text, tokenizer.inner().decode(&alone, false).unwrap());
+        want.extend(alone);
+        want.push(eos[0]);
+    }
+    let packed: Vec<u32> = data.sequences().concat();
+    assert_eq!(packed.len(), want.len() / seq_len * seq_len);
+    // Packed in order (the sequences' visiting order is shuffled, their contents are not).
+    let mut sequences = data.sequences().to_vec();
+    sequences.sort();
+    let mut expected: Vec<Vec<u32>> = want.chunks_exact(seq_len).map(<[u32]>::to_vec).collect();
+    expected.sort();
+    assert_eq!(sequences, expected);
+
+    let Err(err) = medusa::distill_chat(&model, &tokenizer, &prompts, &settings, 4, 0) else {
+        panic!("prompts longer than --seq-len were accepted");
+    };
+    assert!(err.to_string().contains("--seq-len"), "{err}");
+}
+
+#[test]
+fn heads_that_share_the_backbones_lm_head_train_save_and_load_without_their_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = corpus(dir.path());
+    let out = dir.path().join("shared");
+    let mut cfg = config(&out, 3, None);
+    cfg.shared_lm_head = true;
+    let run = medusa::run(cfg, std::slice::from_ref(&corpus), None).unwrap();
+    let saved = candle_core::safetensors::load(
+        run.final_dir.join("medusa_lm_head.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let mut names: Vec<&String> = saved.keys().collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "0.0.linear.bias",
+            "0.0.linear.weight",
+            "1.0.linear.bias",
+            "1.0.linear.weight",
+            "2.0.linear.bias",
+            "2.0.linear.weight"
+        ]
+    );
+    // Every ResBlock moved (identity at the start: zero weights).
+    for (name, t) in &saved {
+        let moved: f32 = t.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+        assert!(moved > 0.0, "{name} did not learn");
+    }
+    let repo = ModelRepo::open(&fixture().to_string_lossy()).unwrap();
+    let model = LlamaForCausalLM::load(&repo, None, &Device::Cpu).unwrap();
+    let heads = MedusaHeads::load(
+        &run.final_dir,
+        model.config.hidden_size,
+        model.config.vocab_size,
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let hidden = Tensor::ones((1, model.config.hidden_size), DType::F32, &Device::Cpu).unwrap();
+    let logits = heads.forward(&hidden, model.lm_head()).unwrap();
+    assert_eq!(logits[0].dims(), [1, model.config.vocab_size]);
 }

@@ -156,6 +156,7 @@ fn trained_medusa_heads_accept_more_than_one_and_a_half_tokens_per_step() {
             model: lm_run.final_dir.to_string_lossy().into_owned(),
             num_heads: 4,
             num_layers: 1,
+            shared_lm_head: false,
             seq_len: 32,
             train: train_config(&heads_out, 150, 3e-3),
             batch_size: 8,
@@ -216,6 +217,7 @@ fn trained_medusa_heads_accept_more_than_one_and_a_half_tokens_per_step() {
             model: lm_run.final_dir.to_string_lossy().into_owned(),
             num_heads: 4,
             num_layers: 1,
+            shared_lm_head: false,
             seq_len: 32,
             train: train_config(&joint_out, 120, 1e-3),
             batch_size: 8,
@@ -230,6 +232,7 @@ fn trained_medusa_heads_accept_more_than_one_and_a_half_tokens_per_step() {
                 prompt_len: 8,
                 temperature: 0.3,
                 max_sequences: None,
+                chat: false,
             }),
             epochs: None,
         },
@@ -273,6 +276,7 @@ fn every_head_parameter_receives_a_gradient_and_heads_start_as_the_next_token_pr
         },
         &model,
         "llama-tiny",
+        false,
     )
     .unwrap();
     let ids = candle_core::Tensor::new(&[[5u32, 17, 42, 9, 100, 3, 77, 8]], &Device::Cpu).unwrap();

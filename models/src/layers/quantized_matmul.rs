@@ -195,7 +195,7 @@ fn columns_scalar<F: Format>(
 /// lanes and accumulated as floats per row, summed across lanes once per column.
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{Format, QBlock, BLOCK, ROWS};
+    use super::{Format, QBlock, BLOCK};
     use std::arch::x86_64::*;
 
     /// How 32 unsigned weight bytes meet 32 signed activation bytes.
@@ -280,77 +280,95 @@ mod x86 {
     ) {
         let wide = F::BYTES == 34;
         let mut u = [0u8; BLOCK];
-        if rows == 1 {
-            for (c, out) in chunk.iter_mut().enumerate() {
-                let w = &weight[(col0 + c) * row_bytes..(col0 + c + 1) * row_bytes];
-                *out = column1::<F, D>(w, qx, wide, &mut u);
-            }
-            return;
-        }
-        let mut accv = [_mm256_setzero_ps(); ROWS];
-        let mut accs = [0f32; ROWS];
         for (c, out) in chunk.chunks_mut(rows).enumerate() {
-            accv[..rows].fill(_mm256_setzero_ps());
-            accs[..rows].fill(0.0);
             let w = &weight[(col0 + c) * row_bytes..(col0 + c + 1) * row_bytes];
-            for (b, block) in w.chunks_exact(F::BYTES).enumerate() {
-                let d = f16(block[0], block[1]);
-                let m = if F::has_min() {
-                    f16(block[2], block[3])
-                } else {
-                    0.0
-                };
-                let (wu, off) = load::<F>(block, d, m, &mut u);
-                let tile = &qx[b * rows..(b + 1) * rows];
-                for (r, q) in tile.iter().enumerate() {
-                    let x = _mm256_loadu_si256(q.qx.as_ptr() as *const __m256i);
-                    let p = _mm256_cvtepi32_ps(dot::<D>(wu, x, wide));
-                    accv[r] = _mm256_fmadd_ps(p, _mm256_set1_ps(d * q.dx), accv[r]);
-                    accs[r] += off * q.s;
-                }
+            let mut r0 = 0;
+            while rows - r0 >= 4 {
+                tile::<F, D, 4>(w, qx, rows, r0, wide, &mut u, out);
+                r0 += 4;
             }
-            for (r, o) in out.iter_mut().enumerate() {
-                *o = hsum(accv[r]) + accs[r];
+            if rows - r0 >= 2 {
+                tile::<F, D, 2>(w, qx, rows, r0, wide, &mut u, out);
+                r0 += 2;
+            }
+            if rows > r0 {
+                tile::<F, D, 1>(w, qx, rows, r0, wide, &mut u, out);
             }
         }
     }
 
-    /// One column against one row (plain decoding), two blocks at a time into independent
-    /// accumulators.
+    /// One column `w` against the `R` activation rows `r0..r0 + R` of a tile of `rows`, their
+    /// sums in registers, two blocks at a time into independent even and odd accumulators. Every
+    /// row goes through the same operations in the same order whatever `R` and the tile, so a
+    /// row's result has the same bits in any tile: verifying drafts in one forward chooses
+    /// exactly the tokens that decoding one at a time (`R = 1`) would.
     #[inline(always)]
-    unsafe fn column1<F: Format, const D: u8>(
+    unsafe fn tile<F: Format, const D: u8, const R: usize>(
         w: &[u8],
         qx: &[QBlock],
+        stride: usize,
+        r0: usize,
         wide: bool,
         u: &mut [u8; BLOCK],
-    ) -> f32 {
-        let mut step = |block: &[u8], q: &QBlock, acc: &mut __m256, s: &mut f32| {
-            let d = f16(block[0], block[1]);
-            let m = if F::has_min() {
-                f16(block[2], block[3])
-            } else {
-                0.0
-            };
-            let (wu, off) = load::<F>(block, d, m, u);
-            let x = _mm256_loadu_si256(q.qx.as_ptr() as *const __m256i);
-            let p = _mm256_cvtepi32_ps(dot::<D>(wu, x, wide));
-            *acc = _mm256_fmadd_ps(p, _mm256_set1_ps(d * q.dx), *acc);
-            *s += off * q.s;
-        };
-        let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        let (mut s0, mut s1) = (0f32, 0f32);
+        out: &mut [f32],
+    ) {
+        let (mut a0, mut a1) = ([_mm256_setzero_ps(); R], [_mm256_setzero_ps(); R]);
+        let (mut s0, mut s1) = ([0f32; R], [0f32; R]);
         let pairs = w.chunks_exact(2 * F::BYTES);
         let tail = pairs.remainder();
         let mut b = 0;
+        let rows = &qx[r0..];
         for pair in pairs {
-            step(&pair[..F::BYTES], &qx[b], &mut a0, &mut s0);
-            step(&pair[F::BYTES..], &qx[b + 1], &mut a1, &mut s1);
+            step::<F, D, R>(
+                &pair[..F::BYTES],
+                &rows[b * stride..],
+                wide,
+                u,
+                &mut a0,
+                &mut s0,
+            );
+            step::<F, D, R>(
+                &pair[F::BYTES..],
+                &rows[(b + 1) * stride..],
+                wide,
+                u,
+                &mut a1,
+                &mut s1,
+            );
             b += 2;
         }
         if !tail.is_empty() {
-            step(tail, &qx[b], &mut a0, &mut s0);
+            step::<F, D, R>(tail, &rows[b * stride..], wide, u, &mut a0, &mut s0);
         }
-        hsum(_mm256_add_ps(a0, a1)) + s0 + s1
+        for i in 0..R {
+            out[r0 + i] = hsum(_mm256_add_ps(a0[i], a1[i])) + s0[i] + s1[i];
+        }
+    }
+
+    /// One weight block against the first `R` of `qx` (the rows' blocks at its index).
+    #[inline(always)]
+    unsafe fn step<F: Format, const D: u8, const R: usize>(
+        block: &[u8],
+        qx: &[QBlock],
+        wide: bool,
+        u: &mut [u8; BLOCK],
+        acc: &mut [__m256; R],
+        s: &mut [f32; R],
+    ) {
+        let d = f16(block[0], block[1]);
+        let m = if F::has_min() {
+            f16(block[2], block[3])
+        } else {
+            0.0
+        };
+        let (wu, off) = load::<F>(block, d, m, u);
+        for i in 0..R {
+            let q = &qx[i];
+            let x = _mm256_loadu_si256(q.qx.as_ptr() as *const __m256i);
+            let p = _mm256_cvtepi32_ps(dot::<D>(wu, x, wide));
+            acc[i] = _mm256_fmadd_ps(p, _mm256_set1_ps(d * q.dx), acc[i]);
+            s[i] += off * q.s;
+        }
     }
 
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]

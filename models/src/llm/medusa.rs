@@ -342,7 +342,7 @@ impl MedusaTree {
 }
 
 /// Indices of the `k` largest values, largest first (ties: lower index first).
-fn top_k(values: &[f32], k: usize) -> Vec<usize> {
+pub(crate) fn top_k(values: &[f32], k: usize) -> Vec<usize> {
     let order = |&a: &usize, &b: &usize| values[b].total_cmp(&values[a]).then(a.cmp(&b));
     let mut idx: Vec<usize> = (0..values.len()).collect();
     if k < idx.len() {

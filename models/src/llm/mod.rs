@@ -17,7 +17,7 @@ pub use config::LlamaConfig;
 pub use gguf::GgufLlama;
 pub use llama::{CausalLmOutput, KvCache, LlamaForCausalLM, LlamaModel, LlamaStep};
 pub use medusa::{medusa_generate, AutoTree, HeadAccuracy, MedusaDrafter, MedusaHeads, MedusaTree};
-pub use mtp::{mtp_generate, MtpDrafter, MtpModule, MtpModules};
+pub use mtp::{mtp_generate, MtpDraft, MtpDrafter, MtpModule, MtpModules};
 pub use source::LlmSource;
 pub use speculative::{
     decode, speculative_accept, Acceptance, DraftContext, DraftTree, Drafter, NoDrafts,

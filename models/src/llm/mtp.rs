@@ -11,18 +11,20 @@
 //! `eh_proj` and block, named `model.layers.{num_hidden_layers + k - 1}.*`.
 //!
 //! [`MtpDrafter`] uses the modules for self-speculative decoding: they draft a chain of
-//! tokens, the backbone verifies the chain in one pass, and greedy acceptance keeps the output
-//! identical to plain greedy decoding.
+//! tokens, or a tree grown by confidence as EAGLE-2 grows one ([`MtpDraft`]), the backbone
+//! verifies it in one pass, and greedy acceptance keeps the output identical to plain greedy
+//! decoding.
 
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
 use super::config::LlamaConfig;
 use super::llama::{LayerKv, LlamaDecoderLayer, LlamaForCausalLM};
+use super::medusa::top_k;
 use super::speculative::{
     decode_until, Acceptance, DraftContext, DraftTree, Drafter, SpeculativeOutput,
 };
-use crate::generation::SamplingOptions;
+use crate::generation::{softmax, SamplingOptions};
 use crate::layers::{AttentionMask, Linear, RmsNorm};
 
 /// One MTP module.
@@ -142,27 +144,60 @@ impl ModuleCache {
     }
 }
 
-/// The MTP modules as a drafter: after each verified step the modules draft one token each
-/// (module `k` the `k`-th token after the next), a chain under the root.
+/// How [`MtpDrafter`] drafts from its modules' distributions.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum MtpDraft {
+    /// One token per module (its argmax, or a draw when decoding samples): a chain.
+    Chain,
+    /// A tree as EAGLE-2 grows one (Li et al. 2024, §4): every depth expands the `top_k` most
+    /// confident nodes of the depth before by their `top_k` most likely tokens (a node's
+    /// confidence is the product of the modules' probabilities along its path), and the
+    /// `max_nodes` most confident drafts are verified. Ranked drafts are point masses for
+    /// speculative sampling.
+    Tree { top_k: usize, max_nodes: usize },
+}
+
+/// A drafted node while the tree grows.
+struct Candidate {
+    parent: usize,
+    token: u32,
+    depth: usize,
+    confidence: f32,
+    q: Option<Vec<f32>>,
+}
+
+/// The MTP modules as a drafter ([`MtpDraft`]): module `k` drafts the tokens at depth `k`
+/// under the root, from each depth-`k - 1` node it expands.
 ///
-/// Each module keeps a cache of the positions whose inputs are all known tokens; positions that
-/// depend on drafts are computed for the draft and then dropped.
+/// Module `k` at position `i` reads `h^{k-1}_i` and the embedding of `t_{i+k}`. It keeps a cache
+/// of the positions whose inputs are all known (`i + k <= m` after `m` tokens); after them it
+/// computes one row per drafted node `N` of depth `1..k`: position `m - k + depth(N)`, the
+/// embedding of `N`'s token and module `k - 1`'s row of `N`'s parent, attending to the known
+/// positions and to `N`'s ancestors. Its rows of depth `k - 1` give the next depth. Draft rows
+/// are dropped after each round.
 pub struct MtpDrafter<'a> {
     mtp: &'a MtpModules,
+    shape: MtpDraft,
     /// `done[k]`: positions `1..=done[k]` (1-based: token `t_i` sits at rotary position
     /// `i - 1`) are permanently in module `k`'s cache.
     done: Vec<usize>,
     caches: Vec<ModuleCache>,
-    /// `pending[k]` for `k >= 1`: `h^k` of the positions module `k + 1` has not yet cached,
-    /// `[1, n, D]`, in order (`h^0`, the backbone's, comes with each draft's context).
+    /// `pending[k]` for `k >= 1`: module `k`'s output `[1, 1, D]` at the position module
+    /// `k + 1` caches next (`h^0`, the backbone's, comes with each draft's context).
     pending: Vec<Option<Tensor>>,
 }
 
 impl<'a> MtpDrafter<'a> {
+    /// A chain: one token per module.
     pub fn new(mtp: &'a MtpModules) -> Self {
+        Self::with_shape(mtp, MtpDraft::Chain)
+    }
+
+    pub fn with_shape(mtp: &'a MtpModules, shape: MtpDraft) -> Self {
         let depth = mtp.len();
         Self {
             mtp,
+            shape,
             done: vec![0; depth],
             caches: (0..depth).map(|_| ModuleCache::default()).collect(),
             pending: vec![None; depth.max(1)],
@@ -174,81 +209,210 @@ impl Drafter for MtpDrafter<'_> {
     fn draft(&mut self, mut ctx: DraftContext<'_>) -> Result<DraftTree> {
         let (model, tokens) = (ctx.model, ctx.tokens);
         let m = tokens.len();
-        let mut chain = DraftTree::root(tokens[m - 1]);
+        let root = tokens[m - 1];
         let Some(hidden) = ctx.hidden else {
-            return Ok(chain);
+            return Ok(DraftTree::root(root));
         };
         let device: Device = hidden.device().clone();
         let depth = self.mtp.len();
-        self.pending[0] = Some(hidden.clone());
-        let mut drafts: Vec<u32> = Vec::with_capacity(depth);
+        let mut nodes = vec![Candidate {
+            parent: 0,
+            token: root,
+            depth: 0,
+            confidence: 1.0,
+            q: None,
+        }];
+        let mut frontier = vec![0usize];
+        // `h^{k-1}` for module k: of positions `start_k..` (its known rows, then for k >= 2 the
+        // position of its depth-1 rows), and of the nodes module k - 1 computed rows for.
+        let mut src = hidden.clone();
+        let mut src_nodes: Vec<(usize, Tensor)> = Vec::new();
         let mut next_pending: Vec<Option<Tensor>> = vec![None; depth.max(1)];
-        let mut prev_out: Option<Tensor> = None;
-        for (k0, (module, mcache)) in self
-            .mtp
-            .modules
-            .iter()
-            .zip(self.caches.iter_mut())
-            .enumerate()
-        {
-            let k = k0 + 1;
+        for k in 1..=depth {
+            // Module k's rows of depth >= 1 sit at positions m - k + depth >= 1.
+            if m < k.max(2) || frontier.is_empty() {
+                break;
+            }
+            let k0 = k - 1;
+            let module = &self.mtp.modules[k0];
+            let mcache = &mut self.caches[k0];
             let start = self.done[k0] + 1;
-            let end = m - 1;
-            let hidden_in = match (&self.pending[k0], &prev_out) {
-                (Some(p), Some(o)) if k > 1 => Tensor::cat(&[p, o], 1)?,
-                (None, Some(o)) if k > 1 => o.clone(),
-                (Some(p), _) => p.clone(),
-                _ => candle_core::bail!("MTP module {k} has no input"),
-            };
-            if hidden_in.dim(1)? != end + 1 - start {
+            // Known rows: positions start..=last (empty when m == k).
+            let last = m - k;
+            let known = (last + 1).saturating_sub(start);
+            let expected = known + usize::from(k > 1);
+            if src.dim(1)? != expected {
                 candle_core::bail!(
-                    "MTP module {k}: {} inputs for positions {start}..={end}",
-                    hidden_in.dim(1)?
+                    "MTP module {k}: {} inputs for {expected} positions from {start}",
+                    src.dim(1)?
                 );
             }
-            let ahead: Vec<u32> = (start..=end)
-                .map(|i| {
-                    let j = i + k;
-                    if j <= m {
-                        tokens[j - 1]
-                    } else {
-                        drafts[j - m - 1]
+            // The nodes module k computes rows for: depth 1..k, ancestors of the frontier.
+            let mut rows: Vec<usize> = Vec::new();
+            if k > 1 {
+                let mut wanted = vec![false; nodes.len()];
+                for &f in &frontier {
+                    let mut n = f;
+                    while n != 0 && !wanted[n] {
+                        wanted[n] = true;
+                        n = nodes[n].parent;
                     }
-                })
+                }
+                rows = (1..nodes.len()).filter(|&n| wanted[n]).collect();
+            }
+            let mut h_rows = Vec::with_capacity(1 + rows.len());
+            if known > 0 {
+                h_rows.push(src.narrow(1, 0, known)?);
+            }
+            for &n in &rows {
+                let parent = nodes[n].parent;
+                h_rows.push(if parent == 0 {
+                    src.narrow(1, known, 1)?
+                } else {
+                    let (_, row) =
+                        src_nodes
+                            .iter()
+                            .find(|(p, _)| *p == parent)
+                            .ok_or_else(|| {
+                                candle_core::Error::Msg(format!(
+                                    "MTP module {k}: no row of module {k0} for a draft's parent"
+                                ))
+                            })?;
+                    row.clone()
+                });
+            }
+            let hidden_in = Tensor::cat(&h_rows, 1)?;
+            let ahead: Vec<u32> = (start..=last)
+                .map(|i| tokens[i + k - 1])
+                .chain(rows.iter().map(|&n| nodes[n].token))
                 .collect();
-            let embeds = model.model.embed(&Tensor::new(vec![ahead], &device)?)?;
-            let positions: Vec<u32> = (start..=end).map(|i| (i - 1) as u32).collect();
-            let (cos, sin) = model.model.rotary_cos_sin(&positions, &device)?;
+            let positions: Vec<u32> = (start..=last)
+                .map(|i| (i - 1) as u32)
+                .chain(rows.iter().map(|&n| (m - k + nodes[n].depth - 1) as u32))
+                .collect();
             let n = positions.len();
-            let mask = if n > 1 {
-                AttentionMask::causal(mcache.len)
+            let embeds = model.model.embed(&Tensor::new(vec![ahead], &device)?)?;
+            let (cos, sin) = model.model.rotary_cos_sin(&positions, &device)?;
+            let mask = if rows.is_empty() {
+                if n > 1 {
+                    AttentionMask::causal(mcache.len)
+                } else {
+                    AttentionMask::none()
+                }
             } else {
-                AttentionMask::none()
+                // Known rows are causal; a node's row sees them, its ancestors' and its own.
+                let mut visible = vec![vec![false; n]; n];
+                for (a, row) in visible.iter_mut().enumerate().take(known) {
+                    row[..=a].fill(true);
+                }
+                for (r, &node) in rows.iter().enumerate() {
+                    let row = &mut visible[known + r];
+                    row[..known].fill(true);
+                    for (j, &other) in rows.iter().enumerate() {
+                        let mut a = node;
+                        while a != 0 {
+                            if a == other {
+                                row[known + j] = true;
+                                break;
+                            }
+                            a = nodes[a].parent;
+                        }
+                    }
+                }
+                LlamaForCausalLM::tree_mask(mcache.len, &visible, &device)?
             };
             let out = module.forward(&hidden_in, &embeds, &cos, &sin, &mask, &mut mcache.kv)?;
             mcache.len += n;
-            let last = out.narrow(1, n - 1, 1)?;
-            let (draft, q) = ctx.choose(
-                &module
-                    .logits(&last, model.lm_head())?
-                    .squeeze(0)?
-                    .squeeze(0)?,
-            )?;
-            drafts.push(draft);
-            chain.push(k0, draft, q);
-            // Keep the positions whose inputs are all known: those with i + k <= m.
-            let permanent = m.saturating_sub(k);
-            mcache.truncate(permanent)?;
-            // Module k + 1 next caches positions from m - k (its new `done` + 1) on; of those,
-            // module k's permanent ones end at m - k.
-            if k < depth && permanent >= start {
-                next_pending[k] = Some(out.narrow(1, permanent - start, 1)?);
+            mcache.truncate(last)?;
+            if known > 0 && k < depth {
+                // Module k + 1 next caches positions from m - k (this module's `last`) on.
+                next_pending[k] = Some(out.narrow(1, known - 1, 1)?);
             }
-            self.done[k0] = permanent;
-            prev_out = Some(out);
+            self.done[k0] = last;
+            // The rows whose logits grow the next depth: the root's (module 1's last known
+            // row) or the frontier's.
+            let grow: Vec<usize> = if k == 1 {
+                vec![known - 1]
+            } else {
+                frontier
+                    .iter()
+                    .map(|f| known + rows.iter().position(|r| r == f).unwrap_or(0))
+                    .collect()
+            };
+            let parents = if k == 1 { vec![0] } else { frontier.clone() };
+            let mut children = Vec::new();
+            for (&row, &parent) in grow.iter().zip(&parents) {
+                let logits = module
+                    .logits(&out.narrow(1, row, 1)?, model.lm_head())?
+                    .squeeze(0)?
+                    .squeeze(0)?;
+                match self.shape {
+                    MtpDraft::Chain => {
+                        let (token, q) = ctx.choose(&logits)?;
+                        children.push(Candidate {
+                            parent,
+                            token,
+                            depth: k,
+                            confidence: 1.0,
+                            q,
+                        });
+                    }
+                    MtpDraft::Tree { top_k: width, .. } => {
+                        let probs = softmax(&logits.to_dtype(DType::F32)?.to_vec1::<f32>()?);
+                        for token in top_k(&probs, width) {
+                            children.push(Candidate {
+                                parent,
+                                token: token as u32,
+                                depth: k,
+                                confidence: nodes[parent].confidence * probs[token],
+                                q: None,
+                            });
+                        }
+                    }
+                }
+            }
+            let first_child = nodes.len();
+            nodes.extend(children);
+            let mut next: Vec<usize> = (first_child..nodes.len()).collect();
+            if let MtpDraft::Tree { top_k, .. } = self.shape {
+                next.sort_by(|&a, &b| nodes[b].confidence.total_cmp(&nodes[a].confidence));
+                next.truncate(top_k);
+                next.sort_unstable();
+            }
+            frontier = next;
+            // Module k + 1's inputs: its known positions start from module k's pending row.
+            src = match (&self.pending[k0 + 1..].first().cloned().flatten(), known) {
+                (Some(p), 0) => p.clone(),
+                (Some(p), _) => Tensor::cat(&[p, &out.narrow(1, 0, known)?], 1)?,
+                (None, _) => out.narrow(1, 0, known)?,
+            };
+            src_nodes = rows
+                .iter()
+                .enumerate()
+                .map(|(r, &node)| Ok((node, out.narrow(1, known + r, 1)?)))
+                .collect::<Result<_>>()?;
         }
         self.pending = next_pending;
-        Ok(chain)
+        // The most confident drafts (an ancestor is at least as confident as its children and
+        // comes first, so the set is closed under parents), in the order they were drafted.
+        let mut keep: Vec<usize> = (1..nodes.len()).collect();
+        if let MtpDraft::Tree { max_nodes, .. } = self.shape {
+            keep.sort_by(|&a, &b| {
+                nodes[b]
+                    .confidence
+                    .total_cmp(&nodes[a].confidence)
+                    .then(a.cmp(&b))
+            });
+            keep.truncate(max_nodes);
+            keep.sort_unstable();
+        }
+        let mut tree = DraftTree::root(root);
+        let mut index = vec![0usize; nodes.len()];
+        for n in keep {
+            let c = &mut nodes[n];
+            index[n] = tree.push(index[c.parent], c.token, c.q.take());
+        }
+        Ok(tree)
     }
 }
 

@@ -164,7 +164,24 @@ pub struct DraftContext<'a> {
     rng: &'a mut SplitMix64,
 }
 
-impl DraftContext<'_> {
+impl<'a> DraftContext<'a> {
+    /// The context of a greedy round (drafters choose argmaxes), for driving a drafter outside
+    /// [`decode`].
+    pub fn greedy(
+        model: &'a LlamaForCausalLM,
+        tokens: &'a [u32],
+        hidden: Option<&'a Tensor>,
+        rng: &'a mut SplitMix64,
+    ) -> Self {
+        Self {
+            model,
+            tokens,
+            hidden,
+            sampling: None,
+            rng,
+        }
+    }
+
     /// A draft from one row of logits `[vocab]`: the argmax, or when decoding samples, a draw
     /// from the same sampling distribution (returned too, for speculative sampling).
     pub fn choose(&mut self, logits: &Tensor) -> Result<(u32, Option<Vec<f32>>)> {
