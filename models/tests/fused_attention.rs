@@ -78,6 +78,7 @@ impl Case {
                     .map(|x| x != 0)
                     .collect()
             }),
+            tree: None,
         }
     }
 

@@ -197,9 +197,7 @@ fn a_tree_of_siblings_verified_at_once_compacts_to_the_chosen_branch() {
     let mut cache = KvCache::new();
     model.forward(&prompt, &mut cache).unwrap();
     let siblings = Tensor::cat(&[&a, &b], 1).unwrap();
-    let mask =
-        LlamaForCausalLM::tree_mask(5, &[vec![true, false], vec![false, true]], &Device::Cpu)
-            .unwrap();
+    let mask = LlamaForCausalLM::tree_mask(5, &[vec![true, false], vec![false, true]]).unwrap();
     let out = model
         .forward_at(&siblings, &[5, 5], &mask, &mut cache)
         .unwrap();

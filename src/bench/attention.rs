@@ -137,7 +137,7 @@ fn attend(
     Ok(if backend == "fused" {
         let visibility = KeyVisibility {
             causal_offset: causal.then_some(0),
-            keep: None,
+            ..KeyVisibility::default()
         };
         fused_attention(q, k, v, scale, visibility)?
     } else {

@@ -10,11 +10,13 @@
 //! [`set_attention_backend`] chooses for the whole process (`zoo --attention`); the default,
 //! `auto`, takes the fused kernel where `zoo bench attention` measured it faster.
 use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
-use super::fused_attention::{fused_attention, KeyVisibility, MAX_HEAD_DIM};
+use super::decode_attention::{decode_attention, decode_attention_fits, DECODE_MAX_QUERIES};
+use super::fused_attention::{fused_attention, DraftTree, KeyVisibility, MAX_HEAD_DIM};
 use super::{Linear, QuantizedWeights};
 
 /// How the query/key/value projections are stored in the checkpoint.
@@ -291,13 +293,17 @@ fn split_fused(w: &Tensor, b: Option<&Tensor>, e: usize) -> Result<(Linear, Line
 pub struct AttentionMask {
     causal_offset: Option<usize>,
     keep: Option<Tensor>,
+    tree: Option<Arc<DraftTree>>,
     additive: Option<Tensor>,
 }
 
 impl AttentionMask {
     /// Whether every query sees every key.
     pub fn is_none(&self) -> bool {
-        self.causal_offset.is_none() && self.keep.is_none() && self.additive.is_none()
+        self.causal_offset.is_none()
+            && self.keep.is_none()
+            && self.tree.is_none()
+            && self.additive.is_none()
     }
 
     /// Every query sees every key.
@@ -325,8 +331,16 @@ impl AttentionMask {
         Self::none().with_padding(attention_mask)
     }
 
-    /// An arbitrary additive mask broadcasting to `[B, H, Lq, Lk]` (e.g. a Medusa tree);
-    /// always taken by the naive backend.
+    /// The queries are the nodes of a draft tree (see [`DraftTree`]).
+    pub fn tree(tree: DraftTree) -> Self {
+        Self {
+            tree: Some(Arc::new(tree)),
+            ..Self::default()
+        }
+    }
+
+    /// An arbitrary additive mask broadcasting to `[B, H, Lq, Lk]`; always taken by the naive
+    /// backend.
     pub fn additive(mask: Tensor) -> Self {
         Self {
             additive: Some(mask),
@@ -352,11 +366,17 @@ impl AttentionMask {
             .as_ref()
             .map(|m| padding_mask(m, dtype))
             .transpose()?;
-        combine_masks(combine_masks(causal, padding)?, self.additive.clone())
+        let tree = self
+            .tree
+            .as_ref()
+            .map(|tree| tree_mask(tree, lq, lk, dtype, dev))
+            .transpose()?;
+        let structured = combine_masks(combine_masks(causal, padding)?, tree)?;
+        combine_masks(structured, self.additive.clone())
     }
 
-    /// The structured form the fused kernel takes, or `None` for an additive mask.
-    fn visibility(&self) -> Result<Option<KeyVisibility>> {
+    /// The structured form the fused and decode kernels take, or `None` for an additive mask.
+    pub fn key_visibility(&self) -> Result<Option<KeyVisibility>> {
         if self.additive.is_some() {
             return Ok(None);
         }
@@ -374,6 +394,7 @@ impl AttentionMask {
         Ok(Some(KeyVisibility {
             causal_offset: self.causal_offset,
             keep,
+            tree: self.tree.clone(),
         }))
     }
 }
@@ -445,7 +466,17 @@ pub fn attention(
     mask: &AttentionMask,
 ) -> Result<Tensor> {
     let (lq, lk, d) = (q.dim(2)?, k.dim(2)?, q.dim(3)?);
-    let fused = match attention_backend() {
+    let backend = attention_backend();
+    // Decoding and verifying drafts: row-exact (see `decode_attention`), in place on the cache.
+    if backend != AttentionBackend::Naive
+        && (lq <= DECODE_MAX_QUERIES || mask.tree.is_some())
+        && decode_attention_fits(q, k, v)
+    {
+        if let Some(visibility) = mask.key_visibility()? {
+            return decode_attention(q, k, v, scale, &visibility);
+        }
+    }
+    let fused = match backend {
         AttentionBackend::Naive => false,
         AttentionBackend::Fused => true,
         AttentionBackend::Auto => fused_is_faster(lq, lk),
@@ -453,7 +484,7 @@ pub fn attention(
     let kernel_fits = matches!(q.dtype(), DType::F32 | DType::F16) && d <= MAX_HEAD_DIM;
     if fused && kernel_fits {
         if q.device().is_cpu() {
-            if let Some(visibility) = mask.visibility()? {
+            if let Some(visibility) = mask.key_visibility()? {
                 return fused_attention(q, k, v, scale, visibility);
             }
         } else if q.device().is_metal() && !(q.track_op() || k.track_op() || v.track_op()) {
@@ -550,6 +581,22 @@ pub fn causal_mask(
     let min = mask_min(dtype) as f32;
     let data: Vec<f32> = (0..lq)
         .flat_map(|i| (0..lk).map(move |j| if j > offset + i { min } else { 0.0 }))
+        .collect();
+    Tensor::from_vec(data, (1, 1, lq, lk), dev)?.to_dtype(dtype)
+}
+
+/// Additive mask `[1, 1, Lq, Lk]` of a draft tree's `Lq` nodes after its cached keys.
+fn tree_mask(tree: &DraftTree, lq: usize, lk: usize, dtype: DType, dev: &Device) -> Result<Tensor> {
+    if tree.len() != lq || tree.cached() + lq != lk {
+        candle_core::bail!(
+            "attention: a draft tree of {} nodes after {} cached keys for {lq} queries over {lk} keys",
+            tree.len(),
+            tree.cached()
+        );
+    }
+    let min = mask_min(dtype) as f32;
+    let data: Vec<f32> = (0..lq)
+        .flat_map(|i| (0..lk).map(move |j| if tree.sees(i, j) { 0.0 } else { min }))
         .collect();
     Tensor::from_vec(data, (1, 1, lq, lk), dev)?.to_dtype(dtype)
 }

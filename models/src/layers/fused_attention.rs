@@ -21,7 +21,7 @@
 //! Inputs may be f32 or f16; blocks are computed in f32 and the output cast back.
 
 use std::borrow::Cow;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -42,6 +42,63 @@ pub struct KeyVisibility {
     pub causal_offset: Option<usize>,
     /// `[B · Lk]`, false where a key is padding.
     pub keep: Option<Vec<bool>>,
+    /// The queries are the nodes of a draft tree after the cached keys.
+    pub tree: Option<Arc<DraftTree>>,
+}
+
+/// The visibility of `l` draft-tree nodes, queried after `cached` keys (the nodes' own keys
+/// follow them): node `i` sees every cached key and node `j` where `visible[i][j]` (itself and
+/// its ancestors). Ancestors come before their descendants, so `visible[i][j]` implies `j ≤ i`,
+/// and every node sees itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DraftTree {
+    cached: usize,
+    visible: Vec<Vec<bool>>,
+}
+
+impl DraftTree {
+    /// Checks that `visible` is square and that no node sees a later one.
+    pub fn new(cached: usize, visible: Vec<Vec<bool>>) -> Result<Self> {
+        let l = visible.len();
+        for (i, row) in visible.iter().enumerate() {
+            if row.len() != l {
+                candle_core::bail!(
+                    "draft tree: node {i} has {} visibility flags for {l} nodes",
+                    row.len()
+                );
+            }
+            if !row[i] {
+                candle_core::bail!("draft tree: node {i} does not see itself");
+            }
+            if let Some(j) = row.iter().skip(i + 1).position(|&v| v) {
+                candle_core::bail!("draft tree: node {i} sees the later node {}", i + 1 + j);
+            }
+        }
+        Ok(Self { cached, visible })
+    }
+
+    /// Cached keys before the nodes.
+    pub fn cached(&self) -> usize {
+        self.cached
+    }
+
+    /// Nodes.
+    pub fn len(&self) -> usize {
+        self.visible.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.visible.is_empty()
+    }
+
+    /// Whether node `i` sees key `j` (cached keys first, then the nodes').
+    pub fn sees(&self, i: usize, j: usize) -> bool {
+        j < self.cached
+            || self.visible[i]
+                .get(j - self.cached)
+                .copied()
+                .unwrap_or(false)
+    }
 }
 
 /// Shapes of one call: q `[B, H, Lq, d]`, k and v `[B, Hkv, Lk, d]`.
@@ -91,43 +148,70 @@ impl Dims {
 }
 
 /// The mask, resolved for one call.
-struct Mask<'a> {
+pub(crate) struct Mask<'a> {
     causal_offset: Option<usize>,
     keep: Option<&'a [bool]>,
+    tree: Option<&'a DraftTree>,
     /// Per batch, the first kept key (`lk` when none).
     first_kept: Vec<usize>,
     lk: usize,
 }
 
 impl<'a> Mask<'a> {
-    fn new(vis: &'a KeyVisibility, dims: Dims) -> Self {
-        let first_kept = (0..dims.b)
+    /// The mask of `lq` queries over `lk` keys in each of `b` batch rows; an error when a
+    /// padding mask or a draft tree does not fit those sizes.
+    pub(crate) fn new(vis: &'a KeyVisibility, b: usize, lq: usize, lk: usize) -> Result<Self> {
+        if let Some(keep) = &vis.keep {
+            if keep.len() != b * lk {
+                candle_core::bail!(
+                    "attention: a padding mask of {} entries for {b} rows of {lk} keys",
+                    keep.len()
+                );
+            }
+        }
+        if let Some(tree) = &vis.tree {
+            if tree.len() != lq || tree.cached + lq != lk {
+                candle_core::bail!(
+                    "attention: a draft tree of {} nodes after {} cached keys for {lq} queries \
+                     over {lk} keys",
+                    tree.len(),
+                    tree.cached
+                );
+            }
+        }
+        let first_kept = (0..b)
             .map(|b| match &vis.keep {
-                Some(keep) => keep[b * dims.lk..(b + 1) * dims.lk]
+                Some(keep) => keep[b * lk..(b + 1) * lk]
                     .iter()
                     .position(|&k| k)
-                    .unwrap_or(dims.lk),
+                    .unwrap_or(lk),
                 None => 0,
             })
             .collect();
-        Self {
+        Ok(Self {
             causal_offset: vis.causal_offset,
             keep: vis.keep.as_deref(),
+            tree: vis.tree.as_deref(),
             first_kept,
-            lk: dims.lk,
-        }
+            lk,
+        })
     }
 
-    /// Keys `0..limit(i)` are not hidden by the causal mask from query `i`.
+    /// Keys `0..limit(i)` are not hidden by the causal mask (or the tree's order) from query
+    /// `i`.
     fn limit(&self, i: usize) -> usize {
-        match self.causal_offset {
+        let causal = match self.causal_offset {
             Some(offset) => (offset + i + 1).min(self.lk),
             None => self.lk,
+        };
+        match self.tree {
+            Some(tree) => causal.min(tree.cached + i + 1),
+            None => causal,
         }
     }
 
     /// Whether query `i` of batch `b` sees no key at all.
-    fn blind(&self, b: usize, i: usize) -> bool {
+    pub(crate) fn blind(&self, b: usize, i: usize) -> bool {
         self.first_kept[b] >= self.limit(i)
     }
 
@@ -141,8 +225,10 @@ impl<'a> Mask<'a> {
         }
     }
 
-    fn visible(&self, b: usize, i: usize, j: usize) -> bool {
-        j < self.limit(i) && self.keep.is_none_or(|keep| keep[b * self.lk + j])
+    pub(crate) fn visible(&self, b: usize, i: usize, j: usize) -> bool {
+        j < self.limit(i)
+            && self.keep.is_none_or(|keep| keep[b * self.lk + j])
+            && self.tree.is_none_or(|tree| tree.sees(i, j))
     }
 }
 
@@ -286,7 +372,7 @@ fn scores(
             continue;
         }
         let limit = mask.limit(i);
-        if j0 + cols <= limit && mask.keep.is_none() {
+        if j0 + cols <= limit && mask.keep.is_none() && mask.tree.is_none() {
             continue;
         }
         for (c, x) in row.iter_mut().enumerate() {
@@ -668,7 +754,7 @@ impl CustomOp3 for FusedAttention {
         let (q, dtype) = read_f32(s1, l1, "q")?;
         let (k, _) = read_f32(s2, l2, "k")?;
         let (v, _) = read_f32(s3, l3, "v")?;
-        let mask = Mask::new(&self.visibility, dims);
+        let mask = Mask::new(&self.visibility, dims.b, dims.lq, dims.lk)?;
         let (out, lse) = forward(dims, &q, &k, &v, &mask, self.scale);
         *self.lse.lock().expect("lse lock") = lse;
         let storage = match dtype {
@@ -693,7 +779,7 @@ impl CustomOp3 for FusedAttention {
         }
         let flat = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
         let (qf, kf, vf) = (flat(q)?, flat(k)?, flat(v)?);
-        let mask = Mask::new(&self.visibility, dims);
+        let mask = Mask::new(&self.visibility, dims.b, dims.lq, dims.lk)?;
         let (dq, dk, dv) = backward(
             dims,
             (&qf, &kf, &vf),
@@ -723,15 +809,7 @@ pub fn fused_attention(
     if !q.device().is_cpu() {
         candle_core::bail!("fused attention runs on the CPU; use the naive backend on {q:?}");
     }
-    let (b, lk) = (k.dim(0)?, k.dim(2)?);
-    if let Some(keep) = &visibility.keep {
-        if keep.len() != b * lk {
-            candle_core::bail!(
-                "fused attention: a padding mask of {} entries for {b} rows of {lk} keys",
-                keep.len()
-            );
-        }
-    }
+    Mask::new(&visibility, k.dim(0)?, q.dim(2)?, k.dim(2)?)?;
     let op = FusedAttention {
         scale: scale as f32,
         visibility,

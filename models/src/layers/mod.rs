@@ -6,6 +6,7 @@
 
 mod activation;
 mod attention;
+mod decode_attention;
 mod encoder;
 mod fast_math;
 mod fused_attention;
@@ -26,8 +27,9 @@ pub use attention::{
     AttentionBackend, AttentionConfig, AttentionMask, MultiHeadAttention, QkvLayout,
     AUTO_FUSED_MIN_SCORES,
 };
+pub use decode_attention::{decode_attention, DECODE_MAX_QUERIES};
 pub use encoder::{Encoder, EncoderConfig, EncoderLayer};
-pub use fused_attention::{fused_attention, KeyVisibility, MAX_HEAD_DIM};
+pub use fused_attention::{fused_attention, DraftTree, KeyVisibility, MAX_HEAD_DIM};
 pub use kv_cache::KvBuffer;
 pub use linear::{Linear, QuantizedWeights};
 pub use mlp::Mlp;

@@ -16,8 +16,8 @@ use crate::error::CandleContext;
 use crate::generation::StepModel;
 use crate::hub::ModelRepo;
 use crate::layers::{
-    apply_rotary, rotary_cos_sin, Activation, AttentionConfig, AttentionMask, KvBuffer, Linear,
-    MultiHeadAttention, QkvLayout, QuantizedWeights, RmsNorm, RopeConfig, RopeScaling,
+    apply_rotary, rotary_cos_sin, Activation, AttentionConfig, AttentionMask, DraftTree, KvBuffer,
+    Linear, MultiHeadAttention, QkvLayout, QuantizedWeights, RmsNorm, RopeConfig, RopeScaling,
 };
 use crate::weights::SafetensorsWeights;
 
@@ -406,26 +406,12 @@ impl LlamaForCausalLM {
         Ok(CausalLmOutput { hidden, logits })
     }
 
-    /// The additive mask of `l` new tokens over `cached` cached ones where new token `i` sees
-    /// the cache, and the new tokens `j` with `visible[i][j]` (a tree's ancestors).
-    pub fn tree_mask(
-        cached: usize,
-        visible: &[Vec<bool>],
-        device: &Device,
-    ) -> Result<AttentionMask> {
-        let l = visible.len();
-        let min = crate::layers::mask_min(DType::F32) as f32;
-        let data: Vec<f32> = visible
-            .iter()
-            .flat_map(|row| {
-                std::iter::repeat_n(0.0, cached)
-                    .chain(row.iter().map(move |&v| if v { 0.0 } else { min }))
-            })
-            .collect();
-        Ok(AttentionMask::additive(Tensor::from_vec(
-            data,
-            (1, 1, l, cached + l),
-            device,
+    /// The mask of `l` new tokens after `cached` cached ones where new token `i` sees the
+    /// cache and the new tokens `j` with `visible[i][j]` (itself and its ancestors in a tree).
+    pub fn tree_mask(cached: usize, visible: &[Vec<bool>]) -> Result<AttentionMask> {
+        Ok(AttentionMask::tree(DraftTree::new(
+            cached,
+            visible.to_vec(),
         )?))
     }
 }

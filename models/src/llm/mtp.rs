@@ -319,7 +319,7 @@ impl Drafter for MtpDrafter<'_> {
                         }
                     }
                 }
-                LlamaForCausalLM::tree_mask(mcache.len, &visible, &device)?
+                LlamaForCausalLM::tree_mask(mcache.len, &visible)?
             };
             let out = module.forward(&hidden_in, &embeds, &cos, &sin, &mask, &mut mcache.kv)?;
             mcache.len += n;

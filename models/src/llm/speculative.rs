@@ -499,7 +499,7 @@ pub fn decode(
             model.forward(&ids, &mut cache)?
         } else {
             let positions: Vec<u32> = tree.depths().iter().map(|&d| (base + d) as u32).collect();
-            let mask = LlamaForCausalLM::tree_mask(base, &tree.visible(), &device)?;
+            let mask = LlamaForCausalLM::tree_mask(base, &tree.visible())?;
             model.forward_at(&ids, &positions, &mask, &mut cache)?
         };
         out.steps += 1;

@@ -1,0 +1,277 @@
+//! Attention of a few queries at inference (decoding one token, verifying a chain or a tree of
+//! drafted tokens) on the CPU, one query row at a time, reading the cached keys and values in
+//! place.
+//!
+//! Each row's output is a function of that row's query and of the keys and values it sees, in
+//! order, and of nothing else: not of how many queries share the call, nor of the keys its mask
+//! hides, nor of the instruction set. That is what makes speculative decoding exact: a drafted
+//! token verified in a chain or a tree, among siblings it does not see, gets the bits it gets
+//! when decoded alone. (A GEMM's summation order depends on the number of rows, and a softmax
+//! over a masked row on how many hidden keys pad it; the 8-bit activations of a quantized model
+//! turn such a last-bit difference into a different token.)
+//!
+//! For query `q` over its visible keys `k₁ … kₙ` (in cache order):
+//! `sⱼ = scale · q·kⱼ` (a 16-lane dot product, lanes summed pairwise), `m = maxⱼ sⱼ`,
+//! `pⱼ = exp(sⱼ − m)`, `ℓ = Σⱼ pⱼ` (16 lanes by visible index), and `o = (Σⱼ pⱼ vⱼ) / ℓ`
+//! accumulated over `j` in order. A row that sees no key attends uniformly to every key, as the
+//! other backends do.
+
+use candle_core::{CpuStorage, DType, Layout, Result, Storage, Tensor};
+use rayon::prelude::*;
+
+use super::fast_math::exp_poly;
+use super::fused_attention::{KeyVisibility, Mask, MAX_HEAD_DIM};
+
+/// Up to this many queries per call, the decode kernel takes causal and padding masks; a draft
+/// tree takes it at any size (its exactness is what verification needs).
+pub const DECODE_MAX_QUERIES: usize = 64;
+
+const LANES: usize = 16;
+
+/// Whether [`decode_attention`] takes these inputs: CPU f32 tensors outside any training
+/// graph, head width ≤ [`MAX_HEAD_DIM`], each head's rows contiguous.
+pub(crate) fn decode_attention_fits(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
+    let inference = !(q.track_op() || k.track_op() || v.track_op());
+    let f32 = [q, k, v].iter().all(|t| t.dtype() == DType::F32);
+    let rows_contiguous = [q, k, v]
+        .iter()
+        .all(|t| t.rank() == 4 && t.layout().stride()[3] == 1);
+    inference
+        && f32
+        && rows_contiguous
+        && q.device().is_cpu()
+        && q.dim(3).is_ok_and(|d| d <= MAX_HEAD_DIM)
+}
+
+/// A `[B, H, L, d]` f32 tensor's data and its element strides.
+struct View<'a> {
+    data: &'a [f32],
+    start: usize,
+    stride: [usize; 3],
+}
+
+impl<'a> View<'a> {
+    fn new(storage: &'a Storage, layout: &Layout, what: &str) -> Result<Self> {
+        let Storage::Cpu(CpuStorage::F32(data)) = storage else {
+            candle_core::bail!("decode attention takes f32 CPU tensors for {what}");
+        };
+        let s = layout.stride();
+        Ok(Self {
+            data,
+            start: layout.start_offset(),
+            stride: [s[0], s[1], s[2]],
+        })
+    }
+
+    #[inline(always)]
+    fn row(&self, b: usize, h: usize, i: usize, d: usize) -> &'a [f32] {
+        let at = self.start + b * self.stride[0] + h * self.stride[1] + i * self.stride[2];
+        &self.data[at..at + d]
+    }
+}
+
+/// The keys and values of one key/value head.
+struct KeyValues<'a> {
+    k: &'a View<'a>,
+    v: &'a View<'a>,
+    b: usize,
+    head: usize,
+    d: usize,
+}
+
+impl KeyValues<'_> {
+    #[inline(always)]
+    fn key(&self, j: usize) -> &[f32] {
+        self.k.row(self.b, self.head, j, self.d)
+    }
+
+    #[inline(always)]
+    fn value(&self, j: usize) -> &[f32] {
+        self.v.row(self.b, self.head, j, self.d)
+    }
+}
+
+/// `Σ a·b` in 16 lanes (lane `c mod 16` takes channel `c`), the lanes summed pairwise.
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let mut ca = a.chunks_exact(LANES);
+    let mut cb = b.chunks_exact(LANES);
+    for (x, y) in (&mut ca).zip(&mut cb) {
+        for l in 0..LANES {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    for (l, (x, y)) in ca.remainder().iter().zip(cb.remainder()).enumerate() {
+        acc[l] += x * y;
+    }
+    sum_lanes(acc)
+}
+
+#[inline(always)]
+fn sum_lanes(mut acc: [f32; LANES]) -> f32 {
+    let mut width = LANES;
+    while width > 1 {
+        width /= 2;
+        for l in 0..width {
+            acc[l] += acc[l + width];
+        }
+    }
+    acc[0]
+}
+
+/// One query row: `out = softmax(scale · q Kᵀ) V` over the keys `visible` lists, or with equal
+/// weights over them when `uniform` (a row that sees no key lists every key). `scores` is
+/// scratch of at least as many keys.
+#[inline(always)]
+fn row_generic(
+    q: &[f32],
+    kv: &KeyValues,
+    (visible, uniform): (&[usize], bool),
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    out.fill(0.0);
+    if visible.is_empty() {
+        return;
+    }
+    let scores = &mut scores[..visible.len()];
+    if uniform {
+        scores.fill(1.0);
+    } else {
+        let mut max = f32::NEG_INFINITY;
+        for (s, &j) in scores.iter_mut().zip(visible) {
+            *s = dot(q, kv.key(j)) * scale;
+            max = if *s > max { *s } else { max };
+        }
+        scores.iter_mut().for_each(|s| *s = exp_poly(*s - max));
+    }
+    let mut lanes = [0f32; LANES];
+    for (n, s) in scores.iter().enumerate() {
+        lanes[n % LANES] += *s;
+    }
+    let inv = 1.0 / sum_lanes(lanes);
+    for (&p, &j) in scores.iter().zip(visible) {
+        for (o, &x) in out.iter_mut().zip(kv.value(j)) {
+            *o += p * x;
+        }
+    }
+    out.iter_mut().for_each(|o| *o *= inv);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn row_avx512(
+    q: &[f32],
+    kv: &KeyValues,
+    visible: (&[usize], bool),
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    row_generic(q, kv, visible, scale, scores, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn row_avx2(
+    q: &[f32],
+    kv: &KeyValues,
+    visible: (&[usize], bool),
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    row_generic(q, kv, visible, scale, scores, out)
+}
+
+/// [`row_generic`] with the widest vectors the CPU has; every path computes the same bits
+/// (the summation order is written out, and no multiply-add is fused).
+fn row(
+    q: &[f32],
+    kv: &KeyValues,
+    visible: (&[usize], bool),
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has the feature the function was compiled for.
+            return unsafe { row_avx512(q, kv, visible, scale, scores, out) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: as above.
+            return unsafe { row_avx2(q, kv, visible, scale, scores, out) };
+        }
+    }
+    row_generic(q, kv, visible, scale, scores, out)
+}
+
+/// `softmax(q kᵀ · scale + mask) v` for q `[B, H, Lq, d]` over k and v `[B, Hkv, Lk, d]`
+/// (each key/value head shared by `H / Hkv` query heads; k and v may be views of a larger
+/// cache), row by row as the module doc says. Inference only (no backward): check
+/// [`decode_attention_fits`] first.
+pub fn decode_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    visibility: &KeyVisibility,
+) -> Result<Tensor> {
+    let (b, h, lq, d) = q.dims4()?;
+    let (bk, hkv, lk, dk) = k.dims4()?;
+    if k.dims() != v.dims() || b != bk || d != dk || hkv == 0 || h % hkv != 0 || d > MAX_HEAD_DIM {
+        candle_core::bail!(
+            "decode attention: q {:?}, k {:?} and v {:?} do not fit together",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        );
+    }
+    let mask = Mask::new(visibility, b, lq, lk)?;
+    let groups = h / hkv;
+    let (qs, ql) = q.storage_and_layout();
+    let (ks, kl) = k.storage_and_layout();
+    let (vs, vl) = v.storage_and_layout();
+    let (qv, kv, vv) = (
+        View::new(&qs, ql, "q")?,
+        View::new(&ks, kl, "k")?,
+        View::new(&vs, vl, "v")?,
+    );
+    // Written as [B, Lq, H, d], which merging the heads reads in place.
+    let mut out = vec![0f32; b * lq * h * d];
+    let scale = scale as f32;
+    out.par_chunks_mut(d).enumerate().for_each_init(
+        || (Vec::with_capacity(lk), vec![0f32; lk]),
+        |(visible, scores), (n, o)| {
+            let (b, i, head) = (n / (lq * h), n / h % lq, n % h);
+            visible.clear();
+            visible.extend((0..lk).filter(|&j| mask.visible(b, i, j)));
+            let blind = visible.is_empty();
+            if blind {
+                visible.extend(0..lk);
+            }
+            let pair = KeyValues {
+                k: &kv,
+                v: &vv,
+                b,
+                head: head / groups,
+                d,
+            };
+            row(
+                qv.row(b, head, i, d),
+                &pair,
+                (visible, blind),
+                scale,
+                scores,
+                o,
+            );
+        },
+    );
+    drop((qs, ks, vs));
+    Tensor::from_vec(out, (b, lq, h, d), q.device())?.transpose(1, 2)
+}
