@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use zoo_models::layers::{
-    decode_attention, naive_attention, AttentionMask, DraftTree, KeyVisibility,
+    decode_attention, naive_attention, AttentionMask, TreeMask, KeyVisibility,
 };
 
 fn randn(shape: &[usize], seed: u64) -> Tensor {
@@ -144,7 +144,7 @@ fn decode_attention_matches_the_naive_backend() {
             26,
             50,
             64,
-            AttentionMask::tree(DraftTree::new(24, tree(26, 7)).unwrap()),
+            AttentionMask::tree(TreeMask::new(24, tree(26, 7)).unwrap()),
         ),
     ];
     for (name, b, h, hkv, lq, lk, d, mask) in cases {
@@ -212,7 +212,7 @@ fn each_query_row_has_the_bits_of_that_query_alone() {
     let shape = tree(l, 3);
     let tree_vis = KeyVisibility {
         tree: Some(std::sync::Arc::new(
-            DraftTree::new(cached, shape.clone()).unwrap(),
+            TreeMask::new(cached, shape.clone()).unwrap(),
         )),
         ..KeyVisibility::default()
     };
@@ -237,14 +237,14 @@ fn each_query_row_has_the_bits_of_that_query_alone() {
 
 #[test]
 fn malformed_trees_are_refused() {
-    assert!(DraftTree::new(3, vec![vec![true, true], vec![false, true]]).is_err());
-    assert!(DraftTree::new(3, vec![vec![false]]).is_err());
-    assert!(DraftTree::new(3, vec![vec![true, false]]).is_err());
+    assert!(TreeMask::new(3, vec![vec![true, true], vec![false, true]]).is_err());
+    assert!(TreeMask::new(3, vec![vec![false]]).is_err());
+    assert!(TreeMask::new(3, vec![vec![true, false]]).is_err());
     let q = randn(&[1, 1, 2, 8], 1);
     let (k, v) = cached_keys(1, 1, 5, 8, 2);
     let vis = KeyVisibility {
         tree: Some(std::sync::Arc::new(
-            DraftTree::new(2, vec![vec![true, false], vec![true, true]]).unwrap(),
+            TreeMask::new(2, vec![vec![true, false], vec![true, true]]).unwrap(),
         )),
         ..KeyVisibility::default()
     };

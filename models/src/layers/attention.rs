@@ -16,7 +16,7 @@ use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
 use super::decode_attention::{decode_attention, decode_attention_fits, DECODE_MAX_QUERIES};
-use super::fused_attention::{fused_attention, DraftTree, KeyVisibility, MAX_HEAD_DIM};
+use super::fused_attention::{fused_attention, TreeMask, KeyVisibility, MAX_HEAD_DIM};
 use super::{Linear, QuantizedWeights};
 
 /// How the query/key/value projections are stored in the checkpoint.
@@ -293,7 +293,7 @@ fn split_fused(w: &Tensor, b: Option<&Tensor>, e: usize) -> Result<(Linear, Line
 pub struct AttentionMask {
     causal_offset: Option<usize>,
     keep: Option<Tensor>,
-    tree: Option<Arc<DraftTree>>,
+    tree: Option<Arc<TreeMask>>,
     additive: Option<Tensor>,
 }
 
@@ -331,8 +331,8 @@ impl AttentionMask {
         Self::none().with_padding(attention_mask)
     }
 
-    /// The queries are the nodes of a draft tree (see [`DraftTree`]).
-    pub fn tree(tree: DraftTree) -> Self {
+    /// The queries are the nodes of a draft tree (see [`TreeMask`]).
+    pub fn tree(tree: TreeMask) -> Self {
         Self {
             tree: Some(Arc::new(tree)),
             ..Self::default()
@@ -586,7 +586,7 @@ pub fn causal_mask(
 }
 
 /// Additive mask `[1, 1, Lq, Lk]` of a draft tree's `Lq` nodes after its cached keys.
-fn tree_mask(tree: &DraftTree, lq: usize, lk: usize, dtype: DType, dev: &Device) -> Result<Tensor> {
+fn tree_mask(tree: &TreeMask, lq: usize, lk: usize, dtype: DType, dev: &Device) -> Result<Tensor> {
     if tree.len() != lq || tree.cached() + lq != lk {
         candle_core::bail!(
             "attention: a draft tree of {} nodes after {} cached keys for {lq} queries over {lk} keys",

@@ -43,7 +43,7 @@ pub struct KeyVisibility {
     /// `[B · Lk]`, false where a key is padding.
     pub keep: Option<Vec<bool>>,
     /// The queries are the nodes of a draft tree after the cached keys.
-    pub tree: Option<Arc<DraftTree>>,
+    pub tree: Option<Arc<TreeMask>>,
 }
 
 /// The visibility of `l` draft-tree nodes, queried after `cached` keys (the nodes' own keys
@@ -51,12 +51,12 @@ pub struct KeyVisibility {
 /// its ancestors). Ancestors come before their descendants, so `visible[i][j]` implies `j ≤ i`,
 /// and every node sees itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DraftTree {
+pub struct TreeMask {
     cached: usize,
     visible: Vec<Vec<bool>>,
 }
 
-impl DraftTree {
+impl TreeMask {
     /// Checks that `visible` is square and that no node sees a later one.
     pub fn new(cached: usize, visible: Vec<Vec<bool>>) -> Result<Self> {
         let l = visible.len();
@@ -151,7 +151,7 @@ impl Dims {
 pub(crate) struct Mask<'a> {
     causal_offset: Option<usize>,
     keep: Option<&'a [bool]>,
-    tree: Option<&'a DraftTree>,
+    tree: Option<&'a TreeMask>,
     /// Per batch, the first kept key (`lk` when none).
     first_kept: Vec<usize>,
     lk: usize,

@@ -16,7 +16,7 @@ use crate::error::CandleContext;
 use crate::generation::StepModel;
 use crate::hub::ModelRepo;
 use crate::layers::{
-    apply_rotary, rotary_cos_sin, Activation, AttentionConfig, AttentionMask, DraftTree, KvBuffer,
+    apply_rotary, rotary_cos_sin, Activation, AttentionConfig, AttentionMask, TreeMask, KvBuffer,
     Linear, MultiHeadAttention, QkvLayout, QuantizedWeights, RmsNorm, RopeConfig, RopeScaling,
 };
 use crate::weights::SafetensorsWeights;
@@ -409,7 +409,7 @@ impl LlamaForCausalLM {
     /// The mask of `l` new tokens after `cached` cached ones where new token `i` sees the
     /// cache and the new tokens `j` with `visible[i][j]` (itself and its ancestors in a tree).
     pub fn tree_mask(cached: usize, visible: &[Vec<bool>]) -> Result<AttentionMask> {
-        Ok(AttentionMask::tree(DraftTree::new(
+        Ok(AttentionMask::tree(TreeMask::new(
             cached,
             visible.to_vec(),
         )?))

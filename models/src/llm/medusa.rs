@@ -123,14 +123,20 @@ impl MedusaHead {
     /// The head's logits for `hidden` `[.., D]`; `lm_head` projects when the head has no
     /// projection of its own.
     pub fn forward(&self, hidden: &Tensor, lm_head: &Linear) -> Result<Tensor> {
-        let mut x = hidden.clone();
-        for block in &self.blocks {
-            x = (&x + block.forward(&x)?.silu()?)?;
-        }
+        let x = self.features(hidden)?;
         match &self.out {
             Some(out) => out.forward(&x),
             None => lm_head.forward(&x),
         }
+    }
+
+    /// The ResBlocks' output `[.., D]`, before the vocabulary projection.
+    pub fn features(&self, hidden: &Tensor) -> Result<Tensor> {
+        let mut x = hidden.clone();
+        for block in &self.blocks {
+            x = (&x + block.forward(&x)?.silu()?)?;
+        }
+        Ok(x)
     }
 }
 
@@ -213,12 +219,27 @@ impl MedusaHeads {
         })
     }
 
-    /// Each head's logits `[.., vocab]` for `hidden` `[.., D]`.
+    /// Each head's logits `[.., vocab]` for `hidden` `[.., D]`. The heads that read the base
+    /// model's `lm_head` are projected by it together, as rows of one product: one pass over
+    /// its weights (the vocabulary projection is most of a head's cost) instead of one per head.
     pub fn forward(&self, hidden: &Tensor, lm_head: &Linear) -> Result<Vec<Tensor>> {
-        self.heads
-            .iter()
-            .map(|h| h.forward(hidden, lm_head))
-            .collect()
+        let mut logits: Vec<Option<Tensor>> = vec![None; self.heads.len()];
+        let mut shared = Vec::new();
+        for (i, head) in self.heads.iter().enumerate() {
+            let x = head.features(hidden)?;
+            match &head.out {
+                Some(out) => logits[i] = Some(out.forward(&x)?),
+                None => shared.push((i, x)),
+            }
+        }
+        if !shared.is_empty() {
+            let features: Vec<&Tensor> = shared.iter().map(|(_, x)| x).collect();
+            let projected = lm_head.forward(&Tensor::stack(&features, 0)?)?;
+            for (k, (i, _)) in shared.iter().enumerate() {
+                logits[*i] = Some(projected.get(k)?);
+            }
+        }
+        Ok(logits.into_iter().flatten().collect())
     }
 }
 
