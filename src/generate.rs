@@ -107,6 +107,19 @@ pub struct DecodingArgs {
     pub mtp: Option<Option<PathBuf>>,
     #[command(flatten)]
     pub mtp_tree: MtpTreeArgs,
+    #[command(flatten)]
+    pub draft_vocab: DraftVocabArgs,
+}
+
+/// The drafters' vocabulary (`zoo generate`, `zoo chat`, `zoo bench generate`).
+#[derive(Args, Debug, Clone, Default)]
+pub struct DraftVocabArgs {
+    /// With --medusa or --mtp: draft from the first N tokens of the vocabulary only, FR-Spec's
+    /// frequency-ranked draft vocabulary (a BPE vocabulary lists its tokens in merge order, the
+    /// most frequent first). The heads' vocabulary projection then costs N/vocab of the full
+    /// one; verification still scores every token, so the output is unchanged.
+    #[arg(long, value_name = "N", value_parser = flags::count::<usize>, allow_negative_numbers = true)]
+    pub draft_vocab: Option<usize>,
 }
 
 /// How the MTP modules draft (`zoo generate`, `zoo chat`, `zoo bench generate`).
@@ -185,6 +198,9 @@ impl DecodingArgs {
             bail!("--medusa-choices needs --medusa");
         }
         let speculative = self.medusa.is_some() || self.mtp.is_some();
+        if self.draft_vocab.draft_vocab.is_some() && !speculative {
+            bail!("--draft-vocab sets what --medusa or --mtp drafts from: give one of them");
+        }
         if self.acceptance.is_some() && !(speculative && self.sampling()) {
             bail!(
                 "--acceptance chooses how sampled drafts are accepted: it needs --medusa or \
@@ -232,12 +248,12 @@ impl DecodingArgs {
         let mtp = self
             .mtp
             .as_ref()
-            .map(|dir| load_mtp(llm, dir.as_deref()))
+            .map(|dir| load_mtp(llm, dir.as_deref(), &self.draft_vocab))
             .transpose()?;
         let medusa = self
             .medusa
             .as_deref()
-            .map(|dir| load_medusa(llm, dir, self.medusa_choices.as_ref()))
+            .map(|dir| load_medusa(llm, dir, self.medusa_choices.as_ref(), &self.draft_vocab))
             .transpose()?;
         if let Some((heads, tree)) = &medusa {
             MedusaDrafter::new(heads, tree)?;
@@ -394,7 +410,21 @@ impl<'a> StopStrings<'a> {
 /// The MTP modules for `llm`'s backbone: its checkpoint's own, or those of the checkpoint in
 /// `dir`, whose backbone must have the same shape (the modules use its embedding and
 /// `lm_head`, and are named after its layer count).
-pub fn load_mtp(llm: &LoadedLlm, dir: Option<&std::path::Path>) -> Result<MtpModules> {
+pub fn load_mtp(
+    llm: &LoadedLlm,
+    dir: Option<&std::path::Path>,
+    vocab: &DraftVocabArgs,
+) -> Result<MtpModules> {
+    let modules = load_mtp_modules(llm, dir)?;
+    Ok(match vocab.draft_vocab {
+        Some(n) => modules
+            .with_draft_vocab(llm.model.lm_head(), n)
+            .with_context(|| format!("--draft-vocab {n}"))?,
+        None => modules,
+    })
+}
+
+fn load_mtp_modules(llm: &LoadedLlm, dir: Option<&std::path::Path>) -> Result<MtpModules> {
     let model = &llm.model;
     let dtype = model.model.embeddings().dtype();
     let Some(dir) = dir else {
@@ -456,6 +486,7 @@ pub fn load_medusa(
     llm: &LoadedLlm,
     dir: &std::path::Path,
     choices: Option<&Choices>,
+    vocab: &DraftVocabArgs,
 ) -> Result<(MedusaHeads, MedusaTree)> {
     let model = &llm.model;
     let heads = MedusaHeads::load(
@@ -465,6 +496,12 @@ pub fn load_medusa(
         model.model.embeddings().dtype(),
         &llm.device,
     )?;
+    let heads = match vocab.draft_vocab {
+        Some(n) => heads
+            .with_draft_vocab(model.lm_head(), n)
+            .with_context(|| format!("--draft-vocab {n}"))?,
+        None => heads,
+    };
     let tree = match choices {
         Some(Choices::File(path)) => MedusaTree::from_file(path)?,
         Some(Choices::Auto) => auto_tree(llm, dir, &heads)?,

@@ -18,7 +18,7 @@
 
 use std::path::PathBuf;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Module, Tensor};
 use serde_json::Value;
 use zoo_datasets::chat::Message;
 use zoo_models::generation::{generate, GenerationConfig};
@@ -369,4 +369,29 @@ fn assert_rows_exact(model: &LlamaForCausalLM, tokens: &[u32], name: &str) {
         row_bits(&run(&mut tree_cache, &[next]), 0) == row_bits(&run(&mut alone_cache, &[next]), 0),
         "{name}: the token after the accepted path"
     );
+}
+
+/// A draft vocabulary's head is the first rows of the quantized `lm_head`, block for block:
+/// the same scores, bit for bit, for those tokens.
+#[test]
+fn a_quantized_head_keeps_its_first_rows_bit_for_bit() {
+    for name in ["llama-tiny-q8_0-gpt2.gguf", "llama-tiny-q4_0-llama.gguf"] {
+        let source = LlmSource::open(&dir().join(name).to_string_lossy(), None).unwrap();
+        let model = source.load_model(None, &Device::Cpu).unwrap();
+        let head = model.lm_head();
+        let part = head.first_rows(100).unwrap();
+        assert!(part.quantized_weight().is_some(), "{name}: stays quantized");
+        let x = Tensor::randn(0f32, 1.0, (3, model.config.hidden_size), &Device::Cpu).unwrap();
+        let bits = |t: Tensor| -> Vec<u32> {
+            t.flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .into_iter()
+                .map(f32::to_bits)
+                .collect()
+        };
+        let full = head.forward(&x).unwrap().narrow(1, 0, 100).unwrap();
+        assert_eq!(bits(part.forward(&x).unwrap()), bits(full), "{name}");
+    }
 }

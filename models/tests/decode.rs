@@ -1,6 +1,7 @@
 //! The one decoding loop (`llm::decode`): every drafter (none, Medusa trees, MTP chains, and
 //! oracle drafters that are partly right, as trees and as chains) with every processor
-//! (repetition penalty, minimum length with stop tokens) gives plain greedy decoding's tokens;
+//! (repetition penalty, minimum length with stop tokens) gives plain greedy decoding's tokens,
+//! also when the drafters draw from a restricted vocabulary (FR-Spec);
 //! plain sampling through the loop is plain sampling with the same seed; the caller can stop
 //! it after any token.
 
@@ -144,6 +145,11 @@ fn every_drafter_with_every_processor_decodes_as_plain_greedy() {
         VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
     )
     .unwrap();
+    // FR-Spec draft vocabularies: the first 100 of the 320 tokens.
+    let heads_vocab = medusa_heads()
+        .with_draft_vocab(model.lm_head(), 100)
+        .unwrap();
+    let mtp_vocab = mtp.clone().with_draft_vocab(model.lm_head(), 100).unwrap();
     for prompt in [
         vec![5u32, 17, 42],
         vec![260, 284, 261, 269, 261, 270],
@@ -162,6 +168,20 @@ fn every_drafter_with_every_processor_decodes_as_plain_greedy() {
                     Box::new(MedusaDrafter::new(&heads, &small).unwrap()),
                 ),
                 ("mtp", Box::new(MtpDrafter::new(&mtp))),
+                (
+                    "medusa, draft vocabulary",
+                    Box::new(MedusaDrafter::new(&heads_vocab, &small).unwrap()),
+                ),
+                (
+                    "mtp-tree, draft vocabulary",
+                    Box::new(MtpDrafter::with_shape(
+                        &mtp_vocab,
+                        MtpDraft::Tree {
+                            top_k: 3,
+                            max_nodes: 6,
+                        },
+                    )),
+                ),
                 (
                     "mtp-tree",
                     Box::new(MtpDrafter::with_shape(
@@ -333,4 +353,51 @@ fn a_tree_not_rooted_at_the_last_token_and_beam_search_are_refused() {
         .unwrap_err()
         .to_string()
         .contains("beam"));
+}
+
+/// A draft vocabulary scores its first `n` tokens as `lm_head` does and hides the rest; the
+/// heads draft only from it.
+#[test]
+fn a_draft_vocabulary_keeps_the_first_tokens_scores_and_hides_the_rest() {
+    use candle_core::{Module, Tensor};
+    use zoo_models::llm::DraftVocab;
+    let model = llama();
+    let hidden = Tensor::randn(0f32, 1.0, (2, 3, 64), &Device::Cpu).unwrap();
+    let full = model.lm_head().forward(&hidden).unwrap();
+    let vocab = DraftVocab::new(model.lm_head(), 100).unwrap();
+    assert_eq!(vocab.tokens().unwrap(), 100);
+    let restricted = vocab.forward(&hidden).unwrap();
+    assert_eq!(restricted.dims(), full.dims());
+    let kept = |t: &Tensor| {
+        t.narrow(2, 0, 100)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
+    for (a, b) in kept(&restricted).iter().zip(kept(&full)) {
+        assert!((a - b).abs() < 1e-5, "{a} against {b}");
+    }
+    let rest = restricted
+        .narrow(2, 100, 220)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    assert!(rest.iter().all(|&x| x == f32::NEG_INFINITY));
+    assert!(DraftVocab::new(model.lm_head(), 0).is_err());
+    assert!(DraftVocab::new(model.lm_head(), 321).is_err());
+
+    let heads = medusa_heads()
+        .with_draft_vocab(model.lm_head(), 100)
+        .unwrap();
+    let last = hidden.narrow(0, 0, 1).unwrap().narrow(1, 2, 1).unwrap();
+    for logits in heads.forward(&last, model.lm_head()).unwrap() {
+        let values = logits.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(values.len(), 320);
+        assert!(values[100..].iter().all(|&x| x == f32::NEG_INFINITY));
+        assert!(values[..100].iter().all(|x| x.is_finite()));
+    }
 }

@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use zoo_models::layers::{
-    decode_attention, naive_attention, AttentionMask, TreeMask, KeyVisibility,
+    decode_attention, naive_attention, AttentionMask, KeyVisibility, TreeMask,
 };
 
 fn randn(shape: &[usize], seed: u64) -> Tensor {

@@ -37,6 +37,9 @@ pub struct GenerateBenchArgs {
     /// Also compare MTP tree drafts (as for zoo generate; `mtp-tree` in the results).
     #[command(flatten)]
     pub mtp_tree: crate::generate::MtpTreeArgs,
+    /// The drafters' vocabulary (as for zoo generate).
+    #[command(flatten)]
+    pub draft_vocab: crate::generate::DraftVocabArgs,
     /// A prompt (repeatable).
     #[arg(long)]
     pub prompt: Vec<String>,
@@ -81,15 +84,24 @@ pub fn bench_generate(args: GenerateBenchArgs) -> Result<()> {
     let medusa = args
         .medusa
         .as_deref()
-        .map(|dir| crate::generate::load_medusa(&llm, dir, args.medusa_choices.as_ref()))
+        .map(|dir| {
+            crate::generate::load_medusa(&llm, dir, args.medusa_choices.as_ref(), &args.draft_vocab)
+        })
         .transpose()?;
     let mtp = match &args.mtp {
-        Some(dir) => Some(crate::generate::load_mtp(&llm, dir.as_deref())?),
+        Some(dir) => Some(crate::generate::load_mtp(
+            &llm,
+            dir.as_deref(),
+            &args.draft_vocab,
+        )?),
         None if model.config.num_nextn_predict_layers > 0 => {
-            Some(crate::generate::load_mtp(&llm, None)?)
+            Some(crate::generate::load_mtp(&llm, None, &args.draft_vocab)?)
         }
         None => None,
     };
+    if args.draft_vocab.draft_vocab.is_some() && medusa.is_none() && mtp.is_none() {
+        bail!("--draft-vocab sets what --medusa or --mtp drafts from: give one of them");
+    }
     let encoded: Vec<Vec<u32>> = prompts
         .iter()
         .map(|p| {

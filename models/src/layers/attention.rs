@@ -16,7 +16,7 @@ use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
 use super::decode_attention::{decode_attention, decode_attention_fits, DECODE_MAX_QUERIES};
-use super::fused_attention::{fused_attention, TreeMask, KeyVisibility, MAX_HEAD_DIM};
+use super::fused_attention::{fused_attention, KeyVisibility, TreeMask, MAX_HEAD_DIM};
 use super::{Linear, QuantizedWeights};
 
 /// How the query/key/value projections are stored in the checkpoint.

@@ -121,6 +121,31 @@ impl Linear {
     pub fn bias(&self) -> Option<&Tensor> {
         self.bias.as_ref()
     }
+
+    /// The projection onto output features `0..n` only: the first `n` rows of the weight
+    /// (block rows of a quantized one, copied as they are).
+    pub fn first_rows(&self, n: usize) -> Result<Self> {
+        let out = self.out_dim()?;
+        if n == 0 || n > out {
+            candle_core::bail!("cannot keep {n} of the {out} output features of a projection");
+        }
+        let bias = self.bias.as_ref().map(|b| b.narrow(0, 0, n)).transpose()?;
+        match &self.weight {
+            Weight::Dense { weight, .. } => Self::from_weights(weight.narrow(0, 0, n)?, bias),
+            Weight::Quantized(q) => {
+                use candle_core::quantized::QStorage;
+                let (rows, cols) = q.shape().dims2()?;
+                let data = q.data()?;
+                let row_bytes = data.len() / rows;
+                let kept = QStorage::from_data(
+                    std::borrow::Cow::Borrowed(&data[..n * row_bytes]),
+                    &q.device(),
+                    q.dtype(),
+                )?;
+                Self::quantized(Arc::new(QTensor::new(kept, (n, cols))?), bias)
+            }
+        }
+    }
 }
 
 impl Module for Linear {

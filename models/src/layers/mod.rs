@@ -29,7 +29,7 @@ pub use attention::{
 };
 pub use decode_attention::{decode_attention, DECODE_MAX_QUERIES};
 pub use encoder::{Encoder, EncoderConfig, EncoderLayer};
-pub use fused_attention::{fused_attention, TreeMask, KeyVisibility, MAX_HEAD_DIM};
+pub use fused_attention::{fused_attention, KeyVisibility, TreeMask, MAX_HEAD_DIM};
 pub use kv_cache::KvBuffer;
 pub use linear::{Linear, QuantizedWeights};
 pub use mlp::Mlp;

@@ -16,8 +16,8 @@ use crate::error::CandleContext;
 use crate::generation::StepModel;
 use crate::hub::ModelRepo;
 use crate::layers::{
-    apply_rotary, rotary_cos_sin, Activation, AttentionConfig, AttentionMask, TreeMask, KvBuffer,
-    Linear, MultiHeadAttention, QkvLayout, QuantizedWeights, RmsNorm, RopeConfig, RopeScaling,
+    apply_rotary, rotary_cos_sin, Activation, AttentionConfig, AttentionMask, KvBuffer, Linear,
+    MultiHeadAttention, QkvLayout, QuantizedWeights, RmsNorm, RopeConfig, RopeScaling, TreeMask,
 };
 use crate::weights::SafetensorsWeights;
 

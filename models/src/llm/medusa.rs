@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use super::llama::LlamaForCausalLM;
 use super::speculative::{
-    decode_until, Acceptance, DraftContext, DraftTree, Drafter, SpeculativeOutput,
+    decode_until, Acceptance, DraftContext, DraftTree, DraftVocab, Drafter, SpeculativeOutput,
     TypicalAcceptance,
 };
 use crate::error::CandleContext;
@@ -117,12 +117,14 @@ pub struct MedusaHead {
     blocks: Vec<Linear>,
     /// `None`: the base model's `lm_head`.
     out: Option<Linear>,
+    /// The head's own projection cut to a draft vocabulary.
+    draft_out: Option<DraftVocab>,
 }
 
 impl MedusaHead {
     /// The head's logits for `hidden` `[.., D]`; `lm_head` projects when the head has no
     /// projection of its own.
-    pub fn forward(&self, hidden: &Tensor, lm_head: &Linear) -> Result<Tensor> {
+    pub fn forward(&self, hidden: &Tensor, lm_head: &dyn Module) -> Result<Tensor> {
         let x = self.features(hidden)?;
         match &self.out {
             Some(out) => out.forward(&x),
@@ -144,6 +146,8 @@ impl MedusaHead {
 #[derive(Debug, Clone)]
 pub struct MedusaHeads {
     pub heads: Vec<MedusaHead>,
+    /// The vocabulary the heads that share `lm_head` draft from, when restricted.
+    draft_vocab: Option<DraftVocab>,
 }
 
 impl MedusaHeads {
@@ -162,10 +166,32 @@ impl MedusaHeads {
                 } else {
                     None
                 };
-                Ok(MedusaHead { blocks, out })
+                Ok(MedusaHead {
+                    blocks,
+                    out,
+                    draft_out: None,
+                })
             })
             .collect::<Result<_>>()?;
-        Ok(Self { heads })
+        Ok(Self {
+            heads,
+            draft_vocab: None,
+        })
+    }
+
+    /// Every head drafts from the first `n` tokens only ([`DraftVocab`]): the heads that share
+    /// the base model's `lm_head` through the first `n` rows of it, the others through the
+    /// first `n` rows of their own projection.
+    pub fn with_draft_vocab(mut self, lm_head: &Linear, n: usize) -> Result<Self> {
+        self.draft_vocab = Some(DraftVocab::new(lm_head, n)?);
+        for head in &mut self.heads {
+            head.draft_out = head
+                .out
+                .as_ref()
+                .map(|out| DraftVocab::new(out, n))
+                .transpose()?;
+        }
+        Ok(self)
     }
 
     /// Loads a FasterDecoding Medusa folder: `config.json` and `medusa_lm_head.safetensors`
@@ -222,19 +248,25 @@ impl MedusaHeads {
     /// Each head's logits `[.., vocab]` for `hidden` `[.., D]`. The heads that read the base
     /// model's `lm_head` are projected by it together, as rows of one product: one pass over
     /// its weights (the vocabulary projection is most of a head's cost) instead of one per head.
+    /// With a draft vocabulary, those heads score its tokens only (`-inf` elsewhere).
     pub fn forward(&self, hidden: &Tensor, lm_head: &Linear) -> Result<Vec<Tensor>> {
+        let shared_head: &dyn Module = match &self.draft_vocab {
+            Some(vocab) => vocab,
+            None => lm_head,
+        };
         let mut logits: Vec<Option<Tensor>> = vec![None; self.heads.len()];
         let mut shared = Vec::new();
         for (i, head) in self.heads.iter().enumerate() {
             let x = head.features(hidden)?;
-            match &head.out {
-                Some(out) => logits[i] = Some(out.forward(&x)?),
-                None => shared.push((i, x)),
+            match (&head.draft_out, &head.out) {
+                (Some(draft), _) => logits[i] = Some(draft.forward(&x)?),
+                (None, Some(out)) => logits[i] = Some(out.forward(&x)?),
+                (None, None) => shared.push((i, x)),
             }
         }
         if !shared.is_empty() {
             let features: Vec<&Tensor> = shared.iter().map(|(_, x)| x).collect();
-            let projected = lm_head.forward(&Tensor::stack(&features, 0)?)?;
+            let projected = shared_head.forward(&Tensor::stack(&features, 0)?)?;
             for (k, (i, _)) in shared.iter().enumerate() {
                 logits[*i] = Some(projected.get(k)?);
             }

@@ -22,7 +22,7 @@ use super::config::LlamaConfig;
 use super::llama::{LayerKv, LlamaDecoderLayer, LlamaForCausalLM};
 use super::medusa::top_k;
 use super::speculative::{
-    decode_until, Acceptance, DraftContext, DraftTree, Drafter, SpeculativeOutput,
+    decode_until, Acceptance, DraftContext, DraftTree, DraftVocab, Drafter, SpeculativeOutput,
 };
 use crate::generation::{softmax, SamplingOptions};
 use crate::layers::{AttentionMask, Linear, RmsNorm};
@@ -72,8 +72,9 @@ impl MtpModule {
             .forward(&self.eh_proj.forward(&x)?, cos, sin, mask, cache)
     }
 
-    /// The module's logits for `h^k`: the backbone's head after the module's own norm.
-    pub fn logits(&self, hidden: &Tensor, lm_head: &Linear) -> Result<Tensor> {
+    /// The module's logits for `h^k`: the backbone's head (or a [`DraftVocab`] of it) after the
+    /// module's own norm.
+    pub fn logits(&self, hidden: &Tensor, lm_head: &dyn Module) -> Result<Tensor> {
         lm_head.forward(&self.shared_norm.forward(hidden)?)
     }
 }
@@ -82,6 +83,8 @@ impl MtpModule {
 #[derive(Debug, Clone)]
 pub struct MtpModules {
     pub modules: Vec<MtpModule>,
+    /// The vocabulary the modules draft from, when restricted.
+    draft_vocab: Option<DraftVocab>,
 }
 
 impl MtpModules {
@@ -91,7 +94,24 @@ impl MtpModules {
         let modules = (0..n)
             .map(|i| MtpModule::new(cfg, layers.pp(cfg.num_hidden_layers + i)))
             .collect::<Result<_>>()?;
-        Ok(Self { modules })
+        Ok(Self {
+            modules,
+            draft_vocab: None,
+        })
+    }
+
+    /// The modules draft from the first `n` tokens of `lm_head` only ([`DraftVocab`]).
+    pub fn with_draft_vocab(mut self, lm_head: &Linear, n: usize) -> Result<Self> {
+        self.draft_vocab = Some(DraftVocab::new(lm_head, n)?);
+        Ok(self)
+    }
+
+    /// What the modules' logits are projected by: the draft vocabulary, or `lm_head`.
+    pub fn draft_head<'a>(&'a self, lm_head: &'a Linear) -> &'a dyn Module {
+        match &self.draft_vocab {
+            Some(vocab) => vocab,
+            None => lm_head,
+        }
     }
 
     /// The `num_nextn_predict_layers` modules of a checkpoint (folder or hub id).
@@ -343,7 +363,10 @@ impl Drafter for MtpDrafter<'_> {
             let mut children = Vec::new();
             for (&row, &parent) in grow.iter().zip(&parents) {
                 let logits = module
-                    .logits(&out.narrow(1, row, 1)?, model.lm_head())?
+                    .logits(
+                        &out.narrow(1, row, 1)?,
+                        self.mtp.draft_head(model.lm_head()),
+                    )?
                     .squeeze(0)?
                     .squeeze(0)?;
                 match self.shape {

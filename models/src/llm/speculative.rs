@@ -25,13 +25,13 @@
 
 use std::ops::ControlFlow;
 
-use candle_core::{DType, Result, Tensor, D};
+use candle_core::{DType, Module, Result, Tensor, D};
 
 use super::llama::{KvCache, LlamaForCausalLM};
 use crate::generation::{
     argmax, nucleus_probs, process, GenerationConfig, SamplingOptions, SplitMix64, Strategy,
 };
-use crate::layers::AttentionMask;
+use crate::layers::{AttentionMask, Linear};
 
 /// The outcome of a generation by [`decode`].
 #[derive(Debug, Clone, PartialEq)]
@@ -47,6 +47,50 @@ pub struct SpeculativeOutput {
     pub drafts: Vec<Vec<u32>>,
     /// How many of each step's drafts were accepted.
     pub accepted: Vec<usize>,
+}
+
+/// A drafter's vocabulary as FR-Spec (Zhao et al. 2025) restricts it: drafts are scored over
+/// the `n` most frequent tokens only, so a draft head reads `n / vocab` of the vocabulary
+/// projection, which is most of its cost (SmolLM2's 49 152 × 576 head is a fifth of the
+/// model's weights). The frequency ranking is the vocabulary's own order: a BPE vocabulary
+/// lists its tokens in the order their merges were learned, most frequent pair first, and a
+/// SentencePiece one by score. Verification is the base model's over the whole vocabulary, so
+/// the output is unchanged; a token outside the `n` cannot be drafted.
+#[derive(Debug, Clone)]
+pub struct DraftVocab {
+    head: Linear,
+    vocab: usize,
+}
+
+impl DraftVocab {
+    /// The first `n` tokens of `lm_head`'s vocabulary.
+    pub fn new(lm_head: &Linear, n: usize) -> Result<Self> {
+        Ok(Self {
+            head: lm_head.first_rows(n)?,
+            vocab: lm_head.out_dim()?,
+        })
+    }
+
+    /// Tokens drafts are drawn from.
+    pub fn tokens(&self) -> Result<usize> {
+        self.head.out_dim()
+    }
+}
+
+impl Module for DraftVocab {
+    /// Logits `[.., vocab]` for `x` `[.., D]`: the draft vocabulary's scores, `-inf` after it.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let scored = self.head.forward(x)?;
+        let mut rest = scored.dims().to_vec();
+        let last = rest.len() - 1;
+        rest[last] = self.vocab - rest[last];
+        if rest[last] == 0 {
+            return Ok(scored);
+        }
+        let hidden =
+            Tensor::full(f32::NEG_INFINITY, rest, scored.device())?.to_dtype(scored.dtype())?;
+        Tensor::cat(&[&scored, &hidden], last)
+    }
 }
 
 impl SpeculativeOutput {
