@@ -160,7 +160,10 @@ impl Module for Linear {
             Weight::Dense {
                 weight_t: Some(weight_t),
                 ..
-            } => x2.matmul(weight_t)?,
+            } => match dense_forward(weight_t, &x2)? {
+                Some(y) => y,
+                None => x2.matmul(weight_t)?,
+            },
             Weight::Dense { weight, .. } => x2.matmul(&weight.t()?)?,
             Weight::Quantized(q) => quantized_forward(q, &x2)?,
         };
@@ -172,6 +175,39 @@ impl Module for Linear {
         out_shape.push(self.out_dim()?);
         y.reshape(out_shape)
     }
+}
+
+/// `x [m, k] · weight_t [k, n]` by this crate's small-row kernel ([`super::dense_matmul`]) for a
+/// few f32 rows on the CPU outside a training graph; `None` where the GEMM serves instead.
+fn dense_forward(weight_t: &Tensor, x: &Tensor) -> Result<Option<Tensor>> {
+    use super::dense_matmul;
+    use candle_core::{CpuStorage, DType, Storage};
+    let (m, k) = x.dims2()?;
+    let n = weight_t.dim(1)?;
+    if !(x.device().is_cpu()
+        && x.dtype() == DType::F32
+        && weight_t.dtype() == DType::F32
+        && m <= dense_matmul::ROWS
+        && !x.track_op())
+    {
+        return Ok(None);
+    }
+    let x = x.contiguous()?;
+    let mut out = vec![0f32; m * n];
+    {
+        let (xs, xl) = x.storage_and_layout();
+        let (ws, wl) = weight_t.storage_and_layout();
+        let (Storage::Cpu(CpuStorage::F32(xd)), Storage::Cpu(CpuStorage::F32(wd))) = (&*xs, &*ws)
+        else {
+            return Ok(None);
+        };
+        let (Some((x0, x1)), Some((w0, w1))) = (xl.contiguous_offsets(), wl.contiguous_offsets())
+        else {
+            return Ok(None);
+        };
+        dense_matmul::matmul(&xd[x0..x1], m, k, &wd[w0..w1], n, &mut out);
+    }
+    Ok(Some(Tensor::from_vec(out, (m, n), x.device())?))
 }
 
 /// `x [m, k] · Wᵀ` for a quantized `W`: this crate's small-row kernel on the CPU for the

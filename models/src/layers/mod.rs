@@ -7,6 +7,7 @@
 mod activation;
 mod attention;
 mod decode_attention;
+pub mod dense_matmul;
 mod encoder;
 mod fast_math;
 mod fused_attention;
