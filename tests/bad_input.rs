@@ -523,6 +523,15 @@ fn inference_flags_and_files_are_refused_by_name() {
         generate(&[("--prompt", "")], "prompt"),
         generate(&[("--medusa-choices", choices.as_str())], "--medusa"),
         generate(&[("--acceptance", "exact")], "--acceptance"),
+        generate(&[("--draft-vocab", "100")], "--draft-vocab"),
+        generate(
+            &[("--medusa", medusa.as_str()), ("--draft-vocab", "0")],
+            "--draft-vocab",
+        ),
+        generate(
+            &[("--medusa", medusa.as_str()), ("--draft-vocab", "100000")],
+            "--draft-vocab",
+        ),
         generate(
             &[("--medusa", medusa.as_str()), ("--medusa-choices", "auto")],
             "medusa_accuracy.json",
