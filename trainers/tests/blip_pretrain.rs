@@ -378,10 +378,17 @@ fn the_saved_folder_is_both_hf_architectures() {
     };
     let want = m.captioner.forward(&pixels, &dec_ids, Some(&mask)).unwrap();
     let got = captioner.forward(&pixels, &dec_ids, Some(&mask)).unwrap();
-    assert_eq!(
-        want.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-        got.flatten_all().unwrap().to_vec1::<f32>().unwrap()
-    );
+    // Equal up to rounding, as above: the loaded decoder's few-row projections go through the
+    // small-row f32 kernel (one FMA chain per output) where the variables go through the GEMM.
+    let diff: f32 = (want - got)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    assert!(diff < 1e-6, "caption logits differ by {diff}");
 
     // Tied decoder weights are written under both names, equal.
     let weights =

@@ -207,10 +207,17 @@ fn training_overfits_a_small_corpus_and_saves_a_loadable_model() {
         .unwrap()
         .logits;
     let b = loaded.forward(&ids, &mut KvCache::new()).unwrap().logits;
-    assert_eq!(
-        a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-        b.flatten_all().unwrap().to_vec1::<f32>().unwrap()
-    );
+    // Equal up to rounding: the loaded model's few-row projections go through the small-row
+    // f32 kernel (one FMA chain per output), the training variables through the GEMM.
+    let diff: f32 = (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    assert!(diff < 1e-5, "logits differ after reload by {diff}");
     for f in ["tokenizer.json", "generation_config.json", "config.json"] {
         assert!(s.final_dir.join(f).is_file(), "no {f}");
     }
