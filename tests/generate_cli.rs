@@ -228,11 +228,21 @@ fn llama_with_mtp(dir: &std::path::Path) {
         ("mlp.up_proj.weight", vec![ff, d]),
         ("mlp.down_proj.weight", vec![d, ff]),
     ];
+    // Uniform in [-0.5, 0.5) from a fixed stream, so that every run drafts alike: sampled
+    // decoding with typical acceptance depends on the drafts.
+    let mut state = 7u64;
+    let mut uniform = move || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+    };
     for (name, shape) in shapes.iter().chain(&[("shared_head.norm.weight", vec![d])]) {
         let t = if name.ends_with("norm.weight") {
             Tensor::ones(shape.as_slice(), candle_core::DType::F32, &Device::Cpu).unwrap()
         } else {
-            (Tensor::rand(0f32, 1.0, shape.as_slice(), &Device::Cpu).unwrap() - 0.5).unwrap()
+            let values: Vec<f32> = (0..shape.iter().product()).map(|_| uniform()).collect();
+            Tensor::from_vec(values, shape.as_slice(), &Device::Cpu).unwrap()
         };
         tensors.insert(format!("model.layers.2.{name}"), t);
     }
