@@ -18,6 +18,10 @@ use candle_nn::VarBuilder;
 /// against the contiguous transpose (2 cores). A training variable stays `[out, in]`, where the
 /// optimizer updates it, and training's many rows amortise the packing.
 ///
+/// A decoder's projection ([`Self::for_decoding`], as [`QuantizedWeights::linear`] gives for a
+/// language model) keeps its weight `[out, in]` and contiguous instead, for the few-row
+/// kernel of [`super::dense_rows`]: decoding streams each weight row front to back.
+///
 /// A quantized weight (a GGUF checkpoint's Q4_0 … Q8_0 or K-quant blocks, see
 /// [`QuantizedWeights`]) stays in its blocks and is multiplied by candle's quantized matmul;
 /// it has no backward.
@@ -35,6 +39,8 @@ enum Weight {
         /// `[in, out]`, contiguous, when the weight does not come from a variable: `weight`
         /// is its view.
         weight_t: Option<Tensor>,
+        /// `weight` is contiguous and serves few rows by [`super::dense_rows`].
+        rows: bool,
     },
     /// `[out, in]` in ggml blocks along `in`.
     Quantized(Arc<QTensor>),
@@ -62,6 +68,7 @@ impl Linear {
                 weight: Weight::Dense {
                     weight,
                     weight_t: None,
+                    rows: false,
                 },
                 bias,
             });
@@ -71,9 +78,43 @@ impl Linear {
             weight: Weight::Dense {
                 weight: weight_t.t()?,
                 weight_t: Some(weight_t),
+                rows: false,
             },
             bias,
         })
+    }
+
+    /// A projection laid out for decoding: a plain (not variable) f32 `weight` `[out, in]` is
+    /// kept as it is, contiguous (a tied `lm_head` shares the embedding table), and rows on the
+    /// CPU are multiplied by [`super::dense_rows`]; elsewhere the GEMM takes its transpose.
+    /// Other weights are taken as [`Self::from_weights`] takes them.
+    pub fn decoding(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        if weight.track_op() || weight.dtype() != candle_core::DType::F32 {
+            return Self::from_weights(weight, bias);
+        }
+        Ok(Self {
+            weight: Weight::Dense {
+                weight: weight.contiguous()?,
+                weight_t: None,
+                rows: true,
+            },
+            bias,
+        })
+    }
+
+    /// This projection laid out for decoding, as [`Self::decoding`] lays it out.
+    pub fn for_decoding(self) -> Result<Self> {
+        match self.weight {
+            Weight::Dense {
+                weight,
+                weight_t: Some(_),
+                ..
+            } => Self::decoding(weight, self.bias),
+            weight => Ok(Self {
+                weight,
+                bias: self.bias,
+            }),
+        }
     }
 
     /// A projection by a quantized `[out, in]` weight. Float blocks (F32, F16, BF16) are
@@ -131,6 +172,9 @@ impl Linear {
         }
         let bias = self.bias.as_ref().map(|b| b.narrow(0, 0, n)).transpose()?;
         match &self.weight {
+            Weight::Dense {
+                weight, rows: true, ..
+            } => Self::decoding(weight.narrow(0, 0, n)?, bias),
             Weight::Dense { weight, .. } => Self::from_weights(weight.narrow(0, 0, n)?, bias),
             Weight::Quantized(q) => {
                 use candle_core::quantized::QStorage;
@@ -164,6 +208,12 @@ impl Module for Linear {
                 Some(y) => y,
                 None => x2.matmul(weight_t)?,
             },
+            Weight::Dense {
+                weight, rows: true, ..
+            } => match rows_forward(weight, &x2)? {
+                Some(y) => y,
+                None => x2.matmul(&weight.t()?)?,
+            },
             Weight::Dense { weight, .. } => x2.matmul(&weight.t()?)?,
             Weight::Quantized(q) => quantized_forward(q, &x2)?,
         };
@@ -175,6 +225,38 @@ impl Module for Linear {
         out_shape.push(self.out_dim()?);
         y.reshape(out_shape)
     }
+}
+
+/// `x [m, k] · weightᵀ` for a contiguous `weight [n, k]` by [`super::dense_rows`] for f32
+/// rows on the CPU outside a training graph; `None` where the GEMM serves instead.
+fn rows_forward(weight: &Tensor, x: &Tensor) -> Result<Option<Tensor>> {
+    use super::dense_rows;
+    use candle_core::{CpuStorage, DType, Storage};
+    let (m, k) = x.dims2()?;
+    let n = weight.dim(0)?;
+    if !(x.device().is_cpu()
+        && x.dtype() == DType::F32
+        && weight.dtype() == DType::F32
+        && !x.track_op())
+    {
+        return Ok(None);
+    }
+    let x = x.contiguous()?;
+    let mut out = vec![0f32; m * n];
+    {
+        let (xs, xl) = x.storage_and_layout();
+        let (ws, wl) = weight.storage_and_layout();
+        let (Storage::Cpu(CpuStorage::F32(xd)), Storage::Cpu(CpuStorage::F32(wd))) = (&*xs, &*ws)
+        else {
+            return Ok(None);
+        };
+        let (Some((x0, x1)), Some((w0, w1))) = (xl.contiguous_offsets(), wl.contiguous_offsets())
+        else {
+            return Ok(None);
+        };
+        dense_rows::matmul(&xd[x0..x1], m, k, &wd[w0..w1], n, &mut out);
+    }
+    Ok(Some(Tensor::from_vec(out, (m, n), x.device())?))
 }
 
 /// `x [m, k] · weight_t [k, n]` by this crate's small-row kernel ([`super::dense_matmul`]) for a
@@ -237,12 +319,24 @@ fn quantized_forward(q: &Arc<QTensor>, x: &Tensor) -> Result<Tensor> {
 #[derive(Debug, Clone, Default)]
 pub struct QuantizedWeights {
     tensors: Arc<HashMap<String, Arc<QTensor>>>,
+    /// The projections are a decoder's: [`Linear::for_decoding`].
+    decoding: bool,
 }
 
 impl QuantizedWeights {
     pub fn new(tensors: HashMap<String, Arc<QTensor>>) -> Self {
         Self {
             tensors: Arc::new(tensors),
+            decoding: false,
+        }
+    }
+
+    /// The same weights, whose projections [`Self::linear`] lays out for decoding
+    /// ([`Linear::for_decoding`]), as a language model's are.
+    pub fn for_decoding(&self) -> Self {
+        Self {
+            tensors: self.tensors.clone(),
+            decoding: true,
         }
     }
 
@@ -263,6 +357,15 @@ impl QuantizedWeights {
         bias: bool,
         vb: VarBuilder,
     ) -> Result<Linear> {
+        let linear = self.load(in_dim, out_dim, bias, vb)?;
+        if self.decoding {
+            linear.for_decoding()
+        } else {
+            Ok(linear)
+        }
+    }
+
+    fn load(&self, in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
         let name = format!("{}.weight", vb.prefix());
         let Some(q) = self.tensors.get(&name) else {
             return Linear::new(in_dim, out_dim, bias, vb);
@@ -286,6 +389,49 @@ impl QuantizedWeights {
 mod tests {
     use super::*;
     use candle_core::{Device, Var};
+
+    /// A decoder's projection keeps its `[out, in]` weight (also when cut to its first rows)
+    /// and gives the plain projection's values; a variable's stays with the GEMM.
+    #[test]
+    fn a_decoding_projection_keeps_its_layout_and_gives_the_plain_projection() {
+        use candle_core::Device;
+        let w = Tensor::randn(0f32, 1.0, (70, 33), &Device::Cpu).unwrap();
+        let b = Tensor::randn(0f32, 1.0, 70, &Device::Cpu).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (2, 5, 33), &Device::Cpu).unwrap();
+        let plain = Linear::from_weights(w.clone(), Some(b.clone())).unwrap();
+        let decoding = Linear::decoding(w.clone(), Some(b)).unwrap();
+        assert!(matches!(
+            decoding.weight,
+            Weight::Dense {
+                rows: true,
+                weight_t: None,
+                ..
+            }
+        ));
+        let diff = |a: &Tensor, b: &Tensor| -> f32 {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap()
+        };
+        let (p, d) = (plain.forward(&x).unwrap(), decoding.forward(&x).unwrap());
+        assert!(diff(&p, &d) < 1e-5, "{}", diff(&p, &d));
+        assert!(matches!(
+            plain.clone().for_decoding().unwrap().weight,
+            Weight::Dense { rows: true, .. }
+        ));
+        let part = decoding.first_rows(10).unwrap();
+        assert!(matches!(part.weight, Weight::Dense { rows: true, .. }));
+        let pd = part.forward(&x).unwrap();
+        assert!(diff(&pd, &d.narrow(2, 0, 10).unwrap()) == 0.0);
+        let var = candle_core::Var::from_tensor(&w).unwrap();
+        let trained = Linear::decoding(var.as_tensor().clone(), None).unwrap();
+        assert!(matches!(trained.weight, Weight::Dense { rows: false, .. }));
+    }
 
     /// A plain weight is served transposed; one computed from a variable (a slice of a fused
     /// projection) follows the variable's updates.

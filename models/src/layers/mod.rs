@@ -8,6 +8,7 @@ mod activation;
 mod attention;
 mod decode_attention;
 pub mod dense_matmul;
+pub mod dense_rows;
 mod encoder;
 mod fast_math;
 mod fused_attention;

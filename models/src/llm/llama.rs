@@ -351,10 +351,13 @@ impl LlamaForCausalLM {
         vb: VarBuilder,
         quantized: &QuantizedWeights,
     ) -> Result<Self> {
+        let quantized = &quantized.for_decoding();
         let model = LlamaModel::new(cfg, vb.pp("model"), quantized)?;
         let lm_head = match quantized.get("model.embed_tokens.weight") {
-            Some(table) if cfg.tie_word_embeddings => Linear::quantized(table.clone(), None)?,
-            _ if cfg.tie_word_embeddings => Linear::from_weights(model.embeddings().clone(), None)?,
+            Some(table) if cfg.tie_word_embeddings => {
+                Linear::quantized(table.clone(), None)?.for_decoding()?
+            }
+            _ if cfg.tie_word_embeddings => Linear::decoding(model.embeddings().clone(), None)?,
             _ => quantized.linear(cfg.hidden_size, cfg.vocab_size, false, vb.pp("lm_head"))?,
         };
         Ok(Self {
