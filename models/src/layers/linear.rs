@@ -230,47 +230,34 @@ impl Module for Linear {
 /// `x [m, k] · weightᵀ` for a contiguous `weight [n, k]` by [`super::dense_rows`] for f32
 /// rows on the CPU outside a training graph; `None` where the GEMM serves instead.
 fn rows_forward(weight: &Tensor, x: &Tensor) -> Result<Option<Tensor>> {
-    use super::dense_rows;
-    use candle_core::{CpuStorage, DType, Storage};
-    let (m, k) = x.dims2()?;
     let n = weight.dim(0)?;
-    if !(x.device().is_cpu()
-        && x.dtype() == DType::F32
-        && weight.dtype() == DType::F32
-        && !x.track_op())
-    {
-        return Ok(None);
-    }
-    let x = x.contiguous()?;
-    let mut out = vec![0f32; m * n];
-    {
-        let (xs, xl) = x.storage_and_layout();
-        let (ws, wl) = weight.storage_and_layout();
-        let (Storage::Cpu(CpuStorage::F32(xd)), Storage::Cpu(CpuStorage::F32(wd))) = (&*xs, &*ws)
-        else {
-            return Ok(None);
-        };
-        let (Some((x0, x1)), Some((w0, w1))) = (xl.contiguous_offsets(), wl.contiguous_offsets())
-        else {
-            return Ok(None);
-        };
-        dense_rows::matmul(&xd[x0..x1], m, k, &wd[w0..w1], n, &mut out);
-    }
-    Ok(Some(Tensor::from_vec(out, (m, n), x.device())?))
+    cpu_f32_forward(weight, n, x, super::dense_rows::matmul)
 }
 
 /// `x [m, k] · weight_t [k, n]` by this crate's small-row kernel ([`super::dense_matmul`]) for a
 /// few f32 rows on the CPU outside a training graph; `None` where the GEMM serves instead.
 fn dense_forward(weight_t: &Tensor, x: &Tensor) -> Result<Option<Tensor>> {
-    use super::dense_matmul;
+    if x.dim(0)? > super::dense_matmul::ROWS {
+        return Ok(None);
+    }
+    let n = weight_t.dim(1)?;
+    cpu_f32_forward(weight_t, n, x, super::dense_matmul::matmul)
+}
+
+/// `(x, m, k, w, n, out)`: a small-row f32 kernel.
+type DenseKernel = fn(&[f32], usize, usize, &[f32], usize, &mut [f32]);
+
+/// `kernel(x, m, k, w, n, out)` on the contiguous f32 storage of `x [m, k]` and `w` on the CPU,
+/// outside a training graph; `None` where the GEMM serves instead.
+fn cpu_f32_forward(
+    w: &Tensor,
+    n: usize,
+    x: &Tensor,
+    kernel: DenseKernel,
+) -> Result<Option<Tensor>> {
     use candle_core::{CpuStorage, DType, Storage};
     let (m, k) = x.dims2()?;
-    let n = weight_t.dim(1)?;
-    if !(x.device().is_cpu()
-        && x.dtype() == DType::F32
-        && weight_t.dtype() == DType::F32
-        && m <= dense_matmul::ROWS
-        && !x.track_op())
+    if !(x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32 && !x.track_op())
     {
         return Ok(None);
     }
@@ -278,7 +265,7 @@ fn dense_forward(weight_t: &Tensor, x: &Tensor) -> Result<Option<Tensor>> {
     let mut out = vec![0f32; m * n];
     {
         let (xs, xl) = x.storage_and_layout();
-        let (ws, wl) = weight_t.storage_and_layout();
+        let (ws, wl) = w.storage_and_layout();
         let (Storage::Cpu(CpuStorage::F32(xd)), Storage::Cpu(CpuStorage::F32(wd))) = (&*xs, &*ws)
         else {
             return Ok(None);
@@ -287,7 +274,7 @@ fn dense_forward(weight_t: &Tensor, x: &Tensor) -> Result<Option<Tensor>> {
         else {
             return Ok(None);
         };
-        dense_matmul::matmul(&xd[x0..x1], m, k, &wd[w0..w1], n, &mut out);
+        kernel(&xd[x0..x1], m, k, &wd[w0..w1], n, &mut out);
     }
     Ok(Some(Tensor::from_vec(out, (m, n), x.device())?))
 }
