@@ -109,7 +109,7 @@ unsafe fn range_scalar(
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{reduce, Out, BLOCK, LANES};
+    use super::{Out, BLOCK, LANES};
 
     use std::arch::x86_64::*;
 
@@ -180,6 +180,12 @@ mod x86 {
         _mm_cvtss_f32(_mm_add_ss(c, _mm_shuffle_ps::<1>(c, c)))
     }
 
+    /// Weight rows per AVX2 tile; with [`AVX2_ROWS`] activation rows and two registers per
+    /// sum that is 12 accumulators, and the three weight registers fill the other four.
+    const AVX2_COLS: usize = 3;
+    /// Activation rows per AVX2 tile.
+    const AVX2_ROWS: usize = 2;
+
     /// # Safety
     /// As [`super::range_scalar`], on a CPU with AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
@@ -194,58 +200,111 @@ mod x86 {
         j1: usize,
         out: Out,
     ) {
-        // Lanes 0..8 and 8..16 of each block in two registers; two rows by two weight rows.
-        let blocks = k.div_ceil(LANES);
-        let live =
-            |b: usize, half: usize| -> usize { k.saturating_sub(b * LANES + half * 8).min(8) };
+        // Lanes 0..8 and 8..16 of each block of 16 in two registers. The full blocks load
+        // plainly; the last block's lanes past `k` are masked off and add zeros.
+        let full = k / LANES;
+        let rest = k % LANES;
         let mask = |count: usize| -> __m256i {
-            let c = count as i32;
-            _mm256_setr_epi32(
-                -i32::from(c > 0),
-                -i32::from(c > 1),
-                -i32::from(c > 2),
-                -i32::from(c > 3),
-                -i32::from(c > 4),
-                -i32::from(c > 5),
-                -i32::from(c > 6),
-                -i32::from(c > 7),
-            )
+            let lanes: [i32; 8] = std::array::from_fn(|i| -i32::from(i < count));
+            _mm256_loadu_si256(lanes.as_ptr().cast())
         };
-        for r0 in (0..m).step_by(2) {
-            let rows = 2.min(m - r0);
-            for j in (j0..j1).step_by(2) {
-                let cols = 2.min(j1 - j);
-                let mut acc = [[[_mm256_setzero_ps(); 2]; 2]; 2];
-                for b in 0..blocks {
-                    let mk = [mask(live(b, 0)), mask(live(b, 1))];
-                    for h in 0..2 {
-                        let wv: [__m256; 2] = std::array::from_fn(|c| {
-                            let p = w.as_ptr().wrapping_add((j + c) * k + b * LANES + 8 * h);
-                            if c < cols {
-                                _mm256_maskload_ps(p, mk[h])
-                            } else {
-                                _mm256_setzero_ps()
-                            }
-                        });
-                        for (r, acc) in acc.iter_mut().enumerate().take(rows) {
-                            let p = x.as_ptr().wrapping_add((r0 + r) * k + b * LANES + 8 * h);
-                            let xv = _mm256_maskload_ps(p, mk[h]);
-                            for c in 0..2 {
-                                acc[c][h] = _mm256_fmadd_ps(xv, wv[c], acc[c][h]);
-                            }
-                        }
-                    }
-                }
-                for (r, acc) in acc.iter().enumerate().take(rows) {
-                    for (c, v) in acc.iter().enumerate().take(cols) {
-                        let mut lanes = [0f32; LANES];
-                        _mm256_storeu_ps(lanes.as_mut_ptr(), v[0]);
-                        _mm256_storeu_ps(lanes.as_mut_ptr().add(8), v[1]);
-                        *out.0.add((r0 + r) * n + j + c) = reduce(lanes);
+        let tail = (rest != 0).then(|| [mask(rest.min(8)), mask(rest.saturating_sub(8))]);
+        const C: usize = AVX2_COLS;
+        for rb in (0..m).step_by(BLOCK) {
+            let block_end = m.min(rb + BLOCK);
+            for j in (j0..j1).step_by(C) {
+                let cols = C.min(j1 - j);
+                // Weight rows past `j1` repeat the last one; their sums are not stored.
+                let wp: [*const f32; C] =
+                    std::array::from_fn(|c| w.as_ptr().add((j + c.min(cols - 1)) * k));
+                let mut r0 = rb;
+                while r0 < block_end {
+                    let xp = x.as_ptr().add(r0 * k);
+                    let dst = out.0.add(r0 * n + j);
+                    if block_end - r0 >= AVX2_ROWS {
+                        let acc = tile_avx2::<AVX2_ROWS, C>(xp, k, wp, full, tail);
+                        store_avx2(&acc, cols, dst, n);
+                        r0 += AVX2_ROWS;
+                    } else {
+                        let acc = tile_avx2::<1, C>(xp, k, wp, full, tail);
+                        store_avx2(&acc, cols, dst, n);
+                        r0 += 1;
                     }
                 }
             }
         }
+    }
+
+    /// The 16-lane sums of `R` activation rows (`k` apart from `x`) against the `C` weight
+    /// rows `w`, each as two registers of 8 lanes.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn tile_avx2<const R: usize, const C: usize>(
+        x: *const f32,
+        k: usize,
+        w: [*const f32; C],
+        full: usize,
+        tail: Option<[__m256i; 2]>,
+    ) -> [[[__m256; 2]; C]; R] {
+        let mut acc = [[[_mm256_setzero_ps(); 2]; C]; R];
+        for b in 0..full {
+            for h in 0..2 {
+                let at = b * LANES + 8 * h;
+                let mut wv = [_mm256_setzero_ps(); C];
+                for c in 0..C {
+                    wv[c] = _mm256_loadu_ps(w[c].add(at));
+                }
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let xv = _mm256_loadu_ps(x.add(r * k + at));
+                    for c in 0..C {
+                        acc[c][h] = _mm256_fmadd_ps(xv, wv[c], acc[c][h]);
+                    }
+                }
+            }
+        }
+        if let Some(mk) = tail {
+            for h in 0..2 {
+                let at = full * LANES + 8 * h;
+                let mut wv = [_mm256_setzero_ps(); C];
+                for c in 0..C {
+                    wv[c] = _mm256_maskload_ps(w[c].add(at), mk[h]);
+                }
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let xv = _mm256_maskload_ps(x.add(r * k + at), mk[h]);
+                    for c in 0..C {
+                        acc[c][h] = _mm256_fmadd_ps(xv, wv[c], acc[c][h]);
+                    }
+                }
+            }
+        }
+        acc
+    }
+
+    /// Writes the first `cols` sums of each row of a tile at `dst`, rows `n` apart.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn store_avx2<const R: usize, const C: usize>(
+        acc: &[[[__m256; 2]; C]; R],
+        cols: usize,
+        dst: *mut f32,
+        n: usize,
+    ) {
+        for (r, acc) in acc.iter().enumerate() {
+            for (c, v) in acc.iter().enumerate().take(cols) {
+                *dst.add(r * n + c) = reduce256(v[0], v[1]);
+            }
+        }
+    }
+
+    /// [`super::reduce`] of lanes `lo` (0..8) and `hi` (8..16) in registers: the same
+    /// additions in the same order.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn reduce256(lo: __m256, hi: __m256) -> f32 {
+        let a = _mm256_add_ps(lo, hi);
+        let b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps::<1>(a));
+        let c = _mm_add_ps(b, _mm_movehl_ps(b, b));
+        _mm_cvtss_f32(_mm_add_ss(c, _mm_shuffle_ps::<1>(c, c)))
     }
 }
 
@@ -272,6 +331,9 @@ mod tests {
             (1, 576, 576),
             (3, 17, 9),
             (5, 1, 7),
+            (6, 24, 11),
+            (4, 30, 8),
+            (2, 576, 13),
         ] {
             let x: Vec<f32> = (0..m * k).map(|_| rand()).collect();
             let w: Vec<f32> = (0..n * k).map(|_| rand()).collect();

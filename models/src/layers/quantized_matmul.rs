@@ -206,25 +206,25 @@ mod x86 {
         /// AVX-VNNI (the VEX form).
         AvxVnni,
         /// AVX2 `vpmaddubsw`: it saturates pairs past i16, which `u ≤ 255` against
-        /// `|q| ≤ 127` can reach, so bytes over 127 are split as `u = lo + 128·hi`.
+        /// `|q| ≤ 127` can reach. Q8_0's signed weight bytes `w` are therefore not shifted:
+        /// `|w|` meets `q` with `w`'s sign (ggml's trick), pairs at most 2·128·127.
         Avx2,
     }
 
+    /// The byte dot products of weight bytes `u` (signed when `signed`, unsigned otherwise)
+    /// and activation bytes `q`, summed in groups of four into 8 i32 lanes.
     #[inline(always)]
-    unsafe fn dot<const D: u8>(u: __m256i, q: __m256i, wide: bool) -> __m256i {
+    unsafe fn dot<const D: u8>(u: __m256i, q: __m256i, signed: bool) -> __m256i {
         match D {
             0 => _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, q),
             1 => _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, q),
             _ => {
                 let ones = _mm256_set1_epi16(1);
-                if !wide {
+                if !signed {
                     return _mm256_madd_epi16(_mm256_maddubs_epi16(u, q), ones);
                 }
-                let lo = _mm256_and_si256(u, _mm256_set1_epi8(0x7F));
-                let hi = _mm256_and_si256(_mm256_srli_epi16(u, 7), _mm256_set1_epi8(1));
-                let plo = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, q), ones);
-                let phi = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, q), ones);
-                _mm256_add_epi32(plo, _mm256_slli_epi32(phi, 7))
+                let pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(u, u), _mm256_sign_epi8(q, u));
+                _mm256_madd_epi16(pairs, ones)
             }
         }
     }
@@ -243,9 +243,15 @@ mod x86 {
         _mm_cvtss_f32(s)
     }
 
-    /// The 32 values of a block as unsigned bytes in a register.
+    /// The 32 values of a block as bytes in a register and the block's offset: unsigned
+    /// bytes, except Q8_0's own signed ones (offset 0) for the AVX2 dot product ([`Dot::Avx2`]).
     #[inline(always)]
-    unsafe fn load<F: Format>(block: &[u8], d: f32, m: f32, u: &mut [u8; BLOCK]) -> (__m256i, f32) {
+    unsafe fn load<F: Format, const D: u8>(
+        block: &[u8],
+        d: f32,
+        m: f32,
+        u: &mut [u8; BLOCK],
+    ) -> (__m256i, f32) {
         match F::BYTES {
             // Q4_0, Q4_1: 16 bytes of nibbles, low halves first.
             18 | 20 => {
@@ -256,9 +262,12 @@ mod x86 {
                 let off = if F::has_min() { m } else { -8.0 * d };
                 (_mm256_set_m128i(hi, lo), off)
             }
-            // Q8_0: signed bytes, shifted by 128.
+            // Q8_0: signed bytes, shifted by 128 for `vpdpbusd`.
             34 => {
                 let q = _mm256_loadu_si256(block.as_ptr().add(2) as *const __m256i);
+                if D == 2 {
+                    return (q, 0.0);
+                }
                 (_mm256_xor_si256(q, _mm256_set1_epi8(-128)), -128.0 * d)
             }
             // Q5_0, Q5_1: the fifth bits spread in plain code.
@@ -278,21 +287,22 @@ mod x86 {
         col0: usize,
         chunk: &mut [f32],
     ) {
-        let wide = F::BYTES == 34;
+        // Q8_0's bytes stay signed for the AVX2 dot product.
+        let signed = D == 2 && F::BYTES == 34;
         let mut u = [0u8; BLOCK];
         for (c, out) in chunk.chunks_mut(rows).enumerate() {
             let w = &weight[(col0 + c) * row_bytes..(col0 + c + 1) * row_bytes];
             let mut r0 = 0;
             while rows - r0 >= 4 {
-                tile::<F, D, 4>(w, qx, rows, r0, wide, &mut u, out);
+                tile::<F, D, 4>(w, qx, rows, r0, signed, &mut u, out);
                 r0 += 4;
             }
             if rows - r0 >= 2 {
-                tile::<F, D, 2>(w, qx, rows, r0, wide, &mut u, out);
+                tile::<F, D, 2>(w, qx, rows, r0, signed, &mut u, out);
                 r0 += 2;
             }
             if rows > r0 {
-                tile::<F, D, 1>(w, qx, rows, r0, wide, &mut u, out);
+                tile::<F, D, 1>(w, qx, rows, r0, signed, &mut u, out);
             }
         }
     }
@@ -308,7 +318,7 @@ mod x86 {
         qx: &[QBlock],
         stride: usize,
         r0: usize,
-        wide: bool,
+        signed: bool,
         u: &mut [u8; BLOCK],
         out: &mut [f32],
     ) {
@@ -322,7 +332,7 @@ mod x86 {
             step::<F, D, R>(
                 &pair[..F::BYTES],
                 &rows[b * stride..],
-                wide,
+                signed,
                 u,
                 &mut a0,
                 &mut s0,
@@ -330,7 +340,7 @@ mod x86 {
             step::<F, D, R>(
                 &pair[F::BYTES..],
                 &rows[(b + 1) * stride..],
-                wide,
+                signed,
                 u,
                 &mut a1,
                 &mut s1,
@@ -338,7 +348,7 @@ mod x86 {
             b += 2;
         }
         if !tail.is_empty() {
-            step::<F, D, R>(tail, &rows[b * stride..], wide, u, &mut a0, &mut s0);
+            step::<F, D, R>(tail, &rows[b * stride..], signed, u, &mut a0, &mut s0);
         }
         for i in 0..R {
             out[r0 + i] = hsum(_mm256_add_ps(a0[i], a1[i])) + s0[i] + s1[i];
@@ -350,7 +360,7 @@ mod x86 {
     unsafe fn step<F: Format, const D: u8, const R: usize>(
         block: &[u8],
         qx: &[QBlock],
-        wide: bool,
+        signed: bool,
         u: &mut [u8; BLOCK],
         acc: &mut [__m256; R],
         s: &mut [f32; R],
@@ -361,11 +371,11 @@ mod x86 {
         } else {
             0.0
         };
-        let (wu, off) = load::<F>(block, d, m, u);
+        let (wu, off) = load::<F, D>(block, d, m, u);
         for i in 0..R {
             let q = &qx[i];
             let x = _mm256_loadu_si256(q.qx.as_ptr() as *const __m256i);
-            let p = _mm256_cvtepi32_ps(dot::<D>(wu, x, wide));
+            let p = _mm256_cvtepi32_ps(dot::<D>(wu, x, signed));
             acc[i] = _mm256_fmadd_ps(p, _mm256_set1_ps(d * q.dx), acc[i]);
             s[i] += off * q.s;
         }
