@@ -108,6 +108,47 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     sum_lanes(acc)
 }
 
+/// [`dot`] in two AVX registers (lanes 0..8 and 8..16): the same products, additions and
+/// order, so the same bits.
+///
+/// # Safety
+/// The CPU has AVX.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+#[inline]
+unsafe fn dot_avx(a: &[f32], b: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = a.len().min(b.len());
+    let full = n / LANES;
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    let (mut lo, mut hi) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    for c in 0..full {
+        // SAFETY: chunk `c` of 16 lies inside both slices.
+        unsafe {
+            let (x, y) = (pa.add(c * LANES), pb.add(c * LANES));
+            lo = _mm256_add_ps(lo, _mm256_mul_ps(_mm256_loadu_ps(x), _mm256_loadu_ps(y)));
+            hi = _mm256_add_ps(
+                hi,
+                _mm256_mul_ps(_mm256_loadu_ps(x.add(8)), _mm256_loadu_ps(y.add(8))),
+            );
+        }
+    }
+    let mut acc = [0f32; LANES];
+    // SAFETY: `acc` holds 16 floats.
+    unsafe {
+        _mm256_storeu_ps(acc.as_mut_ptr(), lo);
+        _mm256_storeu_ps(acc.as_mut_ptr().add(8), hi);
+    }
+    for (l, (x, y)) in a[full * LANES..n]
+        .iter()
+        .zip(&b[full * LANES..n])
+        .enumerate()
+    {
+        acc[l] += x * y;
+    }
+    sum_lanes(acc)
+}
+
 #[inline(always)]
 fn sum_lanes(mut acc: [f32; LANES]) -> f32 {
     let mut width = LANES;
@@ -123,8 +164,10 @@ fn sum_lanes(mut acc: [f32; LANES]) -> f32 {
 /// One query row: `out = softmax(scale · q Kᵀ) V` over the keys `visible` lists, or with equal
 /// weights over them when `uniform` (a row that sees no key lists every key). `scores` is
 /// scratch of at least as many keys.
+///
+/// `AVX`: the dot products by [`dot_avx`] (the caller runs on a CPU with AVX).
 #[inline(always)]
-fn row_generic(
+fn row_generic<const AVX: bool>(
     q: &[f32],
     kv: &KeyValues,
     (visible, uniform): (&[usize], bool),
@@ -142,7 +185,17 @@ fn row_generic(
     } else {
         let mut max = f32::NEG_INFINITY;
         for (s, &j) in scores.iter_mut().zip(visible) {
-            *s = dot(q, kv.key(j)) * scale;
+            let key = kv.key(j);
+            #[cfg(target_arch = "x86_64")]
+            let qk = if AVX {
+                // SAFETY: the caller runs on a CPU with AVX.
+                unsafe { dot_avx(q, key) }
+            } else {
+                dot(q, key)
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            let qk = dot(q, key);
+            *s = qk * scale;
             max = if *s > max { *s } else { max };
         }
         scores.iter_mut().for_each(|s| *s = exp_poly(*s - max));
@@ -170,7 +223,7 @@ fn row_avx512(
     scores: &mut [f32],
     out: &mut [f32],
 ) {
-    row_generic(q, kv, visible, scale, scores, out)
+    row_generic::<true>(q, kv, visible, scale, scores, out)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -183,7 +236,7 @@ fn row_avx2(
     scores: &mut [f32],
     out: &mut [f32],
 ) {
-    row_generic(q, kv, visible, scale, scores, out)
+    row_generic::<true>(q, kv, visible, scale, scores, out)
 }
 
 /// [`row_generic`] with the widest vectors the CPU has; every path computes the same bits
@@ -208,7 +261,7 @@ fn row(
             return unsafe { row_avx2(q, kv, visible, scale, scores, out) };
         }
     }
-    row_generic(q, kv, visible, scale, scores, out)
+    row_generic::<false>(q, kv, visible, scale, scores, out)
 }
 
 /// `softmax(q kᵀ · scale + mask) v` for q `[B, H, Lq, d]` over k and v `[B, Hkv, Lk, d]`
@@ -274,4 +327,31 @@ pub fn decode_attention(
     );
     drop((qs, ks, vs));
     Tensor::from_vec(out, (b, lq, h, d), q.device())?.transpose(1, 2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The AVX dot product has the plain one's bits, whole chunks of 16 or not.
+    #[test]
+    fn avx_dot_has_the_bits_of_the_plain_dot() {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx") {
+            let mut seed = 11u64;
+            let mut rand = || {
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+            };
+            for n in [1, 5, 15, 16, 17, 33, 64, 100, 128] {
+                let a: Vec<f32> = (0..n).map(|_| rand()).collect();
+                let b: Vec<f32> = (0..n).map(|_| rand() * 3.0).collect();
+                // SAFETY: the CPU has AVX.
+                let fast = unsafe { dot_avx(&a, &b) };
+                assert_eq!(fast.to_bits(), dot(&a, &b).to_bits(), "length {n}");
+            }
+        }
+    }
 }

@@ -8,9 +8,13 @@
 //! rows and reads them front to back, one sequential stream. On SmolLM2-135M in F32 (2 cores,
 //! AMD EPYC) greedy decoding went from 29–34 to 43–44 tokens/s.
 //!
-//! A tile is up to four activation rows against four weight rows, in 16 registers of 16
-//! lanes; blocks of 64 activation rows stay in cache while four weight rows at a time meet
-//! all their tiles, so the weights are read once per 64 rows. That also serves a prompt's
+//! With AVX-512 a tile is up to four activation rows against four weight rows, in 16
+//! registers of 16 lanes; with AVX2 alone, two activation rows against three weight rows, 12
+//! pairs of 8-lane registers. Full blocks of 16 load plainly and only the last is masked:
+//! masked loads in every block made AVX2-only decoding 2–3× slower (SmolLM2 F32, one token
+//! after 256 on a Zen 3 EPYC: 92 ms, 30–43 ms after). Blocks of 64 activation rows stay in
+//! cache while a group of weight rows meets all their tiles, so the weights are read once
+//! per 64 rows. That also serves a prompt's
 //! many rows: after 256 tokens, 64 tokens took 213 ms against 229 ms through candle's GEMM
 //! over the transposed weight, and the whole `zoo bench verify` run (prefill included) 4.5 s
 //! against 7.6 s. Every output has the same
