@@ -221,16 +221,26 @@ mod x86 {
                 // Weight rows past `j1` repeat the last one; their sums are not stored.
                 let wp: [*const f32; C] =
                     std::array::from_fn(|c| w.as_ptr().add((j + c.min(cols - 1)) * k));
+                // With several activation rows the group's tiles compute longer than its
+                // weights take to arrive, and the hardware prefetcher does not run that far
+                // ahead: the first tile asks for the next group's rows, which then stream in
+                // while the group's other tiles compute.
+                let ahead = (block_end - rb > 1 && j + C < j1).then(|| {
+                    let next: [*const f32; C] =
+                        std::array::from_fn(|c| w.as_ptr().add((j + C + c).min(j1 - 1) * k));
+                    next
+                });
                 let mut r0 = rb;
                 while r0 < block_end {
                     let xp = x.as_ptr().add(r0 * k);
                     let dst = out.0.add(r0 * n + j);
+                    let ahead = if r0 == rb { ahead } else { None };
                     if block_end - r0 >= AVX2_ROWS {
-                        let acc = tile_avx2::<AVX2_ROWS, C>(xp, k, wp, full, tail);
+                        let acc = tile_avx2::<AVX2_ROWS, C>(xp, k, wp, full, tail, ahead);
                         store_avx2(&acc, cols, dst, n);
                         r0 += AVX2_ROWS;
                     } else {
-                        let acc = tile_avx2::<1, C>(xp, k, wp, full, tail);
+                        let acc = tile_avx2::<1, C>(xp, k, wp, full, tail, ahead);
                         store_avx2(&acc, cols, dst, n);
                         r0 += 1;
                     }
@@ -240,7 +250,8 @@ mod x86 {
     }
 
     /// The 16-lane sums of `R` activation rows (`k` apart from `x`) against the `C` weight
-    /// rows `w`, each as two registers of 8 lanes.
+    /// rows `w`, each as two registers of 8 lanes; the weight rows `ahead` are prefetched a
+    /// cache line per row and block on the way.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
     unsafe fn tile_avx2<const R: usize, const C: usize>(
@@ -249,9 +260,15 @@ mod x86 {
         w: [*const f32; C],
         full: usize,
         tail: Option<[__m256i; 2]>,
+        ahead: Option<[*const f32; C]>,
     ) -> [[[__m256; 2]; C]; R] {
         let mut acc = [[[_mm256_setzero_ps(); 2]; C]; R];
         for b in 0..full {
+            if let Some(next) = ahead {
+                for row in next {
+                    _mm_prefetch::<_MM_HINT_T0>(row.add(b * LANES).cast());
+                }
+            }
             for h in 0..2 {
                 let at = b * LANES + 8 * h;
                 let mut wv = [_mm256_setzero_ps(); C];
