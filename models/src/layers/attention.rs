@@ -110,9 +110,7 @@ impl AttentionConfig {
 /// Multi-head attention: `softmax(Q Kᵀ / √d + mask) V`, then the output projection.
 #[derive(Debug, Clone)]
 pub struct MultiHeadAttention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    projections: Projections,
     out: Option<Linear>,
     num_heads: usize,
     num_kv_heads: usize,
@@ -183,9 +181,7 @@ impl MultiHeadAttention {
             None => None,
         };
         Ok(Self {
-            q,
-            k,
-            v,
+            projections: Projections::Separate { q, k, v },
             out,
             num_heads: h,
             num_kv_heads: hkv,
@@ -196,7 +192,8 @@ impl MultiHeadAttention {
 
     /// Self-attention over `x` `[B, L, D]`.
     pub fn forward(&self, x: &Tensor, mask: &AttentionMask) -> Result<Tensor> {
-        self.forward_cross(x, x, mask)
+        let (q, k, v) = self.self_attention_qkv(x)?;
+        self.attend_heads(&q, &k, &v, mask)
     }
 
     /// Attention of `queries` `[B, Lq, D]` over `keys_values` `[B, Lk, Dkv]`.
@@ -214,14 +211,64 @@ impl MultiHeadAttention {
     /// `[B, Hkv, Lk, d]`. A decoder caches these: its past tokens' for self-attention, the
     /// encoder's once for cross-attention.
     pub fn key_values(&self, keys_values: &Tensor) -> Result<(Tensor, Tensor)> {
-        let k = split_heads(&self.k.forward(keys_values)?, self.num_kv_heads)?;
-        let v = split_heads(&self.v.forward(keys_values)?, self.num_kv_heads)?;
-        Ok((k, v))
+        match &self.projections {
+            Projections::Separate { k, v, .. } => Ok((
+                split_heads(&k.forward(keys_values)?, self.num_kv_heads)?,
+                split_heads(&v.forward(keys_values)?, self.num_kv_heads)?,
+            )),
+            Projections::Fused(_) => {
+                let (_, k, v) = self.self_attention_qkv(keys_values)?;
+                Ok((k, v))
+            }
+        }
     }
 
     /// The projected queries of `x` `[B, L, D]`, split into heads `[B, H, L, d]`.
     pub fn queries(&self, x: &Tensor) -> Result<Tensor> {
-        split_heads(&self.q.forward(x)?, self.num_heads)
+        match &self.projections {
+            Projections::Separate { q, .. } => split_heads(&q.forward(x)?, self.num_heads),
+            Projections::Fused(_) => Ok(self.self_attention_qkv(x)?.0),
+        }
+    }
+
+    /// The queries `[B, H, L, d]`, keys and values `[B, Hkv, L, d]` of self-attention over `x`
+    /// `[B, L, D]`: [`Self::queries`] and [`Self::key_values`] of `x`, in one matmul and one
+    /// head split when the projections are stacked ([`Self::stack_projections`]).
+    pub fn self_attention_qkv(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let qkv = match &self.projections {
+            Projections::Separate { .. } => {
+                let (k, v) = self.key_values(x)?;
+                return Ok((self.queries(x)?, k, v));
+            }
+            Projections::Fused(qkv) => qkv.forward(x)?,
+        };
+        let (h, hkv) = (self.num_heads, self.num_kv_heads);
+        let heads = split_heads(&qkv, h + 2 * hkv)?;
+        // Each part is contiguous for a batch of one (the decoding case), a copy otherwise.
+        Ok((
+            heads.narrow(1, 0, h)?.contiguous()?,
+            heads.narrow(1, h, hkv)?.contiguous()?,
+            heads.narrow(1, h + hkv, hkv)?.contiguous()?,
+        ))
+    }
+
+    /// The same attention with its query, key and value projections stacked into one
+    /// ([`Linear::concat`]), for self-attention at inference: [`Self::self_attention_qkv`]
+    /// reads the input once and quantizes it once for quantized weights, and a step of
+    /// decoding runs one parallel matmul instead of three. Every output keeps its bits.
+    /// Unchanged where the projections cannot be stacked (training variables, or keys and
+    /// values projected from inputs of another width).
+    pub fn stack_projections(self) -> Result<Self> {
+        let Projections::Separate { q, k, v } = &self.projections else {
+            return Ok(self);
+        };
+        match Linear::concat(&[q, k, v])? {
+            Some(qkv) => Ok(Self {
+                projections: Projections::Fused(qkv),
+                ..self
+            }),
+            None => Ok(self),
+        }
     }
 
     /// Attention of `queries` `[B, Lq, D]` over keys and values already projected by
@@ -256,6 +303,16 @@ impl MultiHeadAttention {
             None => Ok(ctx),
         }
     }
+}
+
+/// The query, key and value projections.
+#[derive(Debug, Clone)]
+enum Projections {
+    /// Apart, as checkpoints and training keep them.
+    Separate { q: Linear, k: Linear, v: Linear },
+    /// Stacked by [`MultiHeadAttention::stack_projections`]: the output holds the `H` query
+    /// heads, then the `Hkv` key heads and the `Hkv` value heads.
+    Fused(Linear),
 }
 
 /// `[B, L, H*d]` → `[B, H, L, d]`.
@@ -623,5 +680,70 @@ pub fn combine_masks(a: Option<Tensor>, b: Option<Tensor>) -> Result<Option<Tens
         }
         (a, None) => Ok(a),
         (None, b) => Ok(b),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    /// Grouped-query self-attention with its projections stacked gives the queries, keys,
+    /// values and outputs of the separate projections, bit for bit.
+    #[test]
+    fn stacked_projections_give_the_separate_projections_bits() {
+        let dev = Device::Cpu;
+        let (e, h, hkv, d) = (64usize, 4usize, 2usize, 16usize);
+        for bias in [false, true] {
+            let mut tensors = HashMap::new();
+            for (name, out, inp) in [
+                ("q_proj", h * d, e),
+                ("k_proj", hkv * d, e),
+                ("v_proj", hkv * d, e),
+                ("o_proj", e, h * d),
+            ] {
+                let w = Tensor::randn(0f32, 0.3, (out, inp), &dev).unwrap();
+                tensors.insert(format!("{name}.weight"), w);
+                tensors.insert(
+                    format!("{name}.bias"),
+                    Tensor::randn(0f32, 0.3, out, &dev).unwrap(),
+                );
+            }
+            let vb = VarBuilder::from_tensors(tensors, DType::F32, &dev);
+            let cfg = AttentionConfig {
+                embed_dim: e,
+                kv_dim: e,
+                num_heads: h,
+                num_kv_heads: hkv,
+                head_dim: d,
+                bias,
+                out_bias: bias,
+                layout: QkvLayout::QKV_PROJ,
+                out_proj: Some("o_proj"),
+            };
+            let separate = MultiHeadAttention::load(&cfg, vb, &Default::default()).unwrap();
+            let stacked = separate.clone().stack_projections().unwrap();
+            assert!(matches!(stacked.projections, Projections::Fused(_)));
+            let bits = |t: &Tensor| -> Vec<u32> {
+                let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                v.iter().map(|x| x.to_bits()).collect()
+            };
+            for l in [1usize, 3, 7] {
+                let x = Tensor::randn(0f32, 1.0, (1, l, e), &dev).unwrap();
+                let a = separate.self_attention_qkv(&x).unwrap();
+                let b = stacked.self_attention_qkv(&x).unwrap();
+                assert_eq!(a.0.dims(), &[1, h, l, d]);
+                assert_eq!(b.1.dims(), &[1, hkv, l, d]);
+                assert_eq!(bits(&a.0), bits(&b.0), "queries, {l} rows");
+                assert_eq!(bits(&a.1), bits(&b.1), "keys, {l} rows");
+                assert_eq!(bits(&a.2), bits(&b.2), "values, {l} rows");
+                let mask = AttentionMask::causal(0);
+                let (ya, yb) = (
+                    separate.forward(&x, &mask).unwrap(),
+                    stacked.forward(&x, &mask).unwrap(),
+                );
+                assert_eq!(bits(&ya), bits(&yb), "outputs, {l} rows");
+            }
+        }
     }
 }

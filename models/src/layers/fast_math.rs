@@ -117,18 +117,22 @@ pub(crate) fn par_map<F: Fn(f32) -> f32 + Sync>(src: &[f32], f: F) -> Vec<f32> {
 /// `f(a[i], b[i])` for every element, as [`par_map`].
 pub(crate) fn par_zip<F: Fn(f32, f32) -> f32 + Sync>(a: &[f32], b: &[f32], f: F) -> Vec<f32> {
     let mut dst = vec![0f32; a.len()];
-    let isa = isa();
     dst.par_chunks_mut(CHUNK)
         .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
-        .for_each(|(d, (x, y))| match isa {
-            // SAFETY: as in `par_map`.
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => unsafe { zip_chunk_avx512(x, y, d, &f) },
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => unsafe { zip_chunk_avx2(x, y, d, &f) },
-            Isa::Generic => zip_chunk(x, y, d, &f),
-        });
+        .for_each(|(d, (x, y))| zip_into(x, y, d, &f));
     dst
+}
+
+/// `dst[i] = f(a[i], b[i])` on the calling thread, with the widest vectors the CPU has.
+pub(crate) fn zip_into<F: Fn(f32, f32) -> f32>(a: &[f32], b: &[f32], dst: &mut [f32], f: &F) {
+    match isa() {
+        // SAFETY: the CPU has the features these were compiled for.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { zip_chunk_avx512(a, b, dst, f) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { zip_chunk_avx2(a, b, dst, f) },
+        Isa::Generic => zip_chunk(a, b, dst, f),
+    }
 }
 
 /// `tanh(x) = 1 − 2 / (e^{2x} + 1)`, exact to about 1e-7 where it matters, ±1 at the ends.

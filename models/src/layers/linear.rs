@@ -163,6 +163,85 @@ impl Linear {
         self.bias.as_ref()
     }
 
+    /// One projection onto the output features of `parts` in turn: their weights stacked
+    /// row-wise (block rows of quantized ones, bytes as they are), as one matmul serves in a
+    /// single pass over the input what `parts` serve in several. Every output feature keeps
+    /// the bits its part gives it, since both row kernels compute each output row alone.
+    ///
+    /// `None` where the parts cannot be stacked: a weight of a training variable (the optimizer
+    /// updates the parts), a weight of another type or input width, a bias on some parts only,
+    /// or parts laid out differently.
+    pub fn concat(parts: &[&Linear]) -> Result<Option<Self>> {
+        let Some(first) = parts.first() else {
+            return Ok(None);
+        };
+        let biases = parts.iter().filter(|p| p.bias.is_some()).count();
+        if biases != 0 && biases != parts.len() {
+            return Ok(None);
+        }
+        let bias = if biases == 0 {
+            None
+        } else {
+            let b: Vec<&Tensor> = parts.iter().filter_map(|p| p.bias.as_ref()).collect();
+            Some(Tensor::cat(&b, 0)?)
+        };
+        match &first.weight {
+            Weight::Dense {
+                weight: w0, rows, ..
+            } => {
+                let (dtype, in_dim) = (w0.dtype(), w0.dim(1)?);
+                let mut weights = Vec::with_capacity(parts.len());
+                for p in parts {
+                    match &p.weight {
+                        Weight::Dense {
+                            weight,
+                            weight_t,
+                            rows: r,
+                        } if r == rows
+                            && !weight.track_op()
+                            && (*rows || weight_t.is_some())
+                            && weight.dtype() == dtype
+                            && weight.dim(1)? == in_dim =>
+                        {
+                            weights.push(weight.clone())
+                        }
+                        _ => return Ok(None),
+                    }
+                }
+                let weight = Tensor::cat(&weights, 0)?;
+                Ok(Some(if *rows {
+                    Self::decoding(weight, bias)?
+                } else {
+                    Self::from_weights(weight, bias)?
+                }))
+            }
+            Weight::Quantized(q0) => {
+                use candle_core::quantized::QStorage;
+                let cols = q0.shape().dims2()?.1;
+                let mut bytes = Vec::new();
+                let mut rows = 0;
+                for p in parts {
+                    let Weight::Quantized(q) = &p.weight else {
+                        return Ok(None);
+                    };
+                    let (r, c) = q.shape().dims2()?;
+                    if q.dtype() != q0.dtype() || c != cols || !q.device().same_device(&q0.device())
+                    {
+                        return Ok(None);
+                    }
+                    bytes.extend_from_slice(&q.data()?);
+                    rows += r;
+                }
+                let storage =
+                    QStorage::from_data(std::borrow::Cow::Owned(bytes), &q0.device(), q0.dtype())?;
+                Ok(Some(Self::quantized(
+                    Arc::new(QTensor::new(storage, (rows, cols))?),
+                    bias,
+                )?))
+            }
+        }
+    }
+
     /// The projection onto output features `0..n` only: the first `n` rows of the weight
     /// (block rows of a quantized one, copied as they are).
     pub fn first_rows(&self, n: usize) -> Result<Self> {
@@ -448,5 +527,73 @@ mod tests {
             .map(|row| row.iter().map(|v| v * 2.0).collect())
             .collect();
         assert_eq!(half.forward(&x).unwrap().to_vec2::<f32>().unwrap(), doubled);
+    }
+
+    /// Stacked projections give every output feature the bits of its own part, for decoding
+    /// (f32 rows), GEMM-served and quantized weights, with and without biases, for 1 to 9 input
+    /// rows; variables and parts of mixed kinds are not stacked.
+    #[test]
+    fn concatenated_projections_keep_every_outputs_bits() {
+        use candle_core::quantized::{GgmlDType, QTensor};
+        let dev = Device::Cpu;
+        let outs = [64usize, 32, 96];
+        let weights: Vec<Tensor> = outs
+            .iter()
+            .map(|&o| Tensor::randn(0f32, 1.0, (o, 64), &dev).unwrap())
+            .collect();
+        let biases: Vec<Tensor> = outs
+            .iter()
+            .map(|&o| Tensor::randn(0f32, 1.0, o, &dev).unwrap())
+            .collect();
+        type Make = fn(&Tensor, Option<Tensor>) -> Linear;
+        let kinds: [(&str, Make); 4] = [
+            ("decoding", |w, b| Linear::decoding(w.clone(), b).unwrap()),
+            ("gemm", |w, b| Linear::from_weights(w.clone(), b).unwrap()),
+            ("q8_0", |w, b| {
+                let q = QTensor::quantize(w, GgmlDType::Q8_0).unwrap();
+                Linear::quantized(Arc::new(q), b).unwrap()
+            }),
+            ("q4_1", |w, b| {
+                let q = QTensor::quantize(w, GgmlDType::Q4_1).unwrap();
+                Linear::quantized(Arc::new(q), b).unwrap()
+            }),
+        ];
+        for (name, make) in kinds {
+            for with_bias in [false, true] {
+                let parts: Vec<Linear> = weights
+                    .iter()
+                    .zip(&biases)
+                    .map(|(w, b)| make(w, with_bias.then(|| b.clone())))
+                    .collect();
+                let refs: Vec<&Linear> = parts.iter().collect();
+                let stacked = Linear::concat(&refs).unwrap().expect(name);
+                assert_eq!(stacked.out_dim().unwrap(), 192);
+                for m in [1usize, 2, 5, 9] {
+                    let x = Tensor::randn(0f32, 1.0, (1, m, 64), &dev).unwrap();
+                    let apart: Vec<Tensor> = parts.iter().map(|p| p.forward(&x).unwrap()).collect();
+                    let want = Tensor::cat(&apart, 2).unwrap().flatten_all().unwrap();
+                    let got = stacked.forward(&x).unwrap().flatten_all().unwrap();
+                    let (want, got) = (
+                        want.to_vec1::<f32>().unwrap(),
+                        got.to_vec1::<f32>().unwrap(),
+                    );
+                    let same = want
+                        .iter()
+                        .zip(&got)
+                        .all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "{name}, bias {with_bias}, {m} rows");
+                }
+            }
+        }
+        let var = Var::from_tensor(&weights[0]).unwrap();
+        let trained = Linear::from_weights(var.as_tensor().clone(), None).unwrap();
+        let plain = Linear::from_weights(weights[1].clone(), None).unwrap();
+        assert!(Linear::concat(&[&trained, &plain]).unwrap().is_none());
+        let decoding = Linear::decoding(weights[1].clone(), None).unwrap();
+        assert!(Linear::concat(&[&plain, &decoding]).unwrap().is_none());
+        let with_bias = Linear::from_weights(weights[1].clone(), Some(biases[1].clone())).unwrap();
+        assert!(Linear::concat(&[&plain, &with_bias]).unwrap().is_none());
+        let narrow = Linear::from_weights(weights[1].narrow(1, 0, 32).unwrap(), None).unwrap();
+        assert!(Linear::concat(&[&plain, &narrow]).unwrap().is_none());
     }
 }

@@ -24,10 +24,18 @@ use crate::weights::SafetensorsWeights;
 /// The SwiGLU feed-forward block (Shazeer 2020): `down(act(gate(x)) · up(x))`.
 #[derive(Debug, Clone)]
 pub struct GatedMlp {
-    gate_proj: Linear,
-    up_proj: Linear,
+    gate_up: GateUp,
     down_proj: Linear,
     act: Activation,
+}
+
+/// `gate_proj` and `up_proj`, apart as in the checkpoint, or stacked into one projection at
+/// inference ([`Linear::concat`]): one matmul over the input instead of two, and the product
+/// in one pass ([`Activation::gated`]), with the same bits.
+#[derive(Debug, Clone)]
+enum GateUp {
+    Separate { gate_proj: Linear, up_proj: Linear },
+    Stacked(Linear),
 }
 
 impl GatedMlp {
@@ -39,9 +47,14 @@ impl GatedMlp {
         vb: VarBuilder,
         quantized: &QuantizedWeights,
     ) -> Result<Self> {
+        let gate_proj = quantized.linear(hidden, intermediate, bias, vb.pp("gate_proj"))?;
+        let up_proj = quantized.linear(hidden, intermediate, bias, vb.pp("up_proj"))?;
+        let gate_up = match Linear::concat(&[&gate_proj, &up_proj])? {
+            Some(stacked) => GateUp::Stacked(stacked),
+            None => GateUp::Separate { gate_proj, up_proj },
+        };
         Ok(Self {
-            gate_proj: quantized.linear(hidden, intermediate, bias, vb.pp("gate_proj"))?,
-            up_proj: quantized.linear(hidden, intermediate, bias, vb.pp("up_proj"))?,
+            gate_up,
             down_proj: quantized.linear(intermediate, hidden, bias, vb.pp("down_proj"))?,
             act,
         })
@@ -50,8 +63,13 @@ impl GatedMlp {
 
 impl Module for GatedMlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = self.act.forward(&self.gate_proj.forward(x)?)?;
-        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+        let hidden = match &self.gate_up {
+            GateUp::Separate { gate_proj, up_proj } => {
+                (self.act.forward(&gate_proj.forward(x)?)? * up_proj.forward(x)?)?
+            }
+            GateUp::Stacked(gate_up) => self.act.gated(&gate_up.forward(x)?)?,
+        };
+        self.down_proj.forward(&hidden)
     }
 }
 
@@ -186,7 +204,7 @@ impl LlamaAttention {
             out_proj: Some("o_proj"),
         };
         Ok(Self {
-            attn: MultiHeadAttention::load(&attn_cfg, vb, quantized)?,
+            attn: MultiHeadAttention::load(&attn_cfg, vb, quantized)?.stack_projections()?,
         })
     }
 
@@ -198,9 +216,8 @@ impl LlamaAttention {
         mask: &AttentionMask,
         cache: &mut LayerKv,
     ) -> Result<Tensor> {
-        let q = rotate(&self.attn.queries(x)?, cos, sin)?;
-        let (k, v) = self.attn.key_values(x)?;
-        let k = rotate(&k, cos, sin)?;
+        let (q, k, v) = self.attn.self_attention_qkv(x)?;
+        let (q, k) = (rotate(&q, cos, sin)?, rotate(&k, cos, sin)?);
         let (k, v) = cache.append(&k, &v)?;
         self.attn.attend_heads(&q, &k, &v, mask)
     }
