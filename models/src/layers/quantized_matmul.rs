@@ -238,10 +238,23 @@ mod x86 {
         }
     }
 
+    /// The block's scale and min (the f16 pair at its start; the min is garbage for types
+    /// without one). The conversion reads memory directly: written with intrinsics, LLVM
+    /// narrowed the load to a word inserted into a live register, which made each block wait
+    /// for the previous block's accumulation (a false dependency through the register's other
+    /// lanes).
     #[inline(always)]
-    unsafe fn f16(lo: u8, hi: u8) -> f32 {
-        let bits = i32::from(u16::from_le_bytes([lo, hi]));
-        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits)))
+    unsafe fn scales(block: &[u8]) -> (f32, f32) {
+        assert!(block.len() >= 8);
+        let dm: __m128;
+        // SAFETY: reads 8 bytes of `block`; the caller's target features include F16C.
+        std::arch::asm!(
+            "vcvtph2ps {dm}, qword ptr [{p}]",
+            p = in(reg) block.as_ptr(),
+            dm = lateout(xmm_reg) dm,
+            options(pure, readonly, nostack, preserves_flags),
+        );
+        (_mm_cvtss_f32(dm), _mm_cvtss_f32(_mm_movehdup_ps(dm)))
     }
 
     #[inline(always)]
@@ -374,19 +387,18 @@ mod x86 {
         acc: &mut [__m256; R],
         s: &mut [f32; R],
     ) {
-        let d = f16(block[0], block[1]);
-        let m = if F::has_min() {
-            f16(block[2], block[3])
-        } else {
-            0.0
-        };
+        let (d, m) = scales(block);
+        let m = if F::has_min() { m } else { 0.0 };
         let (wu, off) = load::<F, D>(block, d, m, u);
         for i in 0..R {
             let q = &qx[i];
             let x = _mm256_loadu_si256(q.qx.as_ptr() as *const __m256i);
             let p = _mm256_cvtepi32_ps(dot::<D>(wu, x, signed));
             acc[i] = _mm256_fmadd_ps(p, _mm256_set1_ps(d * q.dx), acc[i]);
-            s[i] += off * q.s;
+            // Q8_0's signed bytes have no offset: no sum to carry from block to block.
+            if !signed {
+                s[i] += off * q.s;
+            }
         }
     }
 
