@@ -1,0 +1,81 @@
+//! Throughput of the quantized few-row kernel (`zoo_models::layers::quantized_matmul`) on
+//! SmolLM2-135M's projection shapes, apart from the rest of a decoding step: random weights
+//! quantized by candle, `ROWS` activation rows through the stacked q/k/v, `o_proj`, stacked
+//! gate/up and `down_proj` of `LAYERS` layers, then the tied 49152×576 head; the weight bytes
+//! read per second tell whether the kernel keeps up with memory.
+//!
+//! ```text
+//! cargo run --release -p zoo-models --example quantized_matmul_throughput -- [q8_0|q4_1] [LAYERS] [ROWS] [REPS]
+//! ```
+//! `RAYON_NUM_THREADS=1` measures one core.
+
+use std::time::Instant;
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use zoo_models::layers::quantized_matmul::matmul;
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("quantized_matmul_throughput: {e}");
+        std::process::exit(2);
+    }
+}
+
+fn run() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let dtype = match args.first().map(String::as_str) {
+        None | Some("q8_0") => GgmlDType::Q8_0,
+        Some("q4_1") => GgmlDType::Q4_1,
+        Some(other) => return Err(format!("weights {other:?}: q8_0 or q4_1").into()),
+    };
+    let number = |i: usize, default: usize| -> Result<usize, String> {
+        match args.get(i) {
+            None => Ok(default),
+            Some(s) => s
+                .parse()
+                .map_err(|_| format!("argument {}: {s:?} is not a count", i + 1)),
+        }
+    };
+    let (layers, rows, reps) = (number(1, 30)?, number(2, 1)?, number(3, 50)?);
+    // [out, in] of the stacked q/k/v, o_proj, stacked gate/up, down_proj; then the head.
+    let layer = [(960usize, 576usize), (576, 576), (3072, 576), (576, 1536)];
+    let shapes = (0..layers)
+        .flat_map(|_| layer)
+        .chain([(49152, 576)])
+        .collect::<Vec<_>>();
+    let dev = Device::Cpu;
+    let mut weights = Vec::with_capacity(shapes.len());
+    for &(n, k) in &shapes {
+        let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?;
+        weights.push((n, k, QTensor::quantize(&w, dtype)?.data()?.into_owned()));
+    }
+    let bytes: usize = weights.iter().map(|w| w.2.len()).sum();
+    let x = Tensor::randn(0f32, 1.0, rows * 1536, &dev)?.to_vec1::<f32>()?;
+    let pass = || {
+        for (n, k, w) in &weights {
+            let mut out = vec![0f32; rows * n];
+            assert!(matmul(&x[..rows * k], rows, *k, w, dtype, *n, &mut out));
+        }
+    };
+    // On a thread of the pool, as `zoo` runs its commands.
+    let pool = rayon::ThreadPoolBuilder::new().build()?;
+    let seconds = pool.install(|| {
+        for _ in 0..3 {
+            pass();
+        }
+        let start = Instant::now();
+        for _ in 0..reps {
+            pass();
+        }
+        start.elapsed().as_secs_f64() / reps as f64
+    });
+    println!(
+        "{dtype:?}, {layers} layers and the head ({:.0} MB), {rows} rows, {} threads: {:.2} ms a pass, {:.1} GB/s",
+        bytes as f64 / 1e6,
+        pool.current_num_threads(),
+        seconds * 1e3,
+        bytes as f64 / seconds / 1e9
+    );
+    Ok(())
+}
