@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
-use zoo_models::layers::quantized_matmul::matmul;
+use zoo_models::layers::quantized_matmul::{matmul, Interleaved};
 
 fn main() {
     if let Err(e) = run() {
@@ -52,7 +52,30 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     }
     let bytes: usize = weights.iter().map(|w| w.2.len()).sum();
     let x = Tensor::randn(0f32, 1.0, rows * 1536, &dev)?.to_vec1::<f32>()?;
+    // Q8_0 weights repacked for the interleaved kernel, where this CPU has it.
+    let packed: Vec<Interleaved> =
+        if dtype == GgmlDType::Q8_0 && std::env::var_os("ROW_MAJOR").is_none() {
+            weights
+                .iter()
+                .filter_map(|(n, k, w)| Interleaved::pack(w, *n, *k))
+                .collect()
+        } else {
+            Vec::new()
+        };
+    let kernel = if packed.is_empty() {
+        "row-major"
+    } else {
+        "interleaved"
+    };
     let pass = || {
+        if !packed.is_empty() {
+            for w in &packed {
+                let (n, k) = w.shape();
+                let mut out = vec![0f32; rows * n];
+                w.matmul(&x[..rows * k], rows, &mut out);
+            }
+            return;
+        }
         for (n, k, w) in &weights {
             let mut out = vec![0f32; rows * n];
             assert!(matmul(&x[..rows * k], rows, *k, w, dtype, *n, &mut out));
@@ -71,7 +94,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         start.elapsed().as_secs_f64() / reps as f64
     });
     println!(
-        "{dtype:?}, {layers} layers and the head ({:.0} MB), {rows} rows, {} threads: {:.2} ms a pass, {:.1} GB/s",
+        "{dtype:?} {kernel}, {layers} layers and the head ({:.0} MB), {rows} rows, {} threads: {:.2} ms a pass, {:.1} GB/s",
         bytes as f64 / 1e6,
         pool.current_num_threads(),
         seconds * 1e3,

@@ -3,8 +3,10 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use candle_core::quantized::{QMatMul, QTensor};
-use candle_core::{Module, Result, Tensor};
+use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
+
+use super::quantized_matmul::Interleaved;
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 /// A linear projection with an optional bias.
@@ -44,6 +46,9 @@ enum Weight {
     },
     /// `[out, in]` in ggml blocks along `in`.
     Quantized(Arc<QTensor>),
+    /// Q8_0 `[out, in]` repacked for the CPU's interleaved kernel
+    /// ([`super::quantized_matmul::Interleaved`]), in place of the checkpoint's layout.
+    Interleaved(Arc<Interleaved>),
 }
 
 impl Linear {
@@ -119,8 +124,10 @@ impl Linear {
 
     /// A projection by a quantized `[out, in]` weight. Float blocks (F32, F16, BF16) are
     /// dequantized into a plain weight instead.
+    ///
+    /// Q8_0 on a CPU with the interleaved kernel is repacked for it (in place of the
+    /// checkpoint's layout, which [`Self::weight`] and the others rebuild when asked).
     pub fn quantized(weight: Arc<QTensor>, bias: Option<Tensor>) -> Result<Self> {
-        use candle_core::quantized::GgmlDType;
         if matches!(
             weight.dtype(),
             GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16
@@ -128,27 +135,47 @@ impl Linear {
             let dense = weight.dequantize(&weight.device())?;
             return Self::from_weights(dense, bias);
         }
-        weight.shape().dims2()?;
+        let (n, k) = weight.shape().dims2()?;
+        if weight.dtype() == GgmlDType::Q8_0 && weight.device().is_cpu() {
+            if let Some(packed) = Interleaved::pack(&weight.data()?, n, k) {
+                return Ok(Self {
+                    weight: Weight::Interleaved(Arc::new(packed)),
+                    bias,
+                });
+            }
+        }
         Ok(Self {
             weight: Weight::Quantized(weight),
             bias,
         })
     }
 
-    /// The `[out, in]` weight; a quantized one dequantized to f32.
-    pub fn weight(&self) -> Result<Tensor> {
+    /// A quantized weight in the checkpoint's layout (rebuilt from a repacked one).
+    fn block_rows(&self) -> Result<Option<Arc<QTensor>>> {
         match &self.weight {
-            Weight::Dense { weight, .. } => Ok(weight.clone()),
-            Weight::Quantized(q) => q.dequantize(&q.device()),
+            Weight::Quantized(q) => Ok(Some(q.clone())),
+            Weight::Interleaved(w) => {
+                let bytes = std::borrow::Cow::Owned(w.unpack());
+                let storage =
+                    QStorage::from_data(bytes, &candle_core::Device::Cpu, GgmlDType::Q8_0)?;
+                Ok(Some(Arc::new(QTensor::new(storage, w.shape())?)))
+            }
+            Weight::Dense { .. } => Ok(None),
         }
     }
 
-    /// The quantized weight, when the projection has one.
-    pub fn quantized_weight(&self) -> Option<&Arc<QTensor>> {
-        match &self.weight {
-            Weight::Quantized(q) => Some(q),
-            Weight::Dense { .. } => None,
+    /// The `[out, in]` weight; a quantized one dequantized to f32.
+    pub fn weight(&self) -> Result<Tensor> {
+        match (&self.weight, self.block_rows()?) {
+            (Weight::Dense { weight, .. }, _) => Ok(weight.clone()),
+            (_, Some(q)) => q.dequantize(&q.device()),
+            (_, None) => unreachable!("a quantized weight has block rows"),
         }
+    }
+
+    /// The quantized weight in the checkpoint's layout, when the projection has one.
+    pub fn quantized_weight(&self) -> Result<Option<Arc<QTensor>>> {
+        self.block_rows()
     }
 
     /// Output features.
@@ -156,6 +183,7 @@ impl Linear {
         match &self.weight {
             Weight::Dense { weight, .. } => weight.dim(0),
             Weight::Quantized(q) => Ok(q.shape().dims2()?.0),
+            Weight::Interleaved(w) => Ok(w.shape().0),
         }
     }
 
@@ -215,13 +243,17 @@ impl Linear {
                     Self::from_weights(weight, bias)?
                 }))
             }
-            Weight::Quantized(q0) => {
-                use candle_core::quantized::QStorage;
+            Weight::Quantized(_) | Weight::Interleaved(_) => {
+                let Some(q0) = first.block_rows()? else {
+                    return Ok(None);
+                };
                 let cols = q0.shape().dims2()?.1;
                 let mut bytes = Vec::new();
                 let mut rows = 0;
                 for p in parts {
-                    let Weight::Quantized(q) = &p.weight else {
+                    let (Weight::Quantized(_) | Weight::Interleaved(_), Some(q)) =
+                        (&p.weight, p.block_rows()?)
+                    else {
                         return Ok(None);
                     };
                     let (r, c) = q.shape().dims2()?;
@@ -255,8 +287,14 @@ impl Linear {
                 weight, rows: true, ..
             } => Self::decoding(weight.narrow(0, 0, n)?, bias),
             Weight::Dense { weight, .. } => Self::from_weights(weight.narrow(0, 0, n)?, bias),
+            Weight::Interleaved(w) => match w.first_rows(n) {
+                Some(kept) => Ok(Self {
+                    weight: Weight::Interleaved(Arc::new(kept)),
+                    bias,
+                }),
+                None => candle_core::bail!("cannot keep {n} of the {out} output features"),
+            },
             Weight::Quantized(q) => {
-                use candle_core::quantized::QStorage;
                 let (rows, cols) = q.shape().dims2()?;
                 let data = q.data()?;
                 let row_bytes = data.len() / rows;
@@ -295,6 +333,12 @@ impl Module for Linear {
             },
             Weight::Dense { weight, .. } => x2.matmul(&weight.t()?)?,
             Weight::Quantized(q) => quantized_forward(q, &x2)?,
+            Weight::Interleaved(w) => {
+                let xs = x2.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                let mut out = vec![0f32; rows * w.shape().0];
+                w.matmul(&xs, rows, &mut out);
+                Tensor::from_vec(out, (rows, w.shape().0), x2.device())?.to_dtype(x2.dtype())?
+            }
         };
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,

@@ -438,6 +438,73 @@ mod x86 {
         columns::<F, 2>(w, rb, q, r, c, o)
     }
 
+    /// The sums of one group of [`super::Interleaved`] weights `w` against `rows` rows of
+    /// row-major activation blocks: four rows at a time, each weight run loaded once for them.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn interleaved_avx2(
+        w: &[u8],
+        qx: &[QBlock],
+        blocks: usize,
+        rows: usize,
+        tile: &mut [f32],
+    ) {
+        let mut r0 = 0;
+        while rows - r0 >= 4 {
+            interleaved_rows::<4>(w, qx, blocks, r0, tile);
+            r0 += 4;
+        }
+        if rows - r0 >= 2 {
+            interleaved_rows::<2>(w, qx, blocks, r0, tile);
+            r0 += 2;
+        }
+        if rows > r0 {
+            interleaved_rows::<1>(w, qx, blocks, r0, tile);
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn interleaved_rows<const R: usize>(
+        w: &[u8],
+        qx: &[QBlock],
+        blocks: usize,
+        r0: usize,
+        tile: &mut [f32],
+    ) {
+        use super::{GROUP, Q8_0};
+        const GROUP_BLOCK: usize = GROUP * <Q8_0 as Format>::BYTES;
+        assert!(w.len() >= blocks * GROUP_BLOCK && qx.len() >= (r0 + R) * blocks);
+        assert!(tile.len() >= (r0 + R) * GROUP);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); R];
+        for b in 0..blocks {
+            let block = w.as_ptr().add(b * GROUP_BLOCK);
+            let d = _mm256_cvtph_ps(_mm_loadu_si128(block as *const __m128i));
+            let mut sums = [_mm256_setzero_si256(); R];
+            for j in 0..BLOCK / 4 {
+                let run = _mm256_loadu_si256(block.add(16 + 32 * j) as *const __m256i);
+                let magnitude = _mm256_sign_epi8(run, run);
+                for (i, sum) in sums.iter_mut().enumerate() {
+                    let q = qx.as_ptr().add((r0 + i) * blocks + b);
+                    let x = _mm256_set1_epi32(
+                        (std::ptr::addr_of!((*q).qx) as *const i32)
+                            .add(j)
+                            .read_unaligned(),
+                    );
+                    let pairs = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(x, run));
+                    *sum = _mm256_add_epi32(*sum, _mm256_madd_epi16(pairs, ones));
+                }
+            }
+            for (i, a) in acc.iter_mut().enumerate() {
+                let dx = (*qx.as_ptr().add((r0 + i) * blocks + b)).dx;
+                let scale = _mm256_mul_ps(d, _mm256_set1_ps(dx));
+                *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[i]), scale, *a);
+            }
+        }
+        for (i, a) in acc.iter().enumerate() {
+            _mm256_storeu_ps(tile.as_mut_ptr().add((r0 + i) * GROUP), *a);
+        }
+    }
+
     /// The best dot product this CPU runs, if any.
     pub fn best() -> Option<Dot> {
         use std::arch::is_x86_feature_detected as has;
@@ -534,6 +601,157 @@ pub fn matmul(
     true
 }
 
+/// Columns of a group of [`Interleaved`] Q8_0 weights.
+pub const GROUP: usize = 8;
+
+/// Q8_0 weights `[n, k]` repacked for decoding, as ggml repacks its weights for the CPU: the
+/// columns (weight rows) in groups of [`GROUP`] (the last one padded), each group's blocks in
+/// turn, and in each group block the 8 columns' f16 scales, then the 32 quants of every
+/// column in runs of 4 interleaved column by column (run `j` of column `c` at `16 + 32·j +
+/// 4·c`). One broadcast 4-byte run of the activations meets all 8 columns in one register,
+/// the 8 scales convert in one instruction, and a row's 8 sums need no horizontal reduction:
+/// about half the instructions per weight block of the row-major kernel, which is bound by
+/// its arithmetic, not by memory. The checkpoint's bytes in another order ([`Self::unpack`]).
+///
+/// Each output is `Σ_b (d·dx)·Σ(w·qx)` over the blocks in order, the integer sums exact, so a
+/// row has the same bits in any tile and any call, and a column the same bits in any group.
+#[derive(Debug, Clone)]
+pub struct Interleaved {
+    bytes: Vec<u8>,
+    n: usize,
+    k: usize,
+}
+
+impl Interleaved {
+    /// Repacks the bytes of a Q8_0 `[n, k]` weight; `None` unless `k` is a multiple of
+    /// [`BLOCK`] and this CPU has the interleaved kernel.
+    pub fn pack(weight: &[u8], n: usize, k: usize) -> Option<Self> {
+        if n == 0 || !k.is_multiple_of(BLOCK) || !interleaved_cpu() {
+            return None;
+        }
+        let row_bytes = k / BLOCK * Q8_0::BYTES;
+        if weight.len() != n * row_bytes {
+            return None;
+        }
+        let mut bytes = vec![0u8; n.div_ceil(GROUP) * GROUP * row_bytes];
+        for (g, group) in bytes.chunks_exact_mut(GROUP * row_bytes).enumerate() {
+            for (b, out) in group.chunks_exact_mut(GROUP * Q8_0::BYTES).enumerate() {
+                // Padding columns keep zero scales and quants.
+                for c in 0..GROUP.min(n - g * GROUP) {
+                    let src = (g * GROUP + c) * row_bytes + b * Q8_0::BYTES;
+                    let block = &weight[src..src + Q8_0::BYTES];
+                    out[2 * c..2 * c + 2].copy_from_slice(&block[..2]);
+                    for j in 0..BLOCK / 4 {
+                        let at = 2 * GROUP + 4 * (GROUP * j + c);
+                        out[at..at + 4].copy_from_slice(&block[2 + 4 * j..6 + 4 * j]);
+                    }
+                }
+            }
+        }
+        Some(Self { bytes, n, k })
+    }
+
+    /// The checkpoint's row-major Q8_0 bytes again.
+    pub fn unpack(&self) -> Vec<u8> {
+        let row_bytes = self.k / BLOCK * Q8_0::BYTES;
+        let mut weight = vec![0u8; self.n * row_bytes];
+        for (g, group) in self.bytes.chunks_exact(GROUP * row_bytes).enumerate() {
+            for (b, packed) in group.chunks_exact(GROUP * Q8_0::BYTES).enumerate() {
+                for c in 0..GROUP.min(self.n - g * GROUP) {
+                    let dst = (g * GROUP + c) * row_bytes + b * Q8_0::BYTES;
+                    let block = &mut weight[dst..dst + Q8_0::BYTES];
+                    block[..2].copy_from_slice(&packed[2 * c..2 * c + 2]);
+                    for j in 0..BLOCK / 4 {
+                        let at = 2 * GROUP + 4 * (GROUP * j + c);
+                        block[2 + 4 * j..6 + 4 * j].copy_from_slice(&packed[at..at + 4]);
+                    }
+                }
+            }
+        }
+        weight
+    }
+
+    /// The weight of the first `n` columns only: a prefix of the groups, as they are.
+    pub fn first_rows(&self, n: usize) -> Option<Self> {
+        if n == 0 || n > self.n {
+            return None;
+        }
+        let group_bytes = self.k / BLOCK * Q8_0::BYTES * GROUP;
+        Some(Self {
+            bytes: self.bytes[..n.div_ceil(GROUP) * group_bytes].to_vec(),
+            n,
+            k: self.k,
+        })
+    }
+
+    /// `[n, k]`.
+    pub fn shape(&self) -> (usize, usize) {
+        (self.n, self.k)
+    }
+
+    /// `out[m, n] = x[m, k] · Wᵀ`.
+    pub fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) {
+        let (n, k) = (self.n, self.k);
+        assert_eq!(x.len(), m * k);
+        assert_eq!(out.len(), m * n);
+        let blocks = k / BLOCK;
+        let group_bytes = blocks * GROUP * Q8_0::BYTES;
+        let groups = n.div_ceil(GROUP);
+        for r0 in (0..m).step_by(ROWS) {
+            let rows = (m - r0).min(ROWS);
+            // Row-major activations: row r's blocks together.
+            let qx: Vec<QBlock> = x[r0 * k..(r0 + rows) * k]
+                .chunks_exact(BLOCK)
+                .map(quantize_block)
+                .collect();
+            // Group-major: every group's `rows × 8` sums together, copied into `out` after.
+            let mut sums = vec![0f32; groups * GROUP * rows];
+            sums.par_chunks_mut(COLUMNS_PER_TASK * rows)
+                .enumerate()
+                .for_each(|(task, chunk)| {
+                    let g0 = task * COLUMNS_PER_TASK / GROUP;
+                    for (i, tile) in chunk.chunks_exact_mut(GROUP * rows).enumerate() {
+                        let g = g0 + i;
+                        let w = &self.bytes[g * group_bytes..(g + 1) * group_bytes];
+                        interleaved_group(w, &qx, blocks, rows, tile);
+                    }
+                });
+            for (g, tile) in sums.chunks_exact(GROUP * rows).enumerate() {
+                let width = GROUP.min(n - g * GROUP);
+                for (r, row) in tile.chunks_exact(GROUP).enumerate() {
+                    out[(r0 + r) * n + g * GROUP..][..width].copy_from_slice(&row[..width]);
+                }
+            }
+        }
+    }
+}
+
+/// Whether this CPU has the interleaved kernel (x86-64 with AVX2, FMA and F16C).
+fn interleaved_cpu() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        x86::best().is_some()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// One group's `rows × 8` sums, row by row, into `tile`.
+fn interleaved_group(w: &[u8], qx: &[QBlock], blocks: usize, rows: usize, tile: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: `Interleaved::pack` made these weights only where `best` found AVX2, FMA and F16C.
+        unsafe { x86::interleaved_avx2(w, qx, blocks, rows, tile) }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (w, qx, blocks, rows, tile);
+        unreachable!("interleaved weights are packed on x86-64 only")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -607,5 +825,62 @@ mod tests {
         check::<Q5_0>(&weight(22), n, blocks, &qx, rows);
         check::<Q5_1>(&weight(24), n, blocks, &qx, rows);
         check::<Q8_0>(&weight(34), n, blocks, &qx, rows);
+    }
+
+    /// Interleaved Q8_0 weights: the layout round-trips (a padded last group included), the
+    /// products agree with the plain arithmetic of the row-major bytes, every row has the bits
+    /// it has alone (1 to 67 rows, across the 64-row tiles), and a prefix of the columns has
+    /// the bits of the whole.
+    #[test]
+    fn interleaved_weights_round_trip_and_keep_every_rows_bits() {
+        if !interleaved_cpu() {
+            return;
+        }
+        let (n, k) = (21usize, 96usize);
+        let blocks = k / BLOCK;
+        let mut seed = 11u32;
+        let mut next = || {
+            seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12345);
+            (seed >> 16) as u8
+        };
+        let mut weight: Vec<u8> = (0..n * blocks * Q8_0::BYTES).map(|_| next()).collect();
+        for (i, block) in weight.chunks_mut(Q8_0::BYTES).enumerate() {
+            // Finite f16 scales between 0.5 and 1.
+            block[..2].copy_from_slice(&(0x3800u16 + (i as u16 % 1024)).to_le_bytes());
+        }
+        let packed = Interleaved::pack(&weight, n, k).unwrap();
+        assert_eq!(packed.unpack(), weight);
+        let prefix = packed.first_rows(13).unwrap();
+        assert_eq!(prefix.unpack(), weight[..13 * blocks * Q8_0::BYTES]);
+        let m = 67;
+        let x: Vec<f32> = (0..m * k).map(|_| f32::from(next()) / 64.0 - 2.0).collect();
+        let mut all = vec![0f32; m * n];
+        packed.matmul(&x, m, &mut all);
+        let mut first = vec![0f32; m * 13];
+        prefix.matmul(&x, m, &mut first);
+        for r in 0..m {
+            let row = &x[r * k..(r + 1) * k];
+            let mut alone = vec![0f32; n];
+            packed.matmul(row, 1, &mut alone);
+            let got = &all[r * n..(r + 1) * n];
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(got), bits(&alone), "row {r} of {m}");
+            assert_eq!(
+                bits(&first[r * 13..(r + 1) * 13]),
+                bits(&got[..13]),
+                "row {r}"
+            );
+            let qx: Vec<QBlock> = row.chunks_exact(BLOCK).map(quantize_block).collect();
+            let mut want = vec![0f32; n];
+            columns_scalar::<Q8_0>(&weight, blocks * Q8_0::BYTES, &qx, 1, 0, &mut want);
+            for (a, b) in got.iter().zip(&want) {
+                assert!(
+                    (a - b).abs() <= 1e-4 * b.abs().max(1.0),
+                    "row {r}: {a} vs {b}"
+                );
+            }
+        }
+        assert!(Interleaved::pack(&weight, n, k + 1).is_none());
+        assert!(Interleaved::pack(&weight[1..], n, k).is_none());
     }
 }
