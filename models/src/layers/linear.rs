@@ -4,10 +4,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
-
-use super::quantized_matmul::Interleaved;
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
+
+use super::quantized_matmul::Interleaved;
 
 /// A linear projection with an optional bias.
 ///
@@ -166,10 +166,12 @@ impl Linear {
 
     /// The `[out, in]` weight; a quantized one dequantized to f32.
     pub fn weight(&self) -> Result<Tensor> {
-        match (&self.weight, self.block_rows()?) {
-            (Weight::Dense { weight, .. }, _) => Ok(weight.clone()),
-            (_, Some(q)) => q.dequantize(&q.device()),
-            (_, None) => unreachable!("a quantized weight has block rows"),
+        if let Weight::Dense { weight, .. } = &self.weight {
+            return Ok(weight.clone());
+        }
+        match self.block_rows()? {
+            Some(q) => q.dequantize(&q.device()),
+            None => candle_core::bail!("a quantized projection without its blocks"),
         }
     }
 
