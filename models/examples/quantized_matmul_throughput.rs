@@ -7,7 +7,8 @@
 //! ```text
 //! cargo run --release -p zoo-models --example quantized_matmul_throughput -- [q8_0|q4_1] [LAYERS] [ROWS] [REPS]
 //! ```
-//! `RAYON_NUM_THREADS=1` measures one core.
+//! `RAYON_NUM_THREADS=1` measures one core; `ROW_MAJOR=1` the checkpoint-layout kernel instead of
+//! the interleaved one.
 
 use std::time::Instant;
 
@@ -52,16 +53,15 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     }
     let bytes: usize = weights.iter().map(|w| w.2.len()).sum();
     let x = Tensor::randn(0f32, 1.0, rows * 1536, &dev)?.to_vec1::<f32>()?;
-    // Q8_0 weights repacked for the interleaved kernel, where this CPU has it.
-    let packed: Vec<Interleaved> =
-        if dtype == GgmlDType::Q8_0 && std::env::var_os("ROW_MAJOR").is_none() {
-            weights
-                .iter()
-                .filter_map(|(n, k, w)| Interleaved::pack(w, *n, *k))
-                .collect()
-        } else {
-            Vec::new()
-        };
+    // Weights repacked for the interleaved kernel, where this CPU has it.
+    let packed: Vec<Interleaved> = if std::env::var_os("ROW_MAJOR").is_none() {
+        weights
+            .iter()
+            .filter_map(|(n, k, w)| Interleaved::pack(w, dtype, *n, *k))
+            .collect()
+    } else {
+        Vec::new()
+    };
     let kernel = if packed.is_empty() {
         "row-major"
     } else {

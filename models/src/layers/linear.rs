@@ -7,7 +7,7 @@ use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::quantized_matmul::Interleaved;
+use super::quantized_matmul::{Interleaved, Packing};
 
 /// A linear projection with an optional bias.
 ///
@@ -46,7 +46,7 @@ enum Weight {
     },
     /// `[out, in]` in ggml blocks along `in`.
     Quantized(Arc<QTensor>),
-    /// Q8_0 `[out, in]` repacked for the CPU's interleaved kernel
+    /// Q8_0, Q4_0 or Q4_1 `[out, in]` repacked for the CPU's interleaved kernel
     /// ([`super::quantized_matmul::Interleaved`]), in place of the checkpoint's layout.
     Interleaved(Arc<Interleaved>),
 }
@@ -125,8 +125,8 @@ impl Linear {
     /// A projection by a quantized `[out, in]` weight. Float blocks (F32, F16, BF16) are
     /// dequantized into a plain weight instead.
     ///
-    /// Q8_0 on a CPU with the interleaved kernel is repacked for it (in place of the
-    /// checkpoint's layout, which [`Self::weight`] and the others rebuild when asked).
+    /// Q8_0, Q4_0 and Q4_1 on a CPU with the interleaved kernel are repacked for it (in place
+    /// of the checkpoint's layout, which [`Self::weight`] and the others rebuild when asked).
     pub fn quantized(weight: Arc<QTensor>, bias: Option<Tensor>) -> Result<Self> {
         if matches!(
             weight.dtype(),
@@ -136,8 +136,8 @@ impl Linear {
             return Self::from_weights(dense, bias);
         }
         let (n, k) = weight.shape().dims2()?;
-        if weight.dtype() == GgmlDType::Q8_0 && weight.device().is_cpu() {
-            if let Some(packed) = Interleaved::pack(&weight.data()?, n, k) {
+        if Packing::of(weight.dtype()).is_some() && weight.device().is_cpu() {
+            if let Some(packed) = Interleaved::pack(&weight.data()?, weight.dtype(), n, k) {
                 return Ok(Self {
                     weight: Weight::Interleaved(Arc::new(packed)),
                     bias,
@@ -156,8 +156,7 @@ impl Linear {
             Weight::Quantized(q) => Ok(Some(q.clone())),
             Weight::Interleaved(w) => {
                 let bytes = std::borrow::Cow::Owned(w.unpack());
-                let storage =
-                    QStorage::from_data(bytes, &candle_core::Device::Cpu, GgmlDType::Q8_0)?;
+                let storage = QStorage::from_data(bytes, &candle_core::Device::Cpu, w.dtype())?;
                 Ok(Some(Arc::new(QTensor::new(storage, w.shape())?)))
             }
             Weight::Dense { .. } => Ok(None),

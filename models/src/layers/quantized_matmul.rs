@@ -438,10 +438,10 @@ mod x86 {
         columns::<F, 2>(w, rb, q, r, c, o)
     }
 
-    /// The sums of one group of [`super::Interleaved`] weights `w` against `rows` rows of
-    /// row-major activation blocks: four rows at a time, each weight run loaded once for them.
+    /// The sums of one group of [`super::Interleaved`] Q8_0 weights `w` against `rows` rows
+    /// of row-major activation blocks: four rows at a time, each weight run loaded once for them.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn interleaved_avx2(
+    pub unsafe fn interleaved_q8_avx2(
         w: &[u8],
         qx: &[QBlock],
         blocks: usize,
@@ -450,20 +450,30 @@ mod x86 {
     ) {
         let mut r0 = 0;
         while rows - r0 >= 4 {
-            interleaved_rows::<4>(w, qx, blocks, r0, tile);
+            interleaved_q8_rows::<4>(w, qx, blocks, r0, tile);
             r0 += 4;
         }
         if rows - r0 >= 2 {
-            interleaved_rows::<2>(w, qx, blocks, r0, tile);
+            interleaved_q8_rows::<2>(w, qx, blocks, r0, tile);
             r0 += 2;
         }
         if rows > r0 {
-            interleaved_rows::<1>(w, qx, blocks, r0, tile);
+            interleaved_q8_rows::<1>(w, qx, blocks, r0, tile);
         }
     }
 
+    /// The activations' 4-byte run `j` of row block `q`, in every 32-bit lane.
     #[inline(always)]
-    unsafe fn interleaved_rows<const R: usize>(
+    unsafe fn broadcast_run(q: *const QBlock, j: usize) -> __m256i {
+        _mm256_set1_epi32(
+            (std::ptr::addr_of!((*q).qx) as *const i32)
+                .add(j)
+                .read_unaligned(),
+        )
+    }
+
+    #[inline(always)]
+    unsafe fn interleaved_q8_rows<const R: usize>(
         w: &[u8],
         qx: &[QBlock],
         blocks: usize,
@@ -484,12 +494,7 @@ mod x86 {
                 let run = _mm256_loadu_si256(block.add(16 + 32 * j) as *const __m256i);
                 let magnitude = _mm256_sign_epi8(run, run);
                 for (i, sum) in sums.iter_mut().enumerate() {
-                    let q = qx.as_ptr().add((r0 + i) * blocks + b);
-                    let x = _mm256_set1_epi32(
-                        (std::ptr::addr_of!((*q).qx) as *const i32)
-                            .add(j)
-                            .read_unaligned(),
-                    );
+                    let x = broadcast_run(qx.as_ptr().add((r0 + i) * blocks + b), j);
                     let pairs = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(x, run));
                     *sum = _mm256_add_epi32(*sum, _mm256_madd_epi16(pairs, ones));
                 }
@@ -498,6 +503,91 @@ mod x86 {
                 let dx = (*qx.as_ptr().add((r0 + i) * blocks + b)).dx;
                 let scale = _mm256_mul_ps(d, _mm256_set1_ps(dx));
                 *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[i]), scale, *a);
+            }
+        }
+        for (i, a) in acc.iter().enumerate() {
+            _mm256_storeu_ps(tile.as_mut_ptr().add((r0 + i) * GROUP), *a);
+        }
+    }
+
+    /// [`interleaved_q8_avx2`] for Q4_0 (`MIN = false`) and Q4_1 (`MIN = true`) weights.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn interleaved_q4_avx2<const MIN: bool>(
+        w: &[u8],
+        qx: &[QBlock],
+        blocks: usize,
+        rows: usize,
+        tile: &mut [f32],
+    ) {
+        let mut r0 = 0;
+        while rows - r0 >= 4 {
+            interleaved_q4_rows::<MIN, 4>(w, qx, blocks, r0, tile);
+            r0 += 4;
+        }
+        if rows - r0 >= 2 {
+            interleaved_q4_rows::<MIN, 2>(w, qx, blocks, r0, tile);
+            r0 += 2;
+        }
+        if rows > r0 {
+            interleaved_q4_rows::<MIN, 1>(w, qx, blocks, r0, tile);
+        }
+    }
+
+    /// Each 4-byte run holds 8 nibble pairs: the low nibbles meet the activations' run `j`
+    /// (elements `4j..`), the high ones their run `4 + j` (elements `16 + 4j..`). The products
+    /// of a block add up in 16-bit lanes, which they cannot overflow: `u ≤ 15` and `|qx| ≤ 127`
+    /// give at most 8·2·15·127 = 30 480 per lane. Q4_0's `u − 8` comes out of the integer sum
+    /// as `8·Σqx`; Q4_1's min adds `m·(dx·Σqx)`.
+    #[inline(always)]
+    unsafe fn interleaved_q4_rows<const MIN: bool, const R: usize>(
+        w: &[u8],
+        qx: &[QBlock],
+        blocks: usize,
+        r0: usize,
+        tile: &mut [f32],
+    ) {
+        use super::{Packing, GROUP};
+        let packing = if MIN { Packing::Q4_1 } else { Packing::Q4_0 };
+        let group_block = GROUP * packing.block_bytes();
+        let header = packing.header();
+        assert!(w.len() >= blocks * group_block && qx.len() >= (r0 + R) * blocks);
+        assert!(tile.len() >= (r0 + R) * GROUP);
+        let ones = _mm256_set1_epi16(1);
+        let low = _mm256_set1_epi8(0x0F);
+        let mut acc = [_mm256_setzero_ps(); R];
+        for b in 0..blocks {
+            let block = w.as_ptr().add(b * group_block);
+            let d = _mm256_cvtph_ps(_mm_loadu_si128(block as *const __m128i));
+            let mut sums = [_mm256_setzero_si256(); R];
+            for j in 0..4 {
+                let run = _mm256_loadu_si256(block.add(header + 32 * j) as *const __m256i);
+                let lo = _mm256_and_si256(run, low);
+                let hi = _mm256_and_si256(_mm256_srli_epi16(run, 4), low);
+                for (i, sum) in sums.iter_mut().enumerate() {
+                    let q = qx.as_ptr().add((r0 + i) * blocks + b);
+                    let pairs = _mm256_add_epi16(
+                        _mm256_maddubs_epi16(lo, broadcast_run(q, j)),
+                        _mm256_maddubs_epi16(hi, broadcast_run(q, 4 + j)),
+                    );
+                    *sum = _mm256_add_epi16(*sum, pairs);
+                }
+            }
+            let m = if MIN {
+                _mm256_cvtph_ps(_mm_loadu_si128(block.add(16) as *const __m128i))
+            } else {
+                _mm256_setzero_ps()
+            };
+            for (i, a) in acc.iter_mut().enumerate() {
+                let q = &*qx.as_ptr().add((r0 + i) * blocks + b);
+                let mut isum = _mm256_madd_epi16(sums[i], ones);
+                if !MIN {
+                    isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(8 * q.sum));
+                }
+                let scale = _mm256_mul_ps(d, _mm256_set1_ps(q.dx));
+                *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), scale, *a);
+                if MIN {
+                    *a = _mm256_fmadd_ps(m, _mm256_set1_ps(q.s), *a);
+                }
             }
         }
         for (i, a) in acc.iter().enumerate() {
@@ -601,69 +691,136 @@ pub fn matmul(
     true
 }
 
-/// Columns of a group of [`Interleaved`] Q8_0 weights.
+/// Columns of a group of [`Interleaved`] weights.
 pub const GROUP: usize = 8;
 
-/// Q8_0 weights `[n, k]` repacked for decoding, as ggml repacks its weights for the CPU: the
-/// columns (weight rows) in groups of [`GROUP`] (the last one padded), each group's blocks in
-/// turn, and in each group block the 8 columns' f16 scales, then the 32 quants of every
-/// column in runs of 4 interleaved column by column (run `j` of column `c` at `16 + 32·j +
-/// 4·c`). One broadcast 4-byte run of the activations meets all 8 columns in one register,
-/// the 8 scales convert in one instruction, and a row's 8 sums need no horizontal reduction:
-/// about half the instructions per weight block of the row-major kernel, which is bound by
-/// its arithmetic, not by memory. The checkpoint's bytes in another order ([`Self::unpack`]).
+/// The types [`Interleaved`] repacks, and where their parts lie.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Packing {
+    Q4_0,
+    Q4_1,
+    Q8_0,
+}
+
+impl Packing {
+    pub fn of(dtype: GgmlDType) -> Option<Self> {
+        match dtype {
+            GgmlDType::Q4_0 => Some(Self::Q4_0),
+            GgmlDType::Q4_1 => Some(Self::Q4_1),
+            GgmlDType::Q8_0 => Some(Self::Q8_0),
+            _ => None,
+        }
+    }
+
+    pub fn dtype(self) -> GgmlDType {
+        match self {
+            Self::Q4_0 => GgmlDType::Q4_0,
+            Self::Q4_1 => GgmlDType::Q4_1,
+            Self::Q8_0 => GgmlDType::Q8_0,
+        }
+    }
+
+    /// Bytes of one checkpoint block.
+    const fn block_bytes(self) -> usize {
+        match self {
+            Self::Q4_0 => Q4_0::BYTES,
+            Self::Q4_1 => Q4_1::BYTES,
+            Self::Q8_0 => Q8_0::BYTES,
+        }
+    }
+
+    /// Where a checkpoint block's quants start: after its f16 scale, and min for Q4_1.
+    const fn quants_at(self) -> usize {
+        match self {
+            Self::Q4_1 => 4,
+            _ => 2,
+        }
+    }
+
+    /// Bytes of a group block before its quants: 8 scales, and 8 mins for Q4_1.
+    const fn header(self) -> usize {
+        self.quants_at() * GROUP
+    }
+}
+
+/// Q8_0, Q4_0 or Q4_1 weights `[n, k]` repacked for decoding, as ggml repacks its weights for
+/// the CPU: the columns (weight rows) in groups of [`GROUP`] (the last one padded), each
+/// group's blocks in turn, and in each group block the 8 columns' f16 scales (then their 8
+/// f16 mins for Q4_1), then the quant bytes of every column in runs of 4 interleaved column by
+/// column (run `j` of column `c` at `header + 32·j + 4·c`: 8 runs of Q8_0's bytes, 4 of the
+/// 4-bit types' nibble pairs, whose low nibbles are elements `4j..` and high ones `16 + 4j..`).
+/// One broadcast 4-byte run of the activations meets all 8 columns in one register, the 8
+/// scales convert in one instruction, and a row's 8 sums need no horizontal reduction: about
+/// half the instructions per weight block of the row-major kernel, which is bound by its
+/// arithmetic, not by memory. The checkpoint's bytes in another order ([`Self::unpack`]).
 ///
-/// Each output is `Σ_b (d·dx)·Σ(w·qx)` over the blocks in order, the integer sums exact, so a
-/// row has the same bits in any tile and any call, and a column the same bits in any group.
+/// Each output is a sum over the blocks in order of `(d·dx)·Σ(u·qx)` with the integer sums
+/// exact (Q4_0's `u − 8` folded into them), plus `m·(dx·Σqx)` for Q4_1, so a row has the same
+/// bits in any tile and any call, and a column the same bits in any group.
 #[derive(Debug, Clone)]
 pub struct Interleaved {
     bytes: Vec<u8>,
+    packing: Packing,
     n: usize,
     k: usize,
 }
 
 impl Interleaved {
-    /// Repacks the bytes of a Q8_0 `[n, k]` weight; `None` unless `k` is a multiple of
-    /// [`BLOCK`] and this CPU has the interleaved kernel.
-    pub fn pack(weight: &[u8], n: usize, k: usize) -> Option<Self> {
+    /// Repacks the bytes of a Q8_0, Q4_0 or Q4_1 `[n, k]` weight; `None` for another type,
+    /// unless `k` is a multiple of [`BLOCK`], or where this CPU lacks the interleaved kernel.
+    pub fn pack(weight: &[u8], dtype: GgmlDType, n: usize, k: usize) -> Option<Self> {
+        let packing = Packing::of(dtype)?;
         if n == 0 || !k.is_multiple_of(BLOCK) || !interleaved_cpu() {
             return None;
         }
-        let row_bytes = k / BLOCK * Q8_0::BYTES;
+        let bytes = packing.block_bytes();
+        let row_bytes = k / BLOCK * bytes;
         if weight.len() != n * row_bytes {
             return None;
         }
-        let mut bytes = vec![0u8; n.div_ceil(GROUP) * GROUP * row_bytes];
-        for (g, group) in bytes.chunks_exact_mut(GROUP * row_bytes).enumerate() {
-            for (b, out) in group.chunks_exact_mut(GROUP * Q8_0::BYTES).enumerate() {
-                // Padding columns keep zero scales and quants.
+        let (at, header) = (packing.quants_at(), packing.header());
+        let mut out = vec![0u8; n.div_ceil(GROUP) * GROUP * row_bytes];
+        for (g, group) in out.chunks_exact_mut(GROUP * row_bytes).enumerate() {
+            for (b, packed) in group.chunks_exact_mut(GROUP * bytes).enumerate() {
+                // Padding columns keep zero scales, mins and quants.
                 for c in 0..GROUP.min(n - g * GROUP) {
-                    let src = (g * GROUP + c) * row_bytes + b * Q8_0::BYTES;
-                    let block = &weight[src..src + Q8_0::BYTES];
-                    out[2 * c..2 * c + 2].copy_from_slice(&block[..2]);
-                    for j in 0..BLOCK / 4 {
-                        let at = 2 * GROUP + 4 * (GROUP * j + c);
-                        out[at..at + 4].copy_from_slice(&block[2 + 4 * j..6 + 4 * j]);
+                    let src = (g * GROUP + c) * row_bytes + b * bytes;
+                    let block = &weight[src..src + bytes];
+                    for h in 0..at / 2 {
+                        packed[2 * (GROUP * h + c)..][..2].copy_from_slice(&block[2 * h..][..2]);
+                    }
+                    for j in 0..(bytes - at) / 4 {
+                        packed[header + 4 * (GROUP * j + c)..][..4]
+                            .copy_from_slice(&block[at + 4 * j..][..4]);
                     }
                 }
             }
         }
-        Some(Self { bytes, n, k })
+        Some(Self {
+            bytes: out,
+            packing,
+            n,
+            k,
+        })
     }
 
-    /// The checkpoint's row-major Q8_0 bytes again.
+    /// The checkpoint's row-major bytes again.
     pub fn unpack(&self) -> Vec<u8> {
-        let row_bytes = self.k / BLOCK * Q8_0::BYTES;
+        let bytes = self.packing.block_bytes();
+        let (at, header) = (self.packing.quants_at(), self.packing.header());
+        let row_bytes = self.k / BLOCK * bytes;
         let mut weight = vec![0u8; self.n * row_bytes];
         for (g, group) in self.bytes.chunks_exact(GROUP * row_bytes).enumerate() {
-            for (b, packed) in group.chunks_exact(GROUP * Q8_0::BYTES).enumerate() {
+            for (b, packed) in group.chunks_exact(GROUP * bytes).enumerate() {
                 for c in 0..GROUP.min(self.n - g * GROUP) {
-                    let dst = (g * GROUP + c) * row_bytes + b * Q8_0::BYTES;
-                    let block = &mut weight[dst..dst + Q8_0::BYTES];
-                    block[..2].copy_from_slice(&packed[2 * c..2 * c + 2]);
-                    for j in 0..BLOCK / 4 {
-                        let at = 2 * GROUP + 4 * (GROUP * j + c);
-                        block[2 + 4 * j..6 + 4 * j].copy_from_slice(&packed[at..at + 4]);
+                    let dst = (g * GROUP + c) * row_bytes + b * bytes;
+                    let block = &mut weight[dst..dst + bytes];
+                    for h in 0..at / 2 {
+                        block[2 * h..][..2].copy_from_slice(&packed[2 * (GROUP * h + c)..][..2]);
+                    }
+                    for j in 0..(bytes - at) / 4 {
+                        block[at + 4 * j..][..4]
+                            .copy_from_slice(&packed[header + 4 * (GROUP * j + c)..][..4]);
                     }
                 }
             }
@@ -676,9 +833,9 @@ impl Interleaved {
         if n == 0 || n > self.n {
             return None;
         }
-        let group_bytes = self.k / BLOCK * Q8_0::BYTES * GROUP;
         Some(Self {
-            bytes: self.bytes[..n.div_ceil(GROUP) * group_bytes].to_vec(),
+            bytes: self.bytes[..n.div_ceil(GROUP) * self.group_bytes()].to_vec(),
+            packing: self.packing,
             n,
             k: self.k,
         })
@@ -689,13 +846,22 @@ impl Interleaved {
         (self.n, self.k)
     }
 
+    /// The checkpoint's type.
+    pub fn dtype(&self) -> GgmlDType {
+        self.packing.dtype()
+    }
+
+    fn group_bytes(&self) -> usize {
+        self.k / BLOCK * GROUP * self.packing.block_bytes()
+    }
+
     /// `out[m, n] = x[m, k] · Wᵀ`.
     pub fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) {
         let (n, k) = (self.n, self.k);
         assert_eq!(x.len(), m * k);
         assert_eq!(out.len(), m * n);
         let blocks = k / BLOCK;
-        let group_bytes = blocks * GROUP * Q8_0::BYTES;
+        let group_bytes = self.group_bytes();
         let groups = n.div_ceil(GROUP);
         for r0 in (0..m).step_by(ROWS) {
             let rows = (m - r0).min(ROWS);
@@ -713,7 +879,7 @@ impl Interleaved {
                     for (i, tile) in chunk.chunks_exact_mut(GROUP * rows).enumerate() {
                         let g = g0 + i;
                         let w = &self.bytes[g * group_bytes..(g + 1) * group_bytes];
-                        interleaved_group(w, &qx, blocks, rows, tile);
+                        interleaved_group(self.packing, w, &qx, blocks, rows, tile);
                     }
                 });
             for (g, tile) in sums.chunks_exact(GROUP * rows).enumerate() {
@@ -739,15 +905,28 @@ fn interleaved_cpu() -> bool {
 }
 
 /// One group's `rows × 8` sums, row by row, into `tile`.
-fn interleaved_group(w: &[u8], qx: &[QBlock], blocks: usize, rows: usize, tile: &mut [f32]) {
+fn interleaved_group(
+    packing: Packing,
+    w: &[u8],
+    qx: &[QBlock],
+    blocks: usize,
+    rows: usize,
+    tile: &mut [f32],
+) {
     #[cfg(target_arch = "x86_64")]
     {
         // SAFETY: `Interleaved::pack` made these weights only where `best` found AVX2, FMA and F16C.
-        unsafe { x86::interleaved_avx2(w, qx, blocks, rows, tile) }
+        unsafe {
+            match packing {
+                Packing::Q8_0 => x86::interleaved_q8_avx2(w, qx, blocks, rows, tile),
+                Packing::Q4_0 => x86::interleaved_q4_avx2::<false>(w, qx, blocks, rows, tile),
+                Packing::Q4_1 => x86::interleaved_q4_avx2::<true>(w, qx, blocks, rows, tile),
+            }
+        }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (w, qx, blocks, rows, tile);
+        let _ = (packing, w, qx, blocks, rows, tile);
         unreachable!("interleaved weights are packed on x86-64 only")
     }
 }
@@ -827,60 +1006,70 @@ mod tests {
         check::<Q8_0>(&weight(34), n, blocks, &qx, rows);
     }
 
-    /// Interleaved Q8_0 weights: the layout round-trips (a padded last group included), the
-    /// products agree with the plain arithmetic of the row-major bytes, every row has the bits
-    /// it has alone (1 to 67 rows, across the 64-row tiles), and a prefix of the columns has
-    /// the bits of the whole.
+    /// Interleaved Q8_0, Q4_0 and Q4_1 weights: the layout round-trips (a padded last group
+    /// included), the products agree with the plain arithmetic of the row-major bytes, every
+    /// row has the bits it has alone (1 to 67 rows, across the 64-row tiles), and a prefix of
+    /// the columns has the bits of the whole.
     #[test]
     fn interleaved_weights_round_trip_and_keep_every_rows_bits() {
         if !interleaved_cpu() {
             return;
         }
-        let (n, k) = (21usize, 96usize);
-        let blocks = k / BLOCK;
-        let mut seed = 11u32;
-        let mut next = || {
-            seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12345);
-            (seed >> 16) as u8
-        };
-        let mut weight: Vec<u8> = (0..n * blocks * Q8_0::BYTES).map(|_| next()).collect();
-        for (i, block) in weight.chunks_mut(Q8_0::BYTES).enumerate() {
-            // Finite f16 scales between 0.5 and 1.
-            block[..2].copy_from_slice(&(0x3800u16 + (i as u16 % 1024)).to_le_bytes());
-        }
-        let packed = Interleaved::pack(&weight, n, k).unwrap();
-        assert_eq!(packed.unpack(), weight);
-        let prefix = packed.first_rows(13).unwrap();
-        assert_eq!(prefix.unpack(), weight[..13 * blocks * Q8_0::BYTES]);
-        let m = 67;
-        let x: Vec<f32> = (0..m * k).map(|_| f32::from(next()) / 64.0 - 2.0).collect();
-        let mut all = vec![0f32; m * n];
-        packed.matmul(&x, m, &mut all);
-        let mut first = vec![0f32; m * 13];
-        prefix.matmul(&x, m, &mut first);
-        for r in 0..m {
-            let row = &x[r * k..(r + 1) * k];
-            let mut alone = vec![0f32; n];
-            packed.matmul(row, 1, &mut alone);
-            let got = &all[r * n..(r + 1) * n];
-            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(got), bits(&alone), "row {r} of {m}");
-            assert_eq!(
-                bits(&first[r * 13..(r + 1) * 13]),
-                bits(&got[..13]),
-                "row {r}"
-            );
-            let qx: Vec<QBlock> = row.chunks_exact(BLOCK).map(quantize_block).collect();
-            let mut want = vec![0f32; n];
-            columns_scalar::<Q8_0>(&weight, blocks * Q8_0::BYTES, &qx, 1, 0, &mut want);
-            for (a, b) in got.iter().zip(&want) {
-                assert!(
-                    (a - b).abs() <= 1e-4 * b.abs().max(1.0),
-                    "row {r}: {a} vs {b}"
-                );
+        fn check<F: Format>(dtype: GgmlDType) {
+            let (n, k) = (21usize, 96usize);
+            let blocks = k / BLOCK;
+            let mut seed = 11u32;
+            let mut next = || {
+                seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12345);
+                (seed >> 16) as u8
+            };
+            let mut weight: Vec<u8> = (0..n * blocks * F::BYTES).map(|_| next()).collect();
+            for (i, block) in weight.chunks_mut(F::BYTES).enumerate() {
+                // Finite f16 scales between 0.5 and 1, and mins between -1 and -0.5.
+                block[..2].copy_from_slice(&(0x3800u16 + (i as u16 % 1024)).to_le_bytes());
+                if F::has_min() {
+                    block[2..4].copy_from_slice(&(0xB800u16 + (i as u16 % 997)).to_le_bytes());
+                }
             }
+            let packed = Interleaved::pack(&weight, dtype, n, k).unwrap();
+            assert_eq!(packed.dtype(), dtype);
+            assert_eq!(packed.unpack(), weight, "{dtype:?}");
+            let prefix = packed.first_rows(13).unwrap();
+            assert_eq!(prefix.unpack(), weight[..13 * blocks * F::BYTES]);
+            let m = 67;
+            let x: Vec<f32> = (0..m * k).map(|_| f32::from(next()) / 64.0 - 2.0).collect();
+            let mut all = vec![0f32; m * n];
+            packed.matmul(&x, m, &mut all);
+            let mut first = vec![0f32; m * 13];
+            prefix.matmul(&x, m, &mut first);
+            for r in 0..m {
+                let row = &x[r * k..(r + 1) * k];
+                let mut alone = vec![0f32; n];
+                packed.matmul(row, 1, &mut alone);
+                let got = &all[r * n..(r + 1) * n];
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(got), bits(&alone), "{dtype:?} row {r} of {m}");
+                assert_eq!(
+                    bits(&first[r * 13..(r + 1) * 13]),
+                    bits(&got[..13]),
+                    "{dtype:?} row {r}"
+                );
+                let qx: Vec<QBlock> = row.chunks_exact(BLOCK).map(quantize_block).collect();
+                let mut want = vec![0f32; n];
+                columns_scalar::<F>(&weight, blocks * F::BYTES, &qx, 1, 0, &mut want);
+                for (a, b) in got.iter().zip(&want) {
+                    assert!(
+                        (a - b).abs() <= 1e-4 * b.abs().max(1.0),
+                        "{dtype:?} row {r}: {a} vs {b}"
+                    );
+                }
+            }
+            assert!(Interleaved::pack(&weight, dtype, n, k + 1).is_none());
+            assert!(Interleaved::pack(&weight[1..], dtype, n, k).is_none());
         }
-        assert!(Interleaved::pack(&weight, n, k + 1).is_none());
-        assert!(Interleaved::pack(&weight[1..], n, k).is_none());
+        check::<Q8_0>(GgmlDType::Q8_0);
+        check::<Q4_0>(GgmlDType::Q4_0);
+        check::<Q4_1>(GgmlDType::Q4_1);
+        assert!(Interleaved::pack(&[0; 22], GgmlDType::Q5_0, 1, 32).is_none());
     }
 }
