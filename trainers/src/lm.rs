@@ -470,6 +470,8 @@ impl Corpus {
 /// dropped), visited in a seeded order per epoch.
 pub struct PackedSequences {
     sequences: Vec<Vec<u32>>,
+    /// Which tokens are scored as targets, per sequence (a chat's replies); `None`: all.
+    scored: Option<Vec<Vec<bool>>>,
     seed: u64,
 }
 
@@ -485,7 +487,27 @@ impl PackedSequences {
                 tokens.len()
             )));
         }
-        Ok(Self { sequences, seed })
+        Ok(Self {
+            sequences,
+            scored: None,
+            seed,
+        })
+    }
+
+    /// [`Self::new`] with `scored[i]` saying whether `tokens[i]` is a target, cut alike: a chat
+    /// scores its replies and not the prompts and the template around them, as FasterDecoding's
+    /// Medusa training masks every turn but the assistant's.
+    pub fn with_scored(tokens: &[u32], scored: &[bool], seq_len: usize, seed: u64) -> Result<Self> {
+        if scored.len() != tokens.len() {
+            return Err(Error::Input(format!(
+                "{} target flags for {} tokens",
+                scored.len(),
+                tokens.len()
+            )));
+        }
+        let mut packed = Self::new(tokens, seq_len, seed)?;
+        packed.scored = Some(scored.chunks_exact(seq_len).map(<[bool]>::to_vec).collect());
+        Ok(packed)
     }
 
     /// Sequences made elsewhere (self-distillation's generations), all of one length.
@@ -496,7 +518,11 @@ impl PackedSequences {
                 "packed sequences must be non-empty, of one length of at least 2 tokens".into(),
             ));
         }
-        Ok(Self { sequences, seed })
+        Ok(Self {
+            sequences,
+            scored: None,
+            seed,
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -509,6 +535,21 @@ impl PackedSequences {
 
     pub fn sequences(&self) -> &[Vec<u32>] {
         &self.sequences
+    }
+
+    /// Which tokens of each sequence are targets, where not all are.
+    pub fn scored(&self) -> Option<&[Vec<bool>]> {
+        self.scored.as_deref()
+    }
+
+    /// The first `n` sequences (all where fewer), with their target flags.
+    pub fn first(&self, n: usize) -> Self {
+        let n = n.min(self.len());
+        Self {
+            sequences: self.sequences[..n].to_vec(),
+            scored: self.scored.as_ref().map(|s| s[..n].to_vec()),
+            seed: self.seed,
+        }
     }
 
     /// The order of epoch `epoch`.
@@ -525,6 +566,31 @@ impl PackedSequences {
         batch: usize,
         device: &Device,
     ) -> Result<(Tensor, DataPosition)> {
+        let (rows, pos) = self.rows(position, batch);
+        let ids: Vec<Vec<u32>> = rows.iter().map(|&r| self.sequences[r].clone()).collect();
+        Ok((Tensor::new(ids, device)?, pos))
+    }
+
+    /// [`Self::batch`] with its target weights `[B, L]` (f32, 1 for a target and 0 elsewhere)
+    /// where not every token is one.
+    pub fn batch_scored(
+        &self,
+        position: DataPosition,
+        batch: usize,
+        device: &Device,
+    ) -> Result<(Tensor, Option<Tensor>, DataPosition)> {
+        let (rows, pos) = self.rows(position, batch);
+        let ids: Vec<Vec<u32>> = rows.iter().map(|&r| self.sequences[r].clone()).collect();
+        let weights = self
+            .scored
+            .as_ref()
+            .map(|scored| target_weights(rows.iter().map(|&r| &scored[r][..]), device))
+            .transpose()?;
+        Ok((Tensor::new(ids, device)?, weights, pos))
+    }
+
+    /// The sequences `batch` rows from `position` on take, and the position after them.
+    fn rows(&self, position: DataPosition, batch: usize) -> (Vec<usize>, DataPosition) {
         let mut pos = position;
         let mut order = self.order(pos.epoch);
         let mut rows = Vec::with_capacity(batch);
@@ -534,12 +600,20 @@ impl PackedSequences {
                 pos.records = 0;
                 order = self.order(pos.epoch);
             }
-            rows.push(self.sequences[order[pos.records as usize]].clone());
+            rows.push(order[pos.records as usize]);
             pos.records += 1;
             pos.samples += 1;
         }
-        Ok((Tensor::new(rows, device)?, pos))
+        (rows, pos)
     }
+}
+
+/// Target flags of equal-length rows as f32 weights `[B, L]`.
+fn target_weights<'a>(rows: impl Iterator<Item = &'a [bool]>, device: &Device) -> Result<Tensor> {
+    let rows: Vec<Vec<f32>> = rows
+        .map(|r| r.iter().map(|&t| f32::from(u8::from(t))).collect())
+        .collect();
+    Ok(Tensor::new(rows, device)?)
 }
 
 /// Perplexity `exp(mean next-token cross-entropy)` of `model` over `sequences`, in batches.

@@ -11,6 +11,20 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     picked.mean_all()?.neg()
 }
 
+/// Cross-entropy of `logits` `[N, C]` against `targets` `[N]` (u32), weighted per row by
+/// `weights` `[N]` (f32) and divided by their sum: rows of weight 0 are not targets. A batch
+/// without any target has loss 0.
+pub fn weighted_cross_entropy(
+    logits: &Tensor,
+    targets: &Tensor,
+    weights: &Tensor,
+) -> Result<Tensor> {
+    let logp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+    let picked = logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?;
+    let total = weights.sum_all()?.to_scalar::<f32>()?.max(1.0);
+    ((picked * weights)?.sum_all()? / f64::from(total))?.neg()
+}
+
 /// Numerically stable `log σ(x) = min(x, 0) − log(1 + e^{−|x|})`. Candle's
 /// `binary_cross_entropy_with_logit` takes `log(sigmoid(x))`, which is −∞ for large negative x.
 pub fn log_sigmoid(x: &Tensor) -> Result<Tensor> {

@@ -37,7 +37,7 @@ use crate::checkpoint;
 use crate::data::DataPosition;
 use crate::error::{Error, Result};
 use crate::lm::{next_token_loss, Corpus, PackedSequences, TrainableLlama};
-use crate::loss::cross_entropy;
+use crate::loss::{cross_entropy, weighted_cross_entropy};
 use crate::optim::AdamWConfig;
 use crate::train::{initial_state, run_task, Task, TrainConfig, TrainState};
 
@@ -146,12 +146,14 @@ impl TrainableMedusa {
     }
 
     /// Each head's mean cross-entropy on `ids` `[B, L]`: head `k` at position `t` against token
-    /// `t + k + 1`, from the backbone's `hidden` `[B, L, D]`.
+    /// `t + k + 1`, from the backbone's `hidden` `[B, L, D]`. With `weights` `[B, L]` (f32) only
+    /// the targets of weight 1 count (a chat's replies), each head's mean taken over them.
     pub fn head_losses(
         &self,
         backbone: &LlamaForCausalLM,
         hidden: &Tensor,
         ids: &Tensor,
+        weights: Option<&Tensor>,
     ) -> Result<Vec<Tensor>> {
         let l = ids.dim(1)?;
         let mut losses = Vec::new();
@@ -166,26 +168,34 @@ impl TrainableMedusa {
             let h = hidden.narrow(1, 0, n)?;
             let logits = head.forward(&h, backbone.lm_head())?;
             let (b, _, v) = logits.dims3()?;
+            let logits = logits.reshape((b * n, v))?.to_dtype(DType::F32)?;
             let targets = ids
                 .narrow(1, k + 1, n)?
                 .flatten_all()?
                 .to_dtype(DType::U32)?;
-            losses.push(cross_entropy(
-                &logits.reshape((b * n, v))?.to_dtype(DType::F32)?,
-                &targets,
-            )?);
+            losses.push(match weights {
+                Some(w) => weighted_cross_entropy(
+                    &logits,
+                    &targets,
+                    &w.narrow(1, k + 1, n)?.flatten_all()?,
+                )?,
+                None => cross_entropy(&logits, &targets)?,
+            });
         }
         Ok(losses)
     }
 
     /// Each head's hits per rank below [`TOPK`] and the positions scored, on `ids` `[B, L]`
     /// with the backbone's final `hidden` states: head `k` (1-based) at position `t` is right
-    /// at rank `r` when its `r`-th likeliest token is `ids[t + k + 1]`.
+    /// at rank `r` when its `r`-th likeliest token is `ids[t + k + 1]`. With `scored` (one flag
+    /// per token of `ids`) only the targets flagged count: a chat's replies, where decoding
+    /// drafts, and not the template and prompt, which would flatter the heads.
     pub fn rank_hits(
         &self,
         backbone: &LlamaForCausalLM,
         hidden: &Tensor,
         ids: &Tensor,
+        scored: Option<&[Vec<bool>]>,
     ) -> Result<Vec<(Vec<usize>, usize)>> {
         let l = ids.dim(1)?;
         let mut out = Vec::new();
@@ -209,13 +219,29 @@ impl TrainableMedusa {
                 .to_dtype(DType::U32)?
                 .sum(1)?
                 .to_vec1::<u32>()?;
+            let counted: Vec<bool> = match scored {
+                Some(rows) => rows
+                    .iter()
+                    .flat_map(|row| row[k + 1..k + 1 + n].iter().copied())
+                    .collect(),
+                None => vec![true; ranks.len()],
+            };
+            if counted.len() != ranks.len() {
+                return Err(Error::Input(format!(
+                    "{} target flags for {} positions",
+                    counted.len(),
+                    ranks.len()
+                )));
+            }
             let mut hits = vec![0usize; TOPK];
-            for r in ranks {
+            let mut positions = 0;
+            for (r, _) in ranks.into_iter().zip(counted).filter(|(_, c)| *c) {
+                positions += 1;
                 if let Some(h) = hits.get_mut(r as usize) {
                     *h += 1;
                 }
             }
-            out.push((hits, b * n));
+            out.push((hits, positions));
         }
         Ok(out)
     }
@@ -336,7 +362,7 @@ pub struct MedusaTask {
     sums: (Vec<f64>, f64, usize),
     last: Vec<(String, f64)>,
     /// Sequences the heads' accuracy is measured on at every save, and what they are.
-    accuracy_data: (Vec<Vec<u32>>, &'static str),
+    accuracy_data: (PackedSequences, &'static str),
 }
 
 impl MedusaTask {
@@ -344,7 +370,10 @@ impl MedusaTask {
     fn accuracy(&self) -> Result<HeadAccuracy> {
         let (data, kind) = &self.accuracy_data;
         let mut totals: Vec<(Vec<usize>, usize)> = Vec::new();
-        for chunk in data.chunks(ACCURACY_BATCH) {
+        for (c, chunk) in data.sequences().chunks(ACCURACY_BATCH).enumerate() {
+            let scored = data
+                .scored()
+                .map(|s| &s[c * ACCURACY_BATCH..c * ACCURACY_BATCH + chunk.len()]);
             let ids = Tensor::new(chunk.to_vec(), &self.device)?;
             let hidden = self
                 .backbone
@@ -357,7 +386,9 @@ impl MedusaTask {
                     &mut KvCache::new(),
                 )?
                 .detach();
-            let hits = self.heads.rank_hits(self.backbone.model(), &hidden, &ids)?;
+            let hits = self
+                .heads
+                .rank_hits(self.backbone.model(), &hidden, &ids, scored)?;
             totals.resize(hits.len(), (vec![0; TOPK], 0));
             for (t, (h, n)) in totals.iter_mut().zip(hits) {
                 t.0.iter_mut().zip(&h).for_each(|(a, b)| *a += b);
@@ -381,25 +412,26 @@ impl MedusaTask {
 }
 
 impl Task for MedusaTask {
-    type Batch = Tensor;
+    /// Token ids `[B, L]` and, for a chat, the weights of the reply tokens `[B, L]`.
+    type Batch = (Tensor, Option<Tensor>);
 
-    fn next_batch(&mut self) -> Result<Tensor> {
-        let (ids, pos) = self
-            .data
-            .batch(self.position, self.batch_size, &self.device)?;
+    fn next_batch(&mut self) -> Result<Self::Batch> {
+        let (ids, weights, pos) =
+            self.data
+                .batch_scored(self.position, self.batch_size, &self.device)?;
         self.position = pos;
-        Ok(ids)
+        Ok((ids, weights))
     }
 
     fn data_position(&self) -> DataPosition {
         self.position
     }
 
-    fn batch_size(&self, batch: &Tensor) -> usize {
-        batch.dim(0).unwrap_or(0)
+    fn batch_size(&self, batch: &Self::Batch) -> usize {
+        batch.0.dim(0).unwrap_or(0)
     }
 
-    fn loss(&mut self, batch: &Tensor) -> Result<Tensor> {
+    fn loss(&mut self, (batch, weights): &Self::Batch) -> Result<Tensor> {
         let joint = self.joint_now();
         let out = self.backbone.model().forward(batch, &mut KvCache::new())?;
         let hidden = if joint.is_some() {
@@ -407,9 +439,9 @@ impl Task for MedusaTask {
         } else {
             out.hidden.detach()
         };
-        let losses = self
-            .heads
-            .head_losses(self.backbone.model(), &hidden, batch)?;
+        let losses =
+            self.heads
+                .head_losses(self.backbone.model(), &hidden, batch, weights.as_ref())?;
         self.sums.0.resize(losses.len(), 0.0);
         let mut heads: Option<Tensor> = None;
         for (i, loss) in losses.iter().enumerate() {
@@ -551,8 +583,9 @@ pub fn self_distill(
 /// assistant turns: every prompt is one user turn, rendered by the backbone's chat template
 /// (HF's `apply_chat_template(add_generation_prompt=True)`), and the backbone writes the reply,
 /// until eos or `seq_len` tokens in all. Prompts of one rendered length are generated together,
-/// 16 at a time. The conversations, each ending in eos, are packed into sequences of `seq_len`;
-/// their texts (without the final eos, which the corpus reader adds back) are returned too.
+/// 16 at a time. The conversations, each ending in eos, are packed into sequences of `seq_len`,
+/// with the replies flagged as the targets; their texts (without the final eos, which the
+/// corpus reader adds back) are returned too.
 pub fn distill_chat(
     model: &LlamaForCausalLM,
     tokenizer: &zoo_datasets::tokenize::TextTokenizer,
@@ -622,13 +655,20 @@ pub fn distill_chat(
         }
     }
     let mut tokens = Vec::new();
+    let mut scored = Vec::new();
     let mut texts = Vec::with_capacity(rendered.len());
     for (prompt, reply) in rendered.iter().zip(&replies) {
         let mut conversation = prompt.clone();
         conversation.extend(reply);
-        if conversation.last().is_some_and(|t| stops.contains(t)) {
+        // The eos closing the conversation is the reply's where the model wrote it, and the
+        // packing's (not a target) where the reply ran out of room.
+        let ended = conversation.last().is_some_and(|t| stops.contains(t));
+        if ended {
             conversation.pop();
         }
+        scored.extend(std::iter::repeat_n(false, prompt.len()));
+        scored.extend(std::iter::repeat_n(true, conversation.len() - prompt.len()));
+        scored.push(ended);
         texts.push(
             tokenizer
                 .inner()
@@ -638,7 +678,10 @@ pub fn distill_chat(
         tokens.extend(conversation);
         tokens.push(eos);
     }
-    Ok((PackedSequences::new(&tokens, seq_len, seed)?, texts))
+    Ok((
+        PackedSequences::with_scored(&tokens, &scored, seq_len, seed)?,
+        texts,
+    ))
 }
 
 /// Sampling at the self-distillation temperature, or greedy at 0.
@@ -810,7 +853,7 @@ pub fn run(
     if let Backbone::Joint(b) = &backbone {
         vars.extend(b.trainable_vars(false));
     }
-    let first = |d: &PackedSequences| d.sequences()[..d.len().min(ACCURACY_SEQUENCES)].to_vec();
+    let first = |d: &PackedSequences| d.first(ACCURACY_SEQUENCES);
     // Under chat self-distillation the held-out prompts get the backbone's replies too.
     let accuracy_data = match (val_files, &config.self_distill) {
         (Some(files), Some(settings)) if settings.chat => {

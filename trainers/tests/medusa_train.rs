@@ -344,6 +344,7 @@ fn chat_self_distillation_packs_each_rendered_prompt_and_the_backbones_own_reply
         medusa::distill_chat(&model, &tokenizer, &prompts, &settings, seq_len, 0).unwrap();
     let eos = model.config.eos_token_ids();
     let mut want = Vec::new();
+    let mut targets = Vec::new();
     for (ids, text) in rendered.iter().zip(&texts) {
         let mut step = LlamaStep {
             model: &model,
@@ -358,15 +359,23 @@ fn chat_self_distillation_packs_each_rendered_prompt_and_the_backbones_own_reply
         let mut alone = generate(&mut step, vec![ids.clone()], &cfg)
             .unwrap()
             .remove(0);
-        if let Some(p) = alone[ids.len()..].iter().position(|t| eos.contains(t)) {
+        let ended = alone[ids.len()..].iter().position(|t| eos.contains(t));
+        if let Some(p) = ended {
             alone.truncate(ids.len() + p);
         }
         assert_eq!(*text, tokenizer.inner().decode(&alone, false).unwrap());
+        // The replies are the targets, with the eos the model wrote; the prompts are not.
+        targets.extend(std::iter::repeat_n(false, ids.len()));
+        targets.extend(std::iter::repeat_n(true, alone.len() - ids.len()));
+        targets.push(ended.is_some());
         want.extend(alone);
         want.push(eos[0]);
     }
     let packed: Vec<u32> = data.sequences().concat();
     assert_eq!(packed.len(), want.len() / seq_len * seq_len);
+    assert_eq!(packed, want[..packed.len()]);
+    assert_eq!(data.scored().unwrap().concat(), targets[..packed.len()]);
+    assert!(targets[..packed.len()].contains(&true) && targets.contains(&false));
     // Packed in order (the sequences' visiting order is shuffled, their contents are not).
     let mut sequences = data.sequences().to_vec();
     sequences.sort();

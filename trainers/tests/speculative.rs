@@ -294,7 +294,7 @@ fn every_head_parameter_receives_a_gradient_and_heads_start_as_the_next_token_pr
     assert!(d.to_scalar::<f32>().unwrap() < 1e-5);
 
     let losses = heads
-        .head_losses(&model, &out.hidden.detach(), &ids)
+        .head_losses(&model, &out.hidden.detach(), &ids, None)
         .unwrap();
     let total = losses
         .iter()
@@ -305,6 +305,87 @@ fn every_head_parameter_receives_a_gradient_and_heads_start_as_the_next_token_pr
     assert_eq!(vars.len(), 3 * (2 * 2 + 1));
     let missing = without_gradient(&vars, &grads).unwrap();
     assert!(missing.is_empty(), "no gradient reached {missing:?}");
+}
+
+#[test]
+fn reply_weights_restrict_the_heads_losses_and_hits_to_the_flagged_targets() {
+    let repo = ModelRepo::open(
+        &PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/llama-tiny")
+            .to_string_lossy(),
+    )
+    .unwrap();
+    let model = LlamaForCausalLM::load(&repo, None, &Device::Cpu).unwrap();
+    let heads = medusa::TrainableMedusa::new(
+        zoo_models::llm::medusa::MedusaConfig {
+            medusa_num_heads: 2,
+            medusa_num_layers: 1,
+        },
+        &model,
+        "llama-tiny",
+        false,
+    )
+    .unwrap();
+    let ids = candle_core::Tensor::new(
+        &[
+            [5u32, 17, 42, 9, 100, 3, 77, 8],
+            [6, 18, 43, 10, 101, 4, 78, 9],
+        ],
+        &Device::Cpu,
+    )
+    .unwrap();
+    // A "prompt" of 3 tokens per row; the replies are the targets.
+    let flags: Vec<Vec<bool>> = vec![(0..8).map(|t| t >= 3).collect(); 2];
+    let weights = candle_core::Tensor::new(
+        flags
+            .iter()
+            .map(|r| r.iter().map(|&f| f as u8 as f32).collect::<Vec<_>>())
+            .collect::<Vec<_>>(),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let hidden = model
+        .forward(&ids, &mut KvCache::new())
+        .unwrap()
+        .hidden
+        .detach();
+    let all = heads.head_losses(&model, &hidden, &ids, None).unwrap();
+    let ones = heads
+        .head_losses(&model, &hidden, &ids, Some(&weights.ones_like().unwrap()))
+        .unwrap();
+    let replies = heads
+        .head_losses(&model, &hidden, &ids, Some(&weights))
+        .unwrap();
+    let hits = heads
+        .rank_hits(&model, &hidden, &ids, Some(&flags))
+        .unwrap();
+    let every = heads.rank_hits(&model, &hidden, &ids, None).unwrap();
+    for (i, head) in heads.heads.heads.iter().enumerate() {
+        let k = i + 1;
+        let scalar = |t: &candle_core::Tensor| t.to_scalar::<f32>().unwrap();
+        assert!((scalar(&all[i]) - scalar(&ones[i])).abs() < 1e-6);
+        // The reply loss by hand: head k at position t predicts t + k + 1, a target from 3 on.
+        let logits = head.forward(&hidden, model.lm_head()).unwrap();
+        let logp = candle_nn::ops::log_softmax(&logits, candle_core::D::Minus1).unwrap();
+        let logp: Vec<Vec<Vec<f32>>> = logp.to_vec3().unwrap();
+        let rows: Vec<Vec<u32>> = ids.to_vec2().unwrap();
+        let (mut sum, mut n) = (0f32, 0);
+        for (b, row) in rows.iter().enumerate() {
+            for t in 0..8 - k - 1 {
+                if t + k + 1 >= 3 {
+                    sum -= logp[b][t][row[t + k + 1] as usize];
+                    n += 1;
+                }
+            }
+        }
+        let want = sum / n as f32;
+        assert!(
+            (scalar(&replies[i]) - want).abs() < 1e-5,
+            "head {k}: {want}"
+        );
+        assert_eq!(hits[i].1, n, "head {k} counts only the replies");
+        assert_eq!(every[i].1, 2 * (8 - k - 1));
+    }
 }
 
 #[test]
