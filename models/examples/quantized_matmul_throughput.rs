@@ -5,7 +5,7 @@
 //! read per second tell whether the kernel keeps up with memory.
 //!
 //! ```text
-//! cargo run --release -p zoo-models --example quantized_matmul_throughput -- [q8_0|q4_1] [LAYERS] [ROWS] [REPS]
+//! cargo run --release -p zoo-models --example quantized_matmul_throughput -- [q8_0|q4_1|q4_0|f32] [LAYERS] [ROWS] [REPS]
 //! ```
 //! `RAYON_NUM_THREADS=1` measures one core; `ROW_MAJOR=1` the checkpoint-layout kernel instead of
 //! the interleaved one.
@@ -14,6 +14,7 @@ use std::time::Instant;
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
+use zoo_models::layers::dense_rows;
 use zoo_models::layers::quantized_matmul::{matmul, Interleaved};
 
 fn main() {
@@ -28,7 +29,9 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let dtype = match args.first().map(String::as_str) {
         None | Some("q8_0") => GgmlDType::Q8_0,
         Some("q4_1") => GgmlDType::Q4_1,
-        Some(other) => return Err(format!("weights {other:?}: q8_0 or q4_1").into()),
+        Some("q4_0") => GgmlDType::Q4_0,
+        Some("f32") => GgmlDType::F32,
+        Some(other) => return Err(format!("weights {other:?}: q8_0, q4_1, q4_0 or f32").into()),
     };
     let number = |i: usize, default: usize| -> Result<usize, String> {
         match args.get(i) {
@@ -51,23 +54,39 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?;
         weights.push((n, k, QTensor::quantize(&w, dtype)?.data()?.into_owned()));
     }
-    let bytes: usize = weights.iter().map(|w| w.2.len()).sum();
-    let x = Tensor::randn(0f32, 1.0, rows * 1536, &dev)?.to_vec1::<f32>()?;
-    // Weights repacked for the interleaved kernel, where this CPU has it.
-    let packed: Vec<Interleaved> = if std::env::var_os("ROW_MAJOR").is_none() {
-        weights
-            .iter()
-            .filter_map(|(n, k, w)| Interleaved::pack(w, dtype, *n, *k))
-            .collect()
+    // f32 weights go through `dense_rows`, the f32 few-row kernel.
+    let dense: Vec<Vec<f32>> = if dtype == GgmlDType::F32 {
+        weights.iter().map(|(_, _, w)| bytemuck_f32(w)).collect()
     } else {
         Vec::new()
     };
-    let kernel = if packed.is_empty() {
+    let bytes: usize = weights.iter().map(|w| w.2.len()).sum();
+    let x = Tensor::randn(0f32, 1.0, rows * 1536, &dev)?.to_vec1::<f32>()?;
+    // Weights repacked for the interleaved kernel, where this CPU has it.
+    let packed: Vec<Interleaved> =
+        if dtype != GgmlDType::F32 && std::env::var_os("ROW_MAJOR").is_none() {
+            weights
+                .iter()
+                .filter_map(|(n, k, w)| Interleaved::pack(w, dtype, *n, *k))
+                .collect()
+        } else {
+            Vec::new()
+        };
+    let kernel = if !dense.is_empty() {
+        "dense rows"
+    } else if packed.is_empty() {
         "row-major"
     } else {
         "interleaved"
     };
     let pass = || {
+        if !dense.is_empty() {
+            for ((n, k, _), w) in weights.iter().zip(&dense) {
+                let mut out = vec![0f32; rows * n];
+                dense_rows::matmul(&x[..rows * k], rows, *k, w, *n, &mut out);
+            }
+            return;
+        }
         if !packed.is_empty() {
             for w in &packed {
                 let (n, k) = w.shape();
@@ -101,4 +120,12 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         bytes as f64 / seconds / 1e9
     );
     Ok(())
+}
+
+/// Little-endian f32 bytes as floats.
+fn bytemuck_f32(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
 }

@@ -238,46 +238,69 @@ impl TrainableLlama {
     pub fn losses(&self, ids: &Tensor, detach_backbone: bool) -> Result<(Tensor, Vec<Tensor>)> {
         let out = self.model.forward(ids, &mut KvCache::new())?;
         let main = next_token_loss(&out.logits, ids)?;
+        let hidden = if detach_backbone {
+            out.hidden.detach()
+        } else {
+            out.hidden
+        };
+        Ok((main, self.mtp_losses(ids, hidden)?))
+    }
+
+    /// The backbone's final hidden states `[B, T, D]` of `ids`, outside any training graph:
+    /// what MTP modules trained on a frozen backbone read.
+    pub fn frozen_hidden(&self, ids: &Tensor) -> Result<Tensor> {
+        let positions: Vec<u32> = (0..ids.dim(1)? as u32).collect();
+        Ok(self
+            .model
+            .model
+            .forward_at(
+                ids,
+                &positions,
+                &zoo_models::layers::AttentionMask::causal(0),
+                &mut KvCache::new(),
+            )?
+            .detach())
+    }
+
+    /// Per MTP depth `k`, the loss of module `k` on `ids` `[B, T]` from the backbone's final
+    /// `hidden` states `[B, T, D]` (see [`Self::losses`]); none without modules.
+    pub fn mtp_losses(&self, ids: &Tensor, mut hidden: Tensor) -> Result<Vec<Tensor>> {
         let mut depth_losses = Vec::new();
-        if let Some(mtp) = &self.mtp {
-            let (_, t) = ids.dims2()?;
-            let mut hidden = if detach_backbone {
-                out.hidden.detach()
-            } else {
-                out.hidden
-            };
-            for (k0, module) in mtp.modules.iter().enumerate() {
-                let k = k0 + 1;
-                if t < k + 2 {
-                    return Err(Error::Input(format!(
-                        "sequences of {t} tokens are too short for MTP depth {k}"
-                    )));
-                }
-                let n = t - k;
-                let positions: Vec<u32> = (0..n as u32).collect();
-                let (cos, sin) = self.model.model.rotary_cos_sin(&positions, &self.device)?;
-                let ahead = self.model.model.embed(&ids.narrow(1, k, n)?)?;
-                hidden = module.forward(
-                    &hidden.narrow(1, 0, n)?,
-                    &ahead,
-                    &cos,
-                    &sin,
-                    &zoo_models::layers::AttentionMask::causal(0),
-                    &mut Default::default(),
-                )?;
-                let logits = module.logits(&hidden.narrow(1, 0, n - 1)?, self.model.lm_head())?;
-                let (b, _, v) = logits.dims3()?;
-                let targets = ids
-                    .narrow(1, k + 1, n - 1)?
-                    .flatten_all()?
-                    .to_dtype(DType::U32)?;
-                depth_losses.push(crate::loss::cross_entropy(
-                    &logits.reshape((b * (n - 1), v))?.to_dtype(DType::F32)?,
-                    &targets,
-                )?);
+        let Some(mtp) = &self.mtp else {
+            return Ok(depth_losses);
+        };
+        let (_, t) = ids.dims2()?;
+        for (k0, module) in mtp.modules.iter().enumerate() {
+            let k = k0 + 1;
+            if t < k + 2 {
+                return Err(Error::Input(format!(
+                    "sequences of {t} tokens are too short for MTP depth {k}"
+                )));
             }
+            let n = t - k;
+            let positions: Vec<u32> = (0..n as u32).collect();
+            let (cos, sin) = self.model.model.rotary_cos_sin(&positions, &self.device)?;
+            let ahead = self.model.model.embed(&ids.narrow(1, k, n)?)?;
+            hidden = module.forward(
+                &hidden.narrow(1, 0, n)?,
+                &ahead,
+                &cos,
+                &sin,
+                &zoo_models::layers::AttentionMask::causal(0),
+                &mut Default::default(),
+            )?;
+            let logits = module.logits(&hidden.narrow(1, 0, n - 1)?, self.model.lm_head())?;
+            let (b, _, v) = logits.dims3()?;
+            let targets = ids
+                .narrow(1, k + 1, n - 1)?
+                .flatten_all()?
+                .to_dtype(DType::U32)?;
+            depth_losses.push(crate::loss::cross_entropy(
+                &logits.reshape((b * (n - 1), v))?.to_dtype(DType::F32)?,
+                &targets,
+            )?);
         }
-        Ok((main, depth_losses))
+        Ok(depth_losses)
     }
 
     /// The id that ends every document.
@@ -590,7 +613,7 @@ impl PackedSequences {
     }
 
     /// The sequences `batch` rows from `position` on take, and the position after them.
-    fn rows(&self, position: DataPosition, batch: usize) -> (Vec<usize>, DataPosition) {
+    pub(crate) fn rows(&self, position: DataPosition, batch: usize) -> (Vec<usize>, DataPosition) {
         let mut pos = position;
         let mut order = self.order(pos.epoch);
         let mut rows = Vec::with_capacity(batch);
@@ -667,10 +690,23 @@ pub struct MtpSettings {
     pub freeze_backbone: bool,
 }
 
+/// Frozen-backbone hidden states kept per training sequence: MTP modules on a frozen model
+/// need the backbone's forward pass of every sequence once, not at every visit (as EAGLE
+/// precomputes its features). Kept while every sequence's fits in [`FROZEN_CACHE_BYTES`].
+const FROZEN_CACHE_BYTES: usize = 2 << 30;
+
+/// A batch of packed sequences: their ids `[B, L]` and which sequences they are.
+pub struct LmBatch {
+    pub ids: Tensor,
+    rows: Vec<usize>,
+}
+
 /// Causal LM training on packed sequences, optionally with MTP modules.
 pub struct LmTask {
     pub model: TrainableLlama,
     data: PackedSequences,
+    /// The frozen backbone's hidden states per sequence, computed at first use.
+    frozen: Option<Vec<Option<Tensor>>>,
     position: DataPosition,
     batch_size: usize,
     pub val: Option<PackedSequences>,
@@ -681,26 +717,67 @@ pub struct LmTask {
     last: Vec<(String, f64)>,
 }
 
-impl Task for LmTask {
-    type Batch = Tensor;
+impl LmTask {
+    /// The frozen backbone's hidden states of `batch`, from the cache where it is kept.
+    fn frozen_hidden(&mut self, batch: &LmBatch) -> Result<Tensor> {
+        let Some(cache) = &mut self.frozen else {
+            return self.model.frozen_hidden(&batch.ids);
+        };
+        let mut missing: Vec<usize> = batch
+            .rows
+            .iter()
+            .copied()
+            .filter(|&r| cache[r].is_none())
+            .collect();
+        missing.sort_unstable();
+        missing.dedup();
+        if !missing.is_empty() {
+            let ids: Vec<Vec<u32>> = missing
+                .iter()
+                .map(|&r| self.data.sequences()[r].clone())
+                .collect();
+            let hidden = self
+                .model
+                .frozen_hidden(&Tensor::new(ids, &self.model.device)?)?;
+            for (i, &r) in missing.iter().enumerate() {
+                cache[r] = Some(hidden.get(i)?.contiguous()?);
+            }
+        }
+        let rows = batch
+            .rows
+            .iter()
+            .map(|&r| cache[r].clone().expect("filled above"))
+            .collect::<Vec<_>>();
+        Ok(Tensor::stack(&rows, 0)?)
+    }
+}
 
-    fn next_batch(&mut self) -> Result<Tensor> {
-        let (ids, pos) = self
-            .data
-            .batch(self.position, self.batch_size, &self.model.device)?;
+impl Task for LmTask {
+    type Batch = LmBatch;
+
+    fn next_batch(&mut self) -> Result<LmBatch> {
+        let (rows, pos) = self.data.rows(self.position, self.batch_size);
+        let ids: Vec<Vec<u32>> = rows
+            .iter()
+            .map(|&r| self.data.sequences()[r].clone())
+            .collect();
         self.position = pos;
-        Ok(ids)
+        Ok(LmBatch {
+            ids: Tensor::new(ids, &self.model.device)?,
+            rows,
+        })
     }
 
     fn data_position(&self) -> DataPosition {
         self.position
     }
 
-    fn batch_size(&self, batch: &Tensor) -> usize {
-        batch.dim(0).unwrap_or(0)
+    fn batch_size(&self, batch: &LmBatch) -> usize {
+        batch.rows.len()
     }
 
-    fn loss(&mut self, batch: &Tensor) -> Result<Tensor> {
+    fn loss(&mut self, batch: &LmBatch) -> Result<Tensor> {
+        let ids = &batch.ids;
         let Some(mtp) = self.mtp else {
             // Under mixed precision a half-precision copy built from the f32 variables (see
             // `crate::precision`); the loss is taken in f32.
@@ -710,10 +787,18 @@ impl Task for LmTask {
                 .compute_model(&m.model, &m.varmap, &m.device, |vb| {
                     LlamaForCausalLM::new(&m.config, vb)
                 })?;
-            let out = model.forward(batch, &mut KvCache::new())?;
-            return next_token_loss(&out.logits, batch);
+            let out = model.forward(ids, &mut KvCache::new())?;
+            return next_token_loss(&out.logits, ids);
         };
-        let (main, depths) = self.model.losses(batch, mtp.freeze_backbone)?;
+        // On a frozen backbone only the modules' losses count, and its hidden states are the
+        // same at every visit of a sequence.
+        let (main, depths) = if mtp.freeze_backbone {
+            let hidden = self.frozen_hidden(batch)?;
+            (None, self.model.mtp_losses(ids, hidden)?)
+        } else {
+            let (main, depths) = self.model.losses(ids, false)?;
+            (Some(main), depths)
+        };
         self.sums.0.resize(depths.len(), 0.0);
         let mut sum: Option<Tensor> = None;
         for (i, loss) in depths.iter().enumerate() {
@@ -726,10 +811,9 @@ impl Task for LmTask {
         self.sums.1 += 1;
         let sum = sum.ok_or_else(|| Error::Input("the model has no MTP modules".into()))?;
         let weighted = (sum * (mtp.lambda / depths.len() as f64))?;
-        Ok(if mtp.freeze_backbone {
-            weighted
-        } else {
-            (main + weighted)?
+        Ok(match main {
+            Some(main) => (main + weighted)?,
+            None => weighted,
         })
     }
 
@@ -881,9 +965,15 @@ pub fn run(
     };
     let state = initial_state(resume_dir.as_deref(), seed)?;
     let vars = model.trainable_vars(config.mtp.is_some_and(|m| m.freeze_backbone));
+    // The frozen backbone's hidden states of every sequence, where they fit.
+    let per_sequence = config.seq_len * model.config.hidden_size * 4;
+    let frozen = (config.mtp.is_some_and(|m| m.freeze_backbone)
+        && data.len().saturating_mul(per_sequence) <= FROZEN_CACHE_BYTES)
+        .then(|| vec![None; data.len()]);
     let mut task = LmTask {
         model,
         data,
+        frozen,
         position: state.data,
         batch_size: config.batch_size,
         val,

@@ -256,6 +256,55 @@ fn the_same_seed_gives_the_same_curve_and_resume_reproduces_it() {
     assert_eq!(s.state.losses, uninterrupted);
 }
 
+/// MTP modules on a frozen backbone read its hidden states, computed once per sequence and
+/// kept: the modules' losses are those of the whole forward pass, they fall, the same seed
+/// gives the same curve and a resumed run (its cache empty again) the uninterrupted one's.
+#[test]
+fn mtp_modules_on_a_frozen_backbone_learn_from_its_kept_hidden_states() {
+    let tok = TextTokenizer::train_bpe(SENTENCES.iter(), 300).unwrap();
+    let m = TrainableLlama::from_preset("llama-tiny", tok, 0, &Device::Cpu)
+        .unwrap()
+        .add_mtp(2, 0, false)
+        .unwrap();
+    let ids: Vec<u32> = m.tokenizer.encode(SENTENCES[1]).unwrap();
+    let ids = Tensor::new(vec![ids], &Device::Cpu).unwrap();
+    let (_, whole) = m.losses(&ids, true).unwrap();
+    let kept = m.mtp_losses(&ids, m.frozen_hidden(&ids).unwrap()).unwrap();
+    for (a, b) in whole.iter().zip(&kept) {
+        let (a, b) = (a.to_scalar::<f32>().unwrap(), b.to_scalar::<f32>().unwrap());
+        assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let data = corpus(dir.path());
+    let frozen = |out: &str, steps: u64| {
+        let mut c = config(&dir.path().join(out), steps, 5);
+        c.mtp = Some(zoo_trainers::lm::MtpSettings {
+            depth: 2,
+            lambda: 0.3,
+            freeze_backbone: true,
+        });
+        c
+    };
+    let a = run(frozen("a", 40), std::slice::from_ref(&data), None).unwrap();
+    let losses = &a.state.losses;
+    let (first, last) = (losses[0], losses[losses.len() - 1]);
+    assert!(last < 0.75 * first, "MTP losses {first} -> {last}");
+    let b = run(frozen("b", 40), std::slice::from_ref(&data), None).unwrap();
+    assert_eq!(a.state.losses, b.state.losses);
+
+    let mut full = frozen("full", 8);
+    full.train.save_every = Some(4);
+    let uninterrupted = run(full, std::slice::from_ref(&data), None)
+        .unwrap()
+        .state
+        .losses;
+    let mut resumed = frozen("resumed", 8);
+    resumed.resume = Some(dir.path().join("full/checkpoint-4"));
+    let s = run(resumed, &[data], None).unwrap();
+    assert_eq!(s.state.losses, uninterrupted);
+}
+
 /// LM training under `amp_fp16` starts from the fp32 loss and overfits as the fp32 run does;
 /// with MTP modules mixed precision is refused with a message.
 #[test]
