@@ -427,6 +427,8 @@ pub fn load_mtp(
 fn load_mtp_modules(llm: &LoadedLlm, dir: Option<&std::path::Path>) -> Result<MtpModules> {
     let model = &llm.model;
     let dtype = model.model.embeddings().dtype();
+    // Beside a quantized backbone the modules are quantized as its output projection is.
+    let quantize = model.lm_head().quantized_dtype();
     let Some(dir) = dir else {
         let repo = llm.source.repo().with_context(|| {
             format!(
@@ -435,7 +437,13 @@ fn load_mtp_modules(llm: &LoadedLlm, dir: Option<&std::path::Path>) -> Result<Mt
                 llm.source.describe()
             )
         })?;
-        return Ok(MtpModules::load(repo, &model.config, dtype, &llm.device)?);
+        return Ok(MtpModules::load(
+            repo,
+            &model.config,
+            dtype,
+            &llm.device,
+            quantize,
+        )?);
     };
     let spec = dir.to_string_lossy();
     let repo = ModelRepo::open(&spec)?;
@@ -477,7 +485,7 @@ fn load_mtp_modules(llm: &LoadedLlm, dir: Option<&std::path::Path>) -> Result<Mt
             );
         }
     }
-    Ok(MtpModules::load(&repo, &cfg, dtype, &llm.device)?)
+    Ok(MtpModules::load(&repo, &cfg, dtype, &llm.device, quantize)?)
 }
 
 /// The Medusa heads in `dir` for `llm`'s backbone, and the tree from `choices` (default:

@@ -66,7 +66,7 @@ fn with_mtp(dir: &Path, depth: usize) -> (LlamaForCausalLM, MtpModules) {
     candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
     let repo = ModelRepo::open(&dir.to_string_lossy()).unwrap();
     let model = LlamaForCausalLM::load(&repo, None, &Device::Cpu).unwrap();
-    let mtp = MtpModules::load(&repo, &model.config, DType::F32, &Device::Cpu).unwrap();
+    let mtp = MtpModules::load(&repo, &model.config, DType::F32, &Device::Cpu, None).unwrap();
     (model, mtp)
 }
 
@@ -375,6 +375,52 @@ fn cached_drafts_equal_drafts_computed_from_scratch() {
         }
     }
     assert!(out.drafts.len() > 3);
+}
+
+/// Modules quantized at load (beside a quantized backbone) draft as the f32 ones do on most
+/// rounds, and greedy decoding with them stays token-identical to plain greedy decoding.
+#[test]
+fn quantized_modules_draft_like_f32_ones_and_keep_greedy_output() {
+    use candle_core::quantized::GgmlDType;
+    let dir = tempfile::tempdir().unwrap();
+    let (model, mtp) = with_mtp(dir.path(), 2);
+    let repo = ModelRepo::open(&dir.path().to_string_lossy()).unwrap();
+    let prompts = [
+        vec![5u32, 17, 42],
+        vec![260, 284, 261, 269, 261, 270],
+        vec![9, 33, 7, 101],
+    ];
+    for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_0] {
+        let quantized =
+            MtpModules::load(&repo, &model.config, DType::F32, &Device::Cpu, Some(dtype)).unwrap();
+        let (mut same, mut rounds) = (0, 0);
+        for prompt in &prompts {
+            let cfg = GenerationConfig {
+                max_new_tokens: 20,
+                ..GenerationConfig::default()
+            };
+            let mut step = LlamaStep {
+                model: &model,
+                cache: KvCache::new(),
+            };
+            let plain = generate(&mut step, vec![prompt.clone()], &cfg)
+                .unwrap()
+                .remove(0);
+            let out = mtp_generate(&model, &quantized, prompt, 20, &[], None).unwrap();
+            assert_eq!(out.tokens, plain, "{dtype:?}, prompt {prompt:?}");
+            for len in prompt.len()..plain.len() {
+                let want = drafts_from_scratch(&model, &mtp, &plain[..len]);
+                let got = drafts_from_scratch(&model, &quantized, &plain[..len]);
+                same += usize::from(got == want);
+                rounds += 1;
+            }
+        }
+        let floor = if dtype == GgmlDType::Q8_0 { 0.9 } else { 0.6 };
+        assert!(
+            same as f64 >= floor * rounds as f64,
+            "{dtype:?}: {same} of {rounds} drafts as the f32 modules'"
+        );
+    }
 }
 
 #[test]

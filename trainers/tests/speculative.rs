@@ -426,6 +426,7 @@ fn trained_mtp_modules_accept_more_than_one_and_a_half_tokens_per_step() {
         &model.config,
         candle_core::DType::F32,
         &Device::Cpu,
+        None,
     )
     .unwrap();
     let tokenizer = &run.task.model.tokenizer;

@@ -174,6 +174,15 @@ impl Linear {
         }
     }
 
+    /// The weight's quantized type, when it has one.
+    pub fn quantized_dtype(&self) -> Option<GgmlDType> {
+        match &self.weight {
+            Weight::Quantized(q) => Some(q.dtype()),
+            Weight::Interleaved(w) => Some(w.dtype()),
+            Weight::Dense { .. } => None,
+        }
+    }
+
     /// The quantized weight in the checkpoint's layout, when the projection has one.
     pub fn quantized_weight(&self) -> Result<Option<Arc<QTensor>>> {
         self.block_rows()
