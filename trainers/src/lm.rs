@@ -582,21 +582,9 @@ impl PackedSequences {
         order
     }
 
-    /// `batch` sequences from `position` on, and the position after them.
+    /// `batch` sequences from `position` on, their target weights `[B, L]` (f32, 1 for a target
+    /// and 0 elsewhere) where not every token is one, and the position after them.
     pub fn batch(
-        &self,
-        position: DataPosition,
-        batch: usize,
-        device: &Device,
-    ) -> Result<(Tensor, DataPosition)> {
-        let (rows, pos) = self.rows(position, batch);
-        let ids: Vec<Vec<u32>> = rows.iter().map(|&r| self.sequences[r].clone()).collect();
-        Ok((Tensor::new(ids, device)?, pos))
-    }
-
-    /// [`Self::batch`] with its target weights `[B, L]` (f32, 1 for a target and 0 elsewhere)
-    /// where not every token is one.
-    pub fn batch_scored(
         &self,
         position: DataPosition,
         batch: usize,

@@ -416,9 +416,9 @@ impl Task for MedusaTask {
     type Batch = (Tensor, Option<Tensor>);
 
     fn next_batch(&mut self) -> Result<Self::Batch> {
-        let (ids, weights, pos) =
-            self.data
-                .batch_scored(self.position, self.batch_size, &self.device)?;
+        let (ids, weights, pos) = self
+            .data
+            .batch(self.position, self.batch_size, &self.device)?;
         self.position = pos;
         Ok((ids, weights))
     }
