@@ -249,17 +249,7 @@ impl TrainableLlama {
     /// The backbone's final hidden states `[B, T, D]` of `ids`, outside any training graph:
     /// what MTP modules trained on a frozen backbone read.
     pub fn frozen_hidden(&self, ids: &Tensor) -> Result<Tensor> {
-        let positions: Vec<u32> = (0..ids.dim(1)? as u32).collect();
-        Ok(self
-            .model
-            .model
-            .forward_at(
-                ids,
-                &positions,
-                &zoo_models::layers::AttentionMask::causal(0),
-                &mut KvCache::new(),
-            )?
-            .detach())
+        frozen_hidden(&self.model, ids)
     }
 
     /// Per MTP depth `k`, the loss of module `k` on `ids` `[B, T]` from the backbone's final
@@ -489,6 +479,88 @@ impl Corpus {
     }
 }
 
+/// A batch of packed sequences.
+pub struct Batch {
+    /// Token ids `[B, L]`.
+    pub ids: Tensor,
+    /// The target weights `[B, L]` (f32, 1 for a target and 0 elsewhere), where not every
+    /// token is one (a chat's replies).
+    pub weights: Option<Tensor>,
+    /// Which sequences of the data the rows are.
+    pub rows: Vec<usize>,
+}
+
+/// A frozen backbone's hidden states per training sequence, computed at first use and kept:
+/// heads and modules trained on a frozen model need its forward pass of every sequence once,
+/// not at every visit, as EAGLE precomputes its features. Kept only where every sequence's
+/// states fit in [`KeptHidden::BUDGET`].
+pub(crate) struct KeptHidden {
+    states: Vec<Option<Tensor>>,
+}
+
+impl KeptHidden {
+    /// Bytes the kept states may take.
+    const BUDGET: usize = 2 << 30;
+
+    /// For the sequences of `data`, with states `width` wide; `None` beyond the budget.
+    pub(crate) fn for_data(data: &PackedSequences, width: usize) -> Option<Self> {
+        let per_sequence = data.sequences.first().map_or(0, Vec::len) * width * 4;
+        (data.len().saturating_mul(per_sequence) <= Self::BUDGET).then(|| Self {
+            states: vec![None; data.len()],
+        })
+    }
+
+    /// The states `[B, L, D]` of `batch`, whose sequences not kept yet `compute` gives from
+    /// their ids `[N, L]` together.
+    pub(crate) fn states(
+        &mut self,
+        batch: &Batch,
+        data: &PackedSequences,
+        compute: impl FnOnce(&Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let mut missing: Vec<usize> = batch
+            .rows
+            .iter()
+            .copied()
+            .filter(|&r| self.states[r].is_none())
+            .collect();
+        missing.sort_unstable();
+        missing.dedup();
+        if !missing.is_empty() {
+            let ids: Vec<Vec<u32>> = missing.iter().map(|&r| data.sequences[r].clone()).collect();
+            let hidden = compute(&Tensor::new(ids, batch.ids.device())?)?;
+            for (i, &r) in missing.iter().enumerate() {
+                self.states[r] = Some(hidden.get(i)?.contiguous()?);
+            }
+        }
+        let rows = batch
+            .rows
+            .iter()
+            .map(|&r| {
+                self.states[r]
+                    .clone()
+                    .ok_or_else(|| Error::Input(format!("no hidden states for sequence {r}")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::stack(&rows, 0)?)
+    }
+}
+
+/// The final-norm hidden states `[B, L, D]` of `ids` `[B, L]` by `model`, without its logits
+/// and outside any training graph.
+pub fn frozen_hidden(model: &LlamaForCausalLM, ids: &Tensor) -> Result<Tensor> {
+    let positions: Vec<u32> = (0..ids.dim(1)? as u32).collect();
+    Ok(model
+        .model
+        .forward_at(
+            ids,
+            &positions,
+            &zoo_models::layers::AttentionMask::causal(0),
+            &mut KvCache::new(),
+        )?
+        .detach())
+}
+
 /// The token stream cut into sequences of `seq_len` tokens (the tail shorter than a sequence is
 /// dropped), visited in a seeded order per epoch.
 pub struct PackedSequences {
@@ -582,14 +654,13 @@ impl PackedSequences {
         order
     }
 
-    /// `batch` sequences from `position` on, their target weights `[B, L]` (f32, 1 for a target
-    /// and 0 elsewhere) where not every token is one, and the position after them.
+    /// `batch` sequences from `position` on, and the position after them.
     pub fn batch(
         &self,
         position: DataPosition,
         batch: usize,
         device: &Device,
-    ) -> Result<(Tensor, Option<Tensor>, DataPosition)> {
+    ) -> Result<(Batch, DataPosition)> {
         let (rows, pos) = self.rows(position, batch);
         let ids: Vec<Vec<u32>> = rows.iter().map(|&r| self.sequences[r].clone()).collect();
         let weights = self
@@ -597,11 +668,16 @@ impl PackedSequences {
             .as_ref()
             .map(|scored| target_weights(rows.iter().map(|&r| &scored[r][..]), device))
             .transpose()?;
-        Ok((Tensor::new(ids, device)?, weights, pos))
+        let batch = Batch {
+            ids: Tensor::new(ids, device)?,
+            weights,
+            rows,
+        };
+        Ok((batch, pos))
     }
 
     /// The sequences `batch` rows from `position` on take, and the position after them.
-    pub(crate) fn rows(&self, position: DataPosition, batch: usize) -> (Vec<usize>, DataPosition) {
+    fn rows(&self, position: DataPosition, batch: usize) -> (Vec<usize>, DataPosition) {
         let mut pos = position;
         let mut order = self.order(pos.epoch);
         let mut rows = Vec::with_capacity(batch);
@@ -678,23 +754,12 @@ pub struct MtpSettings {
     pub freeze_backbone: bool,
 }
 
-/// Frozen-backbone hidden states kept per training sequence: MTP modules on a frozen model
-/// need the backbone's forward pass of every sequence once, not at every visit (as EAGLE
-/// precomputes its features). Kept while every sequence's fits in [`FROZEN_CACHE_BYTES`].
-const FROZEN_CACHE_BYTES: usize = 2 << 30;
-
-/// A batch of packed sequences: their ids `[B, L]` and which sequences they are.
-pub struct LmBatch {
-    pub ids: Tensor,
-    rows: Vec<usize>,
-}
-
 /// Causal LM training on packed sequences, optionally with MTP modules.
 pub struct LmTask {
     pub model: TrainableLlama,
     data: PackedSequences,
-    /// The frozen backbone's hidden states per sequence, computed at first use.
-    frozen: Option<Vec<Option<Tensor>>>,
+    /// The frozen backbone's hidden states per sequence, where they are kept.
+    frozen: Option<KeptHidden>,
     position: DataPosition,
     batch_size: usize,
     pub val: Option<PackedSequences>,
@@ -706,65 +771,36 @@ pub struct LmTask {
 }
 
 impl LmTask {
-    /// The frozen backbone's hidden states of `batch`, from the cache where it is kept.
-    fn frozen_hidden(&mut self, batch: &LmBatch) -> Result<Tensor> {
-        let Some(cache) = &mut self.frozen else {
-            return self.model.frozen_hidden(&batch.ids);
-        };
-        let mut missing: Vec<usize> = batch
-            .rows
-            .iter()
-            .copied()
-            .filter(|&r| cache[r].is_none())
-            .collect();
-        missing.sort_unstable();
-        missing.dedup();
-        if !missing.is_empty() {
-            let ids: Vec<Vec<u32>> = missing
-                .iter()
-                .map(|&r| self.data.sequences()[r].clone())
-                .collect();
-            let hidden = self
-                .model
-                .frozen_hidden(&Tensor::new(ids, &self.model.device)?)?;
-            for (i, &r) in missing.iter().enumerate() {
-                cache[r] = Some(hidden.get(i)?.contiguous()?);
-            }
+    /// The frozen backbone's hidden states of `batch`, kept ones where they are.
+    fn frozen_hidden(&mut self, batch: &Batch) -> Result<Tensor> {
+        let model = &self.model.model;
+        match &mut self.frozen {
+            Some(kept) => kept.states(batch, &self.data, |ids| frozen_hidden(model, ids)),
+            None => frozen_hidden(model, &batch.ids),
         }
-        let rows = batch
-            .rows
-            .iter()
-            .map(|&r| cache[r].clone().expect("filled above"))
-            .collect::<Vec<_>>();
-        Ok(Tensor::stack(&rows, 0)?)
     }
 }
 
 impl Task for LmTask {
-    type Batch = LmBatch;
+    type Batch = Batch;
 
-    fn next_batch(&mut self) -> Result<LmBatch> {
-        let (rows, pos) = self.data.rows(self.position, self.batch_size);
-        let ids: Vec<Vec<u32>> = rows
-            .iter()
-            .map(|&r| self.data.sequences()[r].clone())
-            .collect();
+    fn next_batch(&mut self) -> Result<Batch> {
+        let (batch, pos) = self
+            .data
+            .batch(self.position, self.batch_size, &self.model.device)?;
         self.position = pos;
-        Ok(LmBatch {
-            ids: Tensor::new(ids, &self.model.device)?,
-            rows,
-        })
+        Ok(batch)
     }
 
     fn data_position(&self) -> DataPosition {
         self.position
     }
 
-    fn batch_size(&self, batch: &LmBatch) -> usize {
+    fn batch_size(&self, batch: &Batch) -> usize {
         batch.rows.len()
     }
 
-    fn loss(&mut self, batch: &LmBatch) -> Result<Tensor> {
+    fn loss(&mut self, batch: &Batch) -> Result<Tensor> {
         let ids = &batch.ids;
         let Some(mtp) = self.mtp else {
             // Under mixed precision a half-precision copy built from the f32 variables (see
@@ -954,10 +990,10 @@ pub fn run(
     let state = initial_state(resume_dir.as_deref(), seed)?;
     let vars = model.trainable_vars(config.mtp.is_some_and(|m| m.freeze_backbone));
     // The frozen backbone's hidden states of every sequence, where they fit.
-    let per_sequence = config.seq_len * model.config.hidden_size * 4;
-    let frozen = (config.mtp.is_some_and(|m| m.freeze_backbone)
-        && data.len().saturating_mul(per_sequence) <= FROZEN_CACHE_BYTES)
-        .then(|| vec![None; data.len()]);
+    let frozen = config
+        .mtp
+        .filter(|m| m.freeze_backbone)
+        .and_then(|_| KeptHidden::for_data(&data, model.config.hidden_size));
     let mut task = LmTask {
         model,
         data,

@@ -36,7 +36,9 @@ use zoo_models::llm::{HeadAccuracy, KvCache, LlamaForCausalLM, LlamaStep, LlmSou
 use crate::checkpoint;
 use crate::data::DataPosition;
 use crate::error::{Error, Result};
-use crate::lm::{next_token_loss, Corpus, PackedSequences, TrainableLlama};
+use crate::lm::{
+    frozen_hidden, next_token_loss, Batch, Corpus, KeptHidden, PackedSequences, TrainableLlama,
+};
 use crate::loss::{cross_entropy, weighted_cross_entropy};
 use crate::optim::AdamWConfig;
 use crate::train::{initial_state, run_task, Task, TrainConfig, TrainState};
@@ -363,6 +365,8 @@ pub struct MedusaTask {
     last: Vec<(String, f64)>,
     /// Sequences the heads' accuracy is measured on at every save, and what they are.
     accuracy_data: (PackedSequences, &'static str),
+    /// The frozen backbone's hidden states per training sequence (Medusa-1), where kept.
+    kept: Option<KeptHidden>,
 }
 
 impl MedusaTask {
@@ -375,17 +379,7 @@ impl MedusaTask {
                 .scored()
                 .map(|s| &s[c * ACCURACY_BATCH..c * ACCURACY_BATCH + chunk.len()]);
             let ids = Tensor::new(chunk.to_vec(), &self.device)?;
-            let hidden = self
-                .backbone
-                .model()
-                .model
-                .forward_at(
-                    &ids,
-                    &(0..ids.dim(1)? as u32).collect::<Vec<_>>(),
-                    &zoo_models::layers::AttentionMask::causal(0),
-                    &mut KvCache::new(),
-                )?
-                .detach();
+            let hidden = frozen_hidden(self.backbone.model(), &ids)?;
             let hits = self
                 .heads
                 .rank_hits(self.backbone.model(), &hidden, &ids, scored)?;
@@ -412,36 +406,48 @@ impl MedusaTask {
 }
 
 impl Task for MedusaTask {
-    /// Token ids `[B, L]` and, for a chat, the weights of the reply tokens `[B, L]`.
-    type Batch = (Tensor, Option<Tensor>);
+    type Batch = Batch;
 
-    fn next_batch(&mut self) -> Result<Self::Batch> {
-        let (ids, weights, pos) = self
+    fn next_batch(&mut self) -> Result<Batch> {
+        let (batch, pos) = self
             .data
             .batch(self.position, self.batch_size, &self.device)?;
         self.position = pos;
-        Ok((ids, weights))
+        Ok(batch)
     }
 
     fn data_position(&self) -> DataPosition {
         self.position
     }
 
-    fn batch_size(&self, batch: &Self::Batch) -> usize {
-        batch.0.dim(0).unwrap_or(0)
+    fn batch_size(&self, batch: &Batch) -> usize {
+        batch.rows.len()
     }
 
-    fn loss(&mut self, (batch, weights): &Self::Batch) -> Result<Tensor> {
+    fn loss(&mut self, batch: &Batch) -> Result<Tensor> {
+        let (ids, weights) = (&batch.ids, batch.weights.as_ref());
         let joint = self.joint_now();
-        let out = self.backbone.model().forward(batch, &mut KvCache::new())?;
-        let hidden = if joint.is_some() {
-            out.hidden.clone()
-        } else {
-            out.hidden.detach()
+        // Medusa-1 reads the frozen backbone's hidden states only (kept ones where they are);
+        // Medusa-2's warm-up reads them apart from the backbone, which trains later.
+        let (hidden, logits) = match (&self.backbone, joint) {
+            (Backbone::Frozen { model, .. }, _) => {
+                let hidden = match &mut self.kept {
+                    Some(kept) => {
+                        kept.states(batch, &self.data, |ids| frozen_hidden(model, ids))?
+                    }
+                    None => frozen_hidden(model, ids)?,
+                };
+                (hidden, None)
+            }
+            (Backbone::Joint(b), None) => (frozen_hidden(&b.model, ids)?, None),
+            (Backbone::Joint(b), Some(_)) => {
+                let out = b.model.forward(ids, &mut KvCache::new())?;
+                (out.hidden, Some(out.logits))
+            }
         };
-        let losses =
-            self.heads
-                .head_losses(self.backbone.model(), &hidden, batch, weights.as_ref())?;
+        let losses = self
+            .heads
+            .head_losses(self.backbone.model(), &hidden, ids, weights)?;
         self.sums.0.resize(losses.len(), 0.0);
         let mut heads: Option<Tensor> = None;
         for (i, loss) in losses.iter().enumerate() {
@@ -454,15 +460,15 @@ impl Task for MedusaTask {
         }
         self.sums.2 += 1;
         let heads = heads.ok_or_else(|| Error::Input("no Medusa heads to train".into()))?;
-        let Some(joint) = joint else {
+        let (Some(joint), Some(logits)) = (joint, logits) else {
             return Ok(heads);
         };
         let lm = match &self.teacher {
             Some(teacher) => {
-                let target = teacher.forward(batch, &mut KvCache::new())?.logits.detach();
-                kl_from_teacher(&target, &out.logits)?
+                let target = teacher.forward(ids, &mut KvCache::new())?.logits.detach();
+                kl_from_teacher(&target, &logits)?
             }
-            None => next_token_loss(&out.logits, batch)?,
+            None => next_token_loss(&logits, ids)?,
         };
         self.sums.1 += f64::from(lm.to_scalar::<f32>()?);
         Ok((lm + (heads * joint.heads_coefficient)?)?)
@@ -869,7 +875,12 @@ pub fn run(
         (Some(files), _) => (first(&pack(&Corpus::read(files)?)?), "validation"),
         (None, _) => (first(&data), "training"),
     };
+    let kept = match &backbone {
+        Backbone::Frozen { model, .. } => KeptHidden::for_data(&data, model.config.hidden_size),
+        Backbone::Joint(_) => None,
+    };
     let mut task = MedusaTask {
+        kept,
         backbone,
         heads,
         joint: config.joint,
