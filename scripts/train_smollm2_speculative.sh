@@ -15,7 +15,7 @@
 # 4. The heads and the module's tensors converted to f16 (the model's own weights are left out:
 #    they are the GGUF's).
 # Knobs: PROMPTS (training prompts, 640), VAL (validation prompts, 48), MEDUSA_STEPS (120),
-# MTP_STEPS (90), PY (a python with numpy and safetensors, for step 4).
+# MTP_STEPS (360), PY (a python with numpy and safetensors, for step 4).
 set -euo pipefail
 gguf=$1
 out=$2
@@ -32,7 +32,7 @@ lscpu | grep -E "Model name|Flags" > "$out/lscpu.txt"
   --output "$out/medusa" 2> "$out/medusa-time.txt"
 /usr/bin/time -v "$zoo" train mtp --model "$gguf" --freeze-backbone --mtp-depth 2 \
   --train-data "$out/medusa/self_distill.jsonl" --seq-len 256 --batch-size 4 \
-  --steps "${MTP_STEPS:-90}" --lr 2e-3 --warmup 10 --wd 0 --grad-clip-norm 1.0 \
+  --steps "${MTP_STEPS:-360}" --lr 2e-3 --warmup 10 --wd 0 --grad-clip-norm 1.0 \
   --output "$out/mtp" 2> "$out/mtp-time.txt"
 "$py" - "$out" <<'PY'
 import json, os, shutil, sys
