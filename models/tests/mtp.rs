@@ -12,6 +12,7 @@ use candle_nn::{VarBuilder, VarMap};
 use zoo_models::generation::SplitMix64;
 use zoo_models::generation::{generate, GenerationConfig, SamplingOptions};
 use zoo_models::hub::ModelRepo;
+use zoo_models::llm::Acceptance::Greedy;
 use zoo_models::llm::{
     mtp_generate, DraftContext, DraftTree, Drafter, KvCache, LlamaConfig, LlamaForCausalLM,
     LlamaStep, MtpDraft, MtpDrafter, MtpModules,
@@ -375,6 +376,87 @@ fn cached_drafts_equal_drafts_computed_from_scratch() {
         }
     }
     assert!(out.drafts.len() > 3);
+}
+
+/// With a confidence floor, each round's chain is the chain computed from scratch cut before
+/// the first draft whose confidence (the product of the modules' probabilities along it) falls
+/// below the floor; modules skipped in one round catch up in a later one, and the output stays
+/// plain greedy decoding's.
+#[test]
+fn a_confidence_floor_cuts_the_chain_computed_from_scratch_and_keeps_greedy_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, mtp) = with_mtp(dir.path(), 3);
+    let (mut cut, mut resumed) = (0, 0);
+    // Floors among the random modules' confidences, near the quartiles of the two-draft
+    // chains' and the median of the first drafts', halfway between two of them (no confidence
+    // sits on a floor, where rounding would decide).
+    let probe = vec![260u32, 284, 261, 269, 261, 270, 5, 17, 42, 9, 33, 7];
+    let (mut one, mut two) = (Vec::new(), Vec::new());
+    for len in 2..=probe.len() {
+        let d = drafts_from_scratch(&model, &mtp, &probe[..len]);
+        let p1 = probs_from_scratch(&model, &mtp, &probe[..len], &[])[d[0] as usize];
+        let p2 = probs_from_scratch(&model, &mtp, &probe[..len], &d[..1])[d[1] as usize];
+        one.push(p1);
+        two.push(p1 * p2);
+    }
+    let between = |mut c: Vec<f32>, q: usize| {
+        c.sort_by(f32::total_cmp);
+        let i = q * (c.len() - 1) / 4;
+        (c[i] + c[i + 1]) / 2.0
+    };
+    let floors = [
+        between(two.clone(), 1),
+        between(two.clone(), 2),
+        between(two, 3),
+        between(one, 2),
+    ];
+    for floor in floors {
+        for prompt in [vec![260u32, 284, 261, 269, 261, 270], vec![5, 17, 42]] {
+            let mut step = LlamaStep {
+                model: &model,
+                cache: KvCache::new(),
+            };
+            let cfg = GenerationConfig {
+                max_new_tokens: 30,
+                ..GenerationConfig::default()
+            };
+            let plain = generate(&mut step, vec![prompt.clone()], &cfg)
+                .unwrap()
+                .remove(0);
+            let mut drafter = MtpDrafter::new(&mtp).with_min_confidence(floor);
+            let out =
+                zoo_models::llm::decode_until(&model, &mut drafter, &prompt, 30, &[], &Greedy)
+                    .unwrap();
+            assert_eq!(out.tokens, plain, "floor {floor}, prompt {prompt:?}");
+            let mut len = prompt.len();
+            let mut before = usize::MAX;
+            for (r, drafts) in out.drafts.iter().enumerate() {
+                let full = drafts_from_scratch(&model, &mtp, &out.tokens[..len]);
+                let mut want = Vec::new();
+                let mut confidence = 1.0f32;
+                for (k, &d) in full.iter().enumerate() {
+                    confidence *= probs_from_scratch(&model, &mtp, &out.tokens[..len], &full[..k])
+                        [d as usize];
+                    if confidence < floor {
+                        break;
+                    }
+                    want.push(d);
+                }
+                assert_eq!(drafts, &want, "floor {floor}, round {r} after {len} tokens");
+                cut += usize::from(want.len() < full.len());
+                resumed += usize::from(before < 2 && want.len() >= 2);
+                before = want.len();
+                len += out.accepted[r] + 1;
+                if len >= out.tokens.len() {
+                    break;
+                }
+            }
+        }
+    }
+    assert!(
+        cut > 0 && resumed > 0,
+        "{cut} cut rounds, {resumed} resumed"
+    );
 }
 
 /// Modules quantized at load (beside a quantized backbone) draft as the f32 ones do on most

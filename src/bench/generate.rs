@@ -144,15 +144,16 @@ pub fn bench_generate(args: GenerateBenchArgs) -> Result<()> {
     if let Some(mtp) = &mtp {
         methods.push((
             "mtp",
-            Box::new(move || Ok(Box::new(MtpDrafter::new(mtp)) as Box<dyn Drafter>)),
+            Box::new(move || {
+                Ok(Box::new(
+                    MtpDrafter::new(mtp).with_min_confidence(args.mtp_tree.mtp_min_confidence),
+                ) as Box<dyn Drafter>)
+            }),
         ));
         if args.mtp_tree.mtp_tree.is_some() {
-            let shape = args.mtp_tree.shape();
             methods.push((
                 "mtp-tree",
-                Box::new(move || {
-                    Ok(Box::new(MtpDrafter::with_shape(mtp, shape)) as Box<dyn Drafter>)
-                }),
+                Box::new(move || Ok(Box::new(args.mtp_tree.drafter(mtp)) as Box<dyn Drafter>)),
             ));
         }
     }
@@ -169,19 +170,25 @@ pub fn bench_generate(args: GenerateBenchArgs) -> Result<()> {
         Ok((out.tokens, out.steps))
     };
 
-    let mut totals = Vec::new();
-    for (name, method) in &methods {
-        for _ in 0..args.warmup {
-            run(method, &encoded[0])?;
-        }
-        let mut t = Totals {
+    let mut totals: Vec<Totals> = methods
+        .iter()
+        .map(|(name, _)| Totals {
             name,
             new_tokens: 0,
             steps: 0,
             seconds: 0.0,
             outputs: Vec::new(),
-        };
-        for prompt in &encoded {
+        })
+        .collect();
+    for (_, method) in &methods {
+        for _ in 0..args.warmup {
+            run(method, &encoded[0])?;
+        }
+    }
+    // The methods take turns on each prompt, so that a machine whose speed drifts during the
+    // run (a shared VM's does by 10-20%) weighs on all of them alike.
+    for prompt in &encoded {
+        for ((name, method), t) in methods.iter().zip(&mut totals) {
             let start = Instant::now();
             let (tokens, steps) =
                 run(method, prompt).with_context(|| format!("{name} decoding"))?;
@@ -190,7 +197,6 @@ pub fn bench_generate(args: GenerateBenchArgs) -> Result<()> {
             t.steps += steps;
             t.outputs.push(tokens);
         }
-        totals.push(t);
     }
     let base_rate = totals[0].new_tokens as f64 / totals[0].seconds.max(1e-9);
     let rows: Vec<serde_json::Value> = totals

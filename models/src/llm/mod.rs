@@ -20,6 +20,6 @@ pub use medusa::{medusa_generate, AutoTree, HeadAccuracy, MedusaDrafter, MedusaH
 pub use mtp::{mtp_generate, MtpDraft, MtpDrafter, MtpModule, MtpModules};
 pub use source::LlmSource;
 pub use speculative::{
-    decode, speculative_accept, Acceptance, DraftContext, DraftTree, DraftVocab, Drafter, NoDrafts,
-    SpeculativeOutput, TypicalAcceptance,
+    decode, decode_until, speculative_accept, Acceptance, DraftContext, DraftTree, DraftVocab,
+    Drafter, NoDrafts, SpeculativeOutput, TypicalAcceptance,
 };

@@ -171,10 +171,12 @@ impl MtpModules {
         Ok(self)
     }
 
-    /// What the modules' logits are projected by: the draft vocabulary, or `lm_head`.
-    pub fn draft_head<'a>(&'a self, lm_head: &'a Linear) -> &'a dyn Module {
+    /// What the modules' logits are projected by: the draft vocabulary's rows of `lm_head`
+    /// (the logits then cover the tokens `0..n` only, the rest cannot be drafted), or all of
+    /// `lm_head`.
+    pub fn draft_head<'a>(&'a self, lm_head: &'a Linear) -> &'a Linear {
         match &self.draft_vocab {
-            Some(vocab) => vocab,
+            Some(vocab) => vocab.head(),
             None => lm_head,
         }
     }
@@ -275,9 +277,14 @@ pub struct MtpDrafter<'a> {
     /// `i - 1`) are permanently in module `k`'s cache.
     done: Vec<usize>,
     caches: Vec<ModuleCache>,
-    /// `pending[k]` for `k >= 1`: module `k`'s output `[1, 1, D]` at the position module
-    /// `k + 1` caches next (`h^0`, the backbone's, comes with each draft's context).
+    /// `pending[k]` for `k >= 1`: module `k`'s outputs `[1, n, D]` that module `k + 1` has not
+    /// read yet, from the position it caches next (`h^0`, the backbone's, comes with each
+    /// draft's context). One row after a round that ran module `k + 1`; more after rounds that
+    /// stopped before it.
     pending: Vec<Option<Tensor>>,
+    /// Drafts whose confidence is below this are neither verified nor expanded, and a round
+    /// stops at the first depth with none left: [`MtpDrafter::with_min_confidence`].
+    min_confidence: f32,
 }
 
 impl<'a> MtpDrafter<'a> {
@@ -294,7 +301,21 @@ impl<'a> MtpDrafter<'a> {
             done: vec![0; depth],
             caches: (0..depth).map(|_| ModuleCache::default()).collect(),
             pending: vec![None; depth.max(1)],
+            min_confidence: 0.0,
         }
+    }
+
+    /// Drafts only what is likely enough to pay for itself, as EAGLE-2 grows its trees by
+    /// confidence (Li et al. 2024, §4): a draft's confidence is the product of the modules'
+    /// probabilities along its path (for a chain, of the drafted tokens), and drafts below
+    /// `min_confidence` are dropped. When a depth keeps none, the modules after it do not run
+    /// that round (they catch up on the positions later, in one pass), and with no draft at
+    /// all the round is a plain decoding step. On a CPU, where verifying a draft and running a
+    /// module each cost a share of a plain step, a draft accepted with probability `c` pays
+    /// for itself when `c` exceeds that share. 0 (the default) keeps every draft.
+    pub fn with_min_confidence(mut self, min_confidence: f32) -> Self {
+        self.min_confidence = min_confidence;
+        self
     }
 }
 
@@ -320,7 +341,6 @@ impl Drafter for MtpDrafter<'_> {
         // position of its depth-1 rows), and of the nodes module k - 1 computed rows for.
         let mut src = hidden.clone();
         let mut src_nodes: Vec<(usize, Tensor)> = Vec::new();
-        let mut next_pending: Vec<Option<Tensor>> = vec![None; depth.max(1)];
         for k in 1..=depth {
             // Module k's rows of depth >= 1 sit at positions m - k + depth >= 1.
             if m < k.max(2) || frontier.is_empty() {
@@ -339,6 +359,11 @@ impl Drafter for MtpDrafter<'_> {
                     "MTP module {k}: {} inputs for {expected} positions from {start}",
                     src.dim(1)?
                 );
+            }
+            if k > 1 {
+                // The row after the known ones is not cached this round: module k reads it
+                // again next time.
+                self.pending[k0] = Some(src.narrow(1, known, 1)?);
             }
             // The nodes module k computes rows for: depth 1..k, ancestors of the frontier.
             let mut rows: Vec<usize> = Vec::new();
@@ -417,10 +442,6 @@ impl Drafter for MtpDrafter<'_> {
             let out = module.forward(&hidden_in, &embeds, &cos, &sin, &mask, &mut mcache.kv)?;
             mcache.len += n;
             mcache.truncate(last)?;
-            if known > 0 && k < depth {
-                // Module k + 1 next caches positions from m - k (this module's `last`) on.
-                next_pending[k] = Some(out.narrow(1, known - 1, 1)?);
-            }
             self.done[k0] = last;
             // The rows whose logits grow the next depth: the root's (module 1's last known
             // row) or the frontier's.
@@ -445,11 +466,19 @@ impl Drafter for MtpDrafter<'_> {
                 match self.shape {
                     MtpDraft::Chain => {
                         let (token, q) = ctx.choose(&logits)?;
+                        let p = match (&q, self.min_confidence > 0.0) {
+                            (Some(q), _) => q[token as usize],
+                            (None, true) => {
+                                let row = logits.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+                                softmax(&row)[token as usize]
+                            }
+                            (None, false) => 1.0,
+                        };
                         children.push(Candidate {
                             parent,
                             token,
                             depth: k,
-                            confidence: 1.0,
+                            confidence: nodes[parent].confidence * p,
                             q,
                         });
                     }
@@ -467,6 +496,7 @@ impl Drafter for MtpDrafter<'_> {
                     }
                 }
             }
+            children.retain(|c| c.confidence >= self.min_confidence);
             let first_child = nodes.len();
             nodes.extend(children);
             let mut next: Vec<usize> = (first_child..nodes.len()).collect();
@@ -476,19 +506,22 @@ impl Drafter for MtpDrafter<'_> {
                 next.sort_unstable();
             }
             frontier = next;
-            // Module k + 1's inputs: its known positions start from module k's pending row.
+            // Module k + 1's inputs: the rows of module k it has not read, then this round's.
             src = match (&self.pending[k0 + 1..].first().cloned().flatten(), known) {
                 (Some(p), 0) => p.clone(),
                 (Some(p), _) => Tensor::cat(&[p, &out.narrow(1, 0, known)?], 1)?,
                 (None, _) => out.narrow(1, 0, known)?,
             };
+            if k < depth {
+                // All of them wait for module k + 1 if it does not run this round.
+                self.pending[k] = (src.dim(1)? > 0).then(|| src.clone());
+            }
             src_nodes = rows
                 .iter()
                 .enumerate()
                 .map(|(r, &node)| Ok((node, out.narrow(1, known + r, 1)?)))
                 .collect::<Result<_>>()?;
         }
-        self.pending = next_pending;
         // The most confident drafts (an ancestor is at least as confident as its children and
         // comes first, so the set is closed under parents), in the order they were drafted.
         let mut keep: Vec<usize> = (1..nodes.len()).collect();

@@ -71,6 +71,12 @@ impl DraftVocab {
         })
     }
 
+    /// The rows of the vocabulary projection for the draft vocabulary: logits over the
+    /// tokens `0..n`, with none for the rest.
+    pub fn head(&self) -> &Linear {
+        &self.head
+    }
+
     /// Tokens drafts are drawn from.
     pub fn tokens(&self) -> Result<usize> {
         self.head.out_dim()
