@@ -137,7 +137,7 @@ pub struct MtpTreeArgs {
     /// probabilities along the draft) is at least P, as EAGLE-2 cuts its trees; a round with
     /// none left is a plain step, and the modules past the last kept depth skip it. 0 keeps
     /// every draft. On a CPU a draft costs a share of a plain step to verify (SmolLM2 on 2
-    /// cores: 8-33%, more for smaller types), and the modules about a tenth; of the floors
+    /// cores: 8-52%, more for smaller types), and the modules about a tenth; of the floors
     /// from 0 to 0.6 tried there, 0.4-0.6 did best (within the noise), hence 0.5.
     #[arg(long, value_name = "P", default_value_t = 0.5, requires = "mtp", value_parser = flags::unit_interval::<f32>, allow_negative_numbers = true)]
     pub mtp_min_confidence: f32,
