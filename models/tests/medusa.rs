@@ -4,15 +4,16 @@
 //! typical acceptance that keeps only tokens above its threshold; and a clear error for a tree
 //! deeper than the heads.
 
+mod common;
+
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
-use zoo_models::generation::{generate, GenerationConfig};
+use zoo_models::generation::GenerationConfig;
 use zoo_models::hub::ModelRepo;
 use zoo_models::llm::{
-    medusa_generate, KvCache, LlamaForCausalLM, LlamaStep, MedusaHeads, MedusaTree,
-    TypicalAcceptance,
+    medusa_generate, KvCache, LlamaForCausalLM, MedusaHeads, MedusaTree, TypicalAcceptance,
 };
 
 fn fixtures() -> PathBuf {
@@ -116,13 +117,7 @@ fn greedy_medusa_decoding_is_token_identical_to_plain_greedy() {
             max_new_tokens: 40,
             ..GenerationConfig::default()
         };
-        let mut step = LlamaStep {
-            model: &model,
-            cache: KvCache::new(),
-        };
-        let plain = generate(&mut step, vec![prompt.clone()], &cfg)
-            .unwrap()
-            .remove(0);
+        let plain = common::plain_greedy(&model, &prompt, &cfg);
         for tree in [&tree, &small] {
             let out = medusa_generate(&model, &heads, tree, &prompt, 40, &[], None).unwrap();
             assert_eq!(out.tokens, plain, "prompt {prompt:?}");
@@ -138,17 +133,7 @@ fn generation_stops_at_a_stop_token_as_plain_greedy_does() {
     let model = llama();
     let heads = heads("llama-tiny-medusa");
     let prompt = vec![5u32, 17, 42];
-    let mut step = LlamaStep {
-        model: &model,
-        cache: KvCache::new(),
-    };
-    let plain = generate(
-        &mut step,
-        vec![prompt.clone()],
-        &GenerationConfig::default(),
-    )
-    .unwrap()
-    .remove(0);
+    let plain = common::plain_greedy(&model, &prompt, &GenerationConfig::default());
     // Stop at the fifth generated token.
     let stop = plain[prompt.len() + 4];
     let first = plain[prompt.len()..]
@@ -258,17 +243,11 @@ fn typical_acceptance_near_zero_temperature_is_greedy() {
         ..Default::default()
     };
     for prompt in [vec![5u32, 17, 42], vec![9]] {
-        let mut step = LlamaStep {
-            model: &model,
-            cache: KvCache::new(),
-        };
         let cfg = GenerationConfig {
             max_new_tokens: 30,
             ..GenerationConfig::default()
         };
-        let plain = generate(&mut step, vec![prompt.clone()], &cfg)
-            .unwrap()
-            .remove(0);
+        let plain = common::plain_greedy(&model, &prompt, &cfg);
         let out = medusa_generate(&model, &heads, &tree, &prompt, 30, &[], Some(&typical)).unwrap();
         assert_eq!(out.tokens, plain, "prompt {prompt:?}");
     }

@@ -4,18 +4,20 @@
 //! as EAGLE-2 does; sampling that stays in the backbone's sampling support and repeats per
 //! seed.
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use zoo_models::generation::SplitMix64;
-use zoo_models::generation::{generate, GenerationConfig, SamplingOptions};
+use zoo_models::generation::{GenerationConfig, SamplingOptions};
 use zoo_models::hub::ModelRepo;
 use zoo_models::llm::Acceptance::Greedy;
 use zoo_models::llm::{
     mtp_generate, DraftContext, DraftTree, Drafter, KvCache, LlamaConfig, LlamaForCausalLM,
-    LlamaStep, MtpDraft, MtpDrafter, MtpModules,
+    MtpDraft, MtpDrafter, MtpModules,
 };
 
 fn fixtures() -> PathBuf {
@@ -109,13 +111,7 @@ fn greedy_mtp_decoding_is_token_identical_to_plain_greedy() {
                     max_new_tokens: max,
                     ..GenerationConfig::default()
                 };
-                let mut step = LlamaStep {
-                    model: &model,
-                    cache: KvCache::new(),
-                };
-                let plain = generate(&mut step, vec![prompt.clone()], &cfg)
-                    .unwrap()
-                    .remove(0);
+                let plain = common::plain_greedy(&model, &prompt, &cfg);
                 let out = mtp_generate(&model, &mtp, &prompt, max, &[], None).unwrap();
                 assert_eq!(
                     out.tokens, plain,
@@ -133,17 +129,7 @@ fn mtp_decoding_stops_at_a_stop_token() {
     let dir = tempfile::tempdir().unwrap();
     let (model, mtp) = with_mtp(dir.path(), 2);
     let prompt = vec![5u32, 17, 42];
-    let mut step = LlamaStep {
-        model: &model,
-        cache: KvCache::new(),
-    };
-    let plain = generate(
-        &mut step,
-        vec![prompt.clone()],
-        &GenerationConfig::default(),
-    )
-    .unwrap()
-    .remove(0);
+    let plain = common::plain_greedy(&model, &prompt, &GenerationConfig::default());
     let stop = plain[prompt.len() + 5];
     let first = plain[prompt.len()..]
         .iter()
@@ -412,17 +398,11 @@ fn a_confidence_floor_cuts_the_chain_computed_from_scratch_and_keeps_greedy_outp
     ];
     for floor in floors {
         for prompt in [vec![260u32, 284, 261, 269, 261, 270], vec![5, 17, 42]] {
-            let mut step = LlamaStep {
-                model: &model,
-                cache: KvCache::new(),
-            };
             let cfg = GenerationConfig {
                 max_new_tokens: 30,
                 ..GenerationConfig::default()
             };
-            let plain = generate(&mut step, vec![prompt.clone()], &cfg)
-                .unwrap()
-                .remove(0);
+            let plain = common::plain_greedy(&model, &prompt, &cfg);
             let mut drafter = MtpDrafter::new(&mtp).with_min_confidence(floor);
             let out =
                 zoo_models::llm::decode_until(&model, &mut drafter, &prompt, 30, &[], &Greedy)
@@ -481,13 +461,7 @@ fn quantized_modules_draft_like_f32_ones_and_keep_greedy_output() {
                 max_new_tokens: 20,
                 ..GenerationConfig::default()
             };
-            let mut step = LlamaStep {
-                model: &model,
-                cache: KvCache::new(),
-            };
-            let plain = generate(&mut step, vec![prompt.clone()], &cfg)
-                .unwrap()
-                .remove(0);
+            let plain = common::plain_greedy(&model, prompt, &cfg);
             let out = mtp_generate(&model, &quantized, prompt, 20, &[], None).unwrap();
             assert_eq!(out.tokens, plain, "{dtype:?}, prompt {prompt:?}");
             for len in prompt.len()..plain.len() {
