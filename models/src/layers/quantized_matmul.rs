@@ -208,7 +208,7 @@ mod x86 {
     use std::arch::x86_64::*;
 
     /// How 32 unsigned weight bytes meet 32 signed activation bytes.
-    #[derive(Clone, Copy, PartialEq, Eq)]
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
     pub enum Dot {
         /// AVX-512 VNNI `vpdpbusd` (EVEX, 256-bit).
         Vnni512,
@@ -438,27 +438,96 @@ mod x86 {
         columns::<F, 2>(w, rb, q, r, c, o)
     }
 
-    /// The sums of one group of [`super::Interleaved`] Q8_0 weights `w` against `rows` rows
-    /// of row-major activation blocks: four rows at a time, each weight run loaded once for them.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn interleaved_q8_avx2(
+    /// One group's `rows × 8` sums: interleaved Q8_0, Q4_0 or Q4_1 weights `w` against `rows`
+    /// rows of row-major activation blocks.
+    pub type Group = unsafe fn(&[u8], &[QBlock], usize, usize, &mut [f32]);
+
+    /// The group kernel for `packing` with the dot product `dot`.
+    pub fn group(packing: super::Packing, dot: Dot) -> Group {
+        use super::Packing;
+        match (packing, dot) {
+            (Packing::Q8_0, Dot::Vnni512) => interleaved_vnni512::<0>,
+            (Packing::Q4_0, Dot::Vnni512) => interleaved_vnni512::<1>,
+            (Packing::Q4_1, Dot::Vnni512) => interleaved_vnni512::<2>,
+            (Packing::Q8_0, Dot::AvxVnni) => interleaved_avx_vnni::<0>,
+            (Packing::Q4_0, Dot::AvxVnni) => interleaved_avx_vnni::<1>,
+            (Packing::Q4_1, Dot::AvxVnni) => interleaved_avx_vnni::<2>,
+            (Packing::Q8_0, Dot::Avx2) => interleaved_avx2::<0>,
+            (Packing::Q4_0, Dot::Avx2) => interleaved_avx2::<1>,
+            (Packing::Q4_1, Dot::Avx2) => interleaved_avx2::<2>,
+        }
+    }
+
+    /// # Safety
+    /// `w` holds `blocks` group blocks of the packing `P` (0: Q8_0, 1: Q4_0, 2: Q4_1), `qx`
+    /// `rows × blocks` activation blocks, `tile` `rows × 8` sums, on a CPU with AVX-512 VNNI.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn interleaved_vnni512<const P: u8>(
         w: &[u8],
         qx: &[QBlock],
         blocks: usize,
         rows: usize,
         tile: &mut [f32],
     ) {
+        interleaved::<P, 0>(w, qx, blocks, rows, tile)
+    }
+
+    /// # Safety
+    /// As [`interleaved_vnni512`], on a CPU with AVX-VNNI.
+    #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+    unsafe fn interleaved_avx_vnni<const P: u8>(
+        w: &[u8],
+        qx: &[QBlock],
+        blocks: usize,
+        rows: usize,
+        tile: &mut [f32],
+    ) {
+        interleaved::<P, 1>(w, qx, blocks, rows, tile)
+    }
+
+    /// # Safety
+    /// As [`interleaved_vnni512`], on a CPU with AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn interleaved_avx2<const P: u8>(
+        w: &[u8],
+        qx: &[QBlock],
+        blocks: usize,
+        rows: usize,
+        tile: &mut [f32],
+    ) {
+        interleaved::<P, 2>(w, qx, blocks, rows, tile)
+    }
+
+    /// Four rows at a time, each weight run loaded once for them.
+    #[inline(always)]
+    unsafe fn interleaved<const P: u8, const D: u8>(
+        w: &[u8],
+        qx: &[QBlock],
+        blocks: usize,
+        rows: usize,
+        tile: &mut [f32],
+    ) {
+        // No closure here: a closure would not inherit the caller's target features, and the
+        // intrinsics inlined into it would become calls.
         let mut r0 = 0;
-        while rows - r0 >= 4 {
-            interleaved_q8_rows::<4>(w, qx, blocks, r0, tile);
-            r0 += 4;
-        }
-        if rows - r0 >= 2 {
-            interleaved_q8_rows::<2>(w, qx, blocks, r0, tile);
-            r0 += 2;
-        }
-        if rows > r0 {
-            interleaved_q8_rows::<1>(w, qx, blocks, r0, tile);
+        while r0 < rows {
+            let r = match rows - r0 {
+                4.. => 4,
+                2 | 3 => 2,
+                _ => 1,
+            };
+            match (P, r) {
+                (0, 4) => interleaved_q8_rows::<D, 4>(w, qx, blocks, r0, tile),
+                (0, 2) => interleaved_q8_rows::<D, 2>(w, qx, blocks, r0, tile),
+                (0, _) => interleaved_q8_rows::<D, 1>(w, qx, blocks, r0, tile),
+                (1, 4) => interleaved_q4_rows::<false, D, 4>(w, qx, blocks, r0, tile),
+                (1, 2) => interleaved_q4_rows::<false, D, 2>(w, qx, blocks, r0, tile),
+                (1, _) => interleaved_q4_rows::<false, D, 1>(w, qx, blocks, r0, tile),
+                (_, 4) => interleaved_q4_rows::<true, D, 4>(w, qx, blocks, r0, tile),
+                (_, 2) => interleaved_q4_rows::<true, D, 2>(w, qx, blocks, r0, tile),
+                (_, _) => interleaved_q4_rows::<true, D, 1>(w, qx, blocks, r0, tile),
+            }
+            r0 += r;
         }
     }
 
@@ -472,8 +541,23 @@ mod x86 {
         )
     }
 
+    /// `sum` plus the products of unsigned bytes `u` and signed bytes `q`, four per 32-bit
+    /// lane: `vpdpbusd` with VNNI (`D` 0 or 1). Not for AVX2, whose `vpmaddubsw` saturates.
     #[inline(always)]
-    unsafe fn interleaved_q8_rows<const R: usize>(
+    unsafe fn dot_add<const D: u8>(sum: __m256i, u: __m256i, q: __m256i) -> __m256i {
+        match D {
+            0 => _mm256_dpbusd_epi32(sum, u, q),
+            _ => _mm256_dpbusd_avx_epi32(sum, u, q),
+        }
+    }
+
+    /// Each 4-byte run of a group block holds one column's 4 signed bytes; one broadcast run
+    /// of the activations meets all 8 columns. With AVX2, `|w|` meets `q` with `w`'s sign
+    /// (ggml's trick, as [`Dot::Avx2`]); with VNNI, `w + 128` meets `q` in one `vpdpbusd` and
+    /// `128·Σq` comes out of the sum after. Either way the block's integer sums are exact, so
+    /// every dot product gives the same bits.
+    #[inline(always)]
+    unsafe fn interleaved_q8_rows<const D: u8, const R: usize>(
         w: &[u8],
         qx: &[QBlock],
         blocks: usize,
@@ -485,6 +569,7 @@ mod x86 {
         assert!(w.len() >= blocks * GROUP_BLOCK && qx.len() >= (r0 + R) * blocks);
         assert!(tile.len() >= (r0 + R) * GROUP);
         let ones = _mm256_set1_epi16(1);
+        let shift = _mm256_set1_epi8(-128);
         let mut acc = [_mm256_setzero_ps(); R];
         for b in 0..blocks {
             let block = w.as_ptr().add(b * GROUP_BLOCK);
@@ -492,17 +577,30 @@ mod x86 {
             let mut sums = [_mm256_setzero_si256(); R];
             for j in 0..BLOCK / 4 {
                 let run = _mm256_loadu_si256(block.add(16 + 32 * j) as *const __m256i);
-                let magnitude = _mm256_sign_epi8(run, run);
-                for (i, sum) in sums.iter_mut().enumerate() {
-                    let x = broadcast_run(qx.as_ptr().add((r0 + i) * blocks + b), j);
-                    let pairs = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(x, run));
-                    *sum = _mm256_add_epi32(*sum, _mm256_madd_epi16(pairs, ones));
+                if D == 2 {
+                    let magnitude = _mm256_sign_epi8(run, run);
+                    for (i, sum) in sums.iter_mut().enumerate() {
+                        let x = broadcast_run(qx.as_ptr().add((r0 + i) * blocks + b), j);
+                        let pairs = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(x, run));
+                        *sum = _mm256_add_epi32(*sum, _mm256_madd_epi16(pairs, ones));
+                    }
+                } else {
+                    let u = _mm256_xor_si256(run, shift);
+                    for (i, sum) in sums.iter_mut().enumerate() {
+                        let x = broadcast_run(qx.as_ptr().add((r0 + i) * blocks + b), j);
+                        *sum = dot_add::<D>(*sum, u, x);
+                    }
                 }
             }
             for (i, a) in acc.iter_mut().enumerate() {
-                let dx = (*qx.as_ptr().add((r0 + i) * blocks + b)).dx;
-                let scale = _mm256_mul_ps(d, _mm256_set1_ps(dx));
-                *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[i]), scale, *a);
+                let q = &*qx.as_ptr().add((r0 + i) * blocks + b);
+                let isum = if D == 2 {
+                    sums[i]
+                } else {
+                    _mm256_sub_epi32(sums[i], _mm256_set1_epi32(128 * q.sum))
+                };
+                let scale = _mm256_mul_ps(d, _mm256_set1_ps(q.dx));
+                *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), scale, *a);
             }
         }
         for (i, a) in acc.iter().enumerate() {
@@ -510,36 +608,15 @@ mod x86 {
         }
     }
 
-    /// [`interleaved_q8_avx2`] for Q4_0 (`MIN = false`) and Q4_1 (`MIN = true`) weights.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn interleaved_q4_avx2<const MIN: bool>(
-        w: &[u8],
-        qx: &[QBlock],
-        blocks: usize,
-        rows: usize,
-        tile: &mut [f32],
-    ) {
-        let mut r0 = 0;
-        while rows - r0 >= 4 {
-            interleaved_q4_rows::<MIN, 4>(w, qx, blocks, r0, tile);
-            r0 += 4;
-        }
-        if rows - r0 >= 2 {
-            interleaved_q4_rows::<MIN, 2>(w, qx, blocks, r0, tile);
-            r0 += 2;
-        }
-        if rows > r0 {
-            interleaved_q4_rows::<MIN, 1>(w, qx, blocks, r0, tile);
-        }
-    }
-
-    /// Each 4-byte run holds 8 nibble pairs: the low nibbles meet the activations' run `j`
-    /// (elements `4j..`), the high ones their run `4 + j` (elements `16 + 4j..`). The products
-    /// of a block add up in 16-bit lanes, which they cannot overflow: `u ≤ 15` and `|qx| ≤ 127`
-    /// give at most 8·2·15·127 = 30 480 per lane. Q4_0's `u − 8` comes out of the integer sum
-    /// as `8·Σqx`; Q4_1's min adds `m·(dx·Σqx)`.
+    /// Q4_0 (`MIN = false`) and Q4_1 (`MIN = true`) group blocks. Each 4-byte run holds 8
+    /// nibble pairs: the low nibbles meet the activations' run `j` (elements `4j..`), the high
+    /// ones their run `4 + j` (elements `16 + 4j..`). With AVX2 the products of a block add up
+    /// in 16-bit lanes, which they cannot overflow: `u ≤ 15` and `|qx| ≤ 127` give at most
+    /// 8·2·15·127 = 30 480 per lane; with VNNI they add up in 32-bit lanes. Both sums are
+    /// exact. Q4_0's `u − 8` comes out of the integer sum as `8·Σqx`; Q4_1's min adds
+    /// `m·(dx·Σqx)`.
     #[inline(always)]
-    unsafe fn interleaved_q4_rows<const MIN: bool, const R: usize>(
+    unsafe fn interleaved_q4_rows<const MIN: bool, const D: u8, const R: usize>(
         w: &[u8],
         qx: &[QBlock],
         blocks: usize,
@@ -565,11 +642,16 @@ mod x86 {
                 let hi = _mm256_and_si256(_mm256_srli_epi16(run, 4), low);
                 for (i, sum) in sums.iter_mut().enumerate() {
                     let q = qx.as_ptr().add((r0 + i) * blocks + b);
-                    let pairs = _mm256_add_epi16(
-                        _mm256_maddubs_epi16(lo, broadcast_run(q, j)),
-                        _mm256_maddubs_epi16(hi, broadcast_run(q, 4 + j)),
-                    );
-                    *sum = _mm256_add_epi16(*sum, pairs);
+                    if D == 2 {
+                        let pairs = _mm256_add_epi16(
+                            _mm256_maddubs_epi16(lo, broadcast_run(q, j)),
+                            _mm256_maddubs_epi16(hi, broadcast_run(q, 4 + j)),
+                        );
+                        *sum = _mm256_add_epi16(*sum, pairs);
+                    } else {
+                        *sum = dot_add::<D>(*sum, lo, broadcast_run(q, j));
+                        *sum = dot_add::<D>(*sum, hi, broadcast_run(q, 4 + j));
+                    }
                 }
             }
             let m = if MIN {
@@ -579,7 +661,11 @@ mod x86 {
             };
             for (i, a) in acc.iter_mut().enumerate() {
                 let q = &*qx.as_ptr().add((r0 + i) * blocks + b);
-                let mut isum = _mm256_madd_epi16(sums[i], ones);
+                let mut isum = if D == 2 {
+                    _mm256_madd_epi16(sums[i], ones)
+                } else {
+                    sums[i]
+                };
                 if !MIN {
                     isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(8 * q.sum));
                 }
@@ -597,17 +683,29 @@ mod x86 {
 
     /// The best dot product this CPU runs, if any.
     pub fn best() -> Option<Dot> {
-        use std::arch::is_x86_feature_detected as has;
-        if !(has!("avx2") && has!("fma") && has!("f16c")) {
-            return None;
+        [Dot::Vnni512, Dot::AvxVnni, Dot::Avx2]
+            .into_iter()
+            .find(|dot| dot.available())
+    }
+
+    impl Dot {
+        /// Whether this CPU has every feature the dot product's passes are compiled for.
+        pub fn available(self) -> bool {
+            use std::arch::is_x86_feature_detected as has;
+            has!("avx2")
+                && has!("fma")
+                && has!("f16c")
+                && match self {
+                    Dot::Vnni512 => {
+                        has!("avx512f")
+                            && has!("avx512bw")
+                            && has!("avx512vl")
+                            && has!("avx512vnni")
+                    }
+                    Dot::AvxVnni => has!("avxvnni"),
+                    Dot::Avx2 => true,
+                }
         }
-        if has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("avx512vnni") {
-            return Some(Dot::Vnni512);
-        }
-        if has!("avxvnni") {
-            return Some(Dot::AvxVnni);
-        }
-        Some(Dot::Avx2)
     }
 }
 
@@ -752,7 +850,9 @@ impl Packing {
 /// One broadcast 4-byte run of the activations meets all 8 columns in one register, the 8
 /// scales convert in one instruction, and a row's 8 sums need no horizontal reduction: about
 /// half the instructions per weight block of the row-major kernel, which is bound by its
-/// arithmetic, not by memory. The checkpoint's bytes in another order ([`Self::unpack`]).
+/// arithmetic, not by memory. The bytes meet in one VNNI `vpdpbusd` per run and row where
+/// the CPU has AVX-512 VNNI or AVX-VNNI, in AVX2 `vpmaddubsw` otherwise (chosen at packing).
+/// The checkpoint's bytes in another order ([`Self::unpack`]).
 ///
 /// Each output is a sum over the blocks in order of `(d·dx)·Σ(u·qx)` with the integer sums
 /// exact (Q4_0's `u − 8` folded into them), plus `m·(dx·Σqx)` for Q4_1, so a row has the same
@@ -763,6 +863,9 @@ pub struct Interleaved {
     packing: Packing,
     n: usize,
     k: usize,
+    /// The group kernel, with the best dot product this CPU has.
+    #[cfg(target_arch = "x86_64")]
+    group: x86::Group,
 }
 
 impl Interleaved {
@@ -770,7 +873,11 @@ impl Interleaved {
     /// unless `k` is a multiple of [`BLOCK`], or where this CPU lacks the interleaved kernel.
     pub fn pack(weight: &[u8], dtype: GgmlDType, n: usize, k: usize) -> Option<Self> {
         let packing = Packing::of(dtype)?;
-        if n == 0 || !k.is_multiple_of(BLOCK) || !interleaved_cpu() {
+        #[cfg(target_arch = "x86_64")]
+        let group = x86::group(packing, x86::best()?);
+        #[cfg(not(target_arch = "x86_64"))]
+        return None;
+        if n == 0 || !k.is_multiple_of(BLOCK) {
             return None;
         }
         let bytes = packing.block_bytes();
@@ -801,6 +908,8 @@ impl Interleaved {
             packing,
             n,
             k,
+            #[cfg(target_arch = "x86_64")]
+            group,
         })
     }
 
@@ -835,9 +944,8 @@ impl Interleaved {
         }
         Some(Self {
             bytes: self.bytes[..n.div_ceil(GROUP) * self.group_bytes()].to_vec(),
-            packing: self.packing,
             n,
-            k: self.k,
+            ..*self
         })
     }
 
@@ -879,7 +987,7 @@ impl Interleaved {
                     for (i, tile) in chunk.chunks_exact_mut(GROUP * rows).enumerate() {
                         let g = g0 + i;
                         let w = &self.bytes[g * group_bytes..(g + 1) * group_bytes];
-                        interleaved_group(self.packing, w, &qx, blocks, rows, tile);
+                        self.group(w, &qx, blocks, rows, tile);
                     }
                 });
             for (g, tile) in sums.chunks_exact(GROUP * rows).enumerate() {
@@ -892,42 +1000,21 @@ impl Interleaved {
     }
 }
 
-/// Whether this CPU has the interleaved kernel (x86-64 with AVX2, FMA and F16C).
-fn interleaved_cpu() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        x86::best().is_some()
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
-/// One group's `rows × 8` sums, row by row, into `tile`.
-fn interleaved_group(
-    packing: Packing,
-    w: &[u8],
-    qx: &[QBlock],
-    blocks: usize,
-    rows: usize,
-    tile: &mut [f32],
-) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        // SAFETY: `Interleaved::pack` made these weights only where `best` found AVX2, FMA and F16C.
+impl Interleaved {
+    /// One group's `rows × 8` sums, row by row, into `tile`.
+    fn group(&self, w: &[u8], qx: &[QBlock], blocks: usize, rows: usize, tile: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `pack` chose the kernel with `x86::best`, which found its CPU features;
+        // `w` is one group's blocks of this packing, `qx` `rows × blocks` blocks, `tile`
+        // `rows × 8` sums.
         unsafe {
-            match packing {
-                Packing::Q8_0 => x86::interleaved_q8_avx2(w, qx, blocks, rows, tile),
-                Packing::Q4_0 => x86::interleaved_q4_avx2::<false>(w, qx, blocks, rows, tile),
-                Packing::Q4_1 => x86::interleaved_q4_avx2::<true>(w, qx, blocks, rows, tile),
-            }
+            (self.group)(w, qx, blocks, rows, tile)
         }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = (packing, w, qx, blocks, rows, tile);
-        unreachable!("interleaved weights are packed on x86-64 only")
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (w, qx, blocks, rows, tile);
+            unreachable!("interleaved weights are packed on x86-64 only")
+        }
     }
 }
 
@@ -1008,11 +1095,12 @@ mod tests {
 
     /// Interleaved Q8_0, Q4_0 and Q4_1 weights: the layout round-trips (a padded last group
     /// included), the products agree with the plain arithmetic of the row-major bytes, every
-    /// row has the bits it has alone (1 to 67 rows, across the 64-row tiles), and a prefix of
-    /// the columns has the bits of the whole.
+    /// row has the bits it has alone (1 to 67 rows, across the 64-row tiles), a prefix of the
+    /// columns has the bits of the whole, and every dot product the CPU has (VNNI, AVX2) gives
+    /// the same bits.
     #[test]
     fn interleaved_weights_round_trip_and_keep_every_rows_bits() {
-        if !interleaved_cpu() {
+        if Interleaved::pack(&[0; 34], GgmlDType::Q8_0, 1, 32).is_none() {
             return;
         }
         fn check<F: Format>(dtype: GgmlDType) {
@@ -1042,12 +1130,23 @@ mod tests {
             packed.matmul(&x, m, &mut all);
             let mut first = vec![0f32; m * 13];
             prefix.matmul(&x, m, &mut first);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            // Every dot product this CPU has gives the bits of the best one.
+            #[cfg(target_arch = "x86_64")]
+            for dot in [x86::Dot::Vnni512, x86::Dot::AvxVnni, x86::Dot::Avx2] {
+                if dot.available() {
+                    let mut other = packed.clone();
+                    other.group = x86::group(Packing::of(dtype).unwrap(), dot);
+                    let mut got = vec![0f32; m * n];
+                    other.matmul(&x, m, &mut got);
+                    assert_eq!(bits(&got), bits(&all), "{dtype:?} {dot:?}");
+                }
+            }
             for r in 0..m {
                 let row = &x[r * k..(r + 1) * k];
                 let mut alone = vec![0f32; n];
                 packed.matmul(row, 1, &mut alone);
                 let got = &all[r * n..(r + 1) * n];
-                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(got), bits(&alone), "{dtype:?} row {r} of {m}");
                 assert_eq!(
                     bits(&first[r * 13..(r + 1) * 13]),
