@@ -549,7 +549,7 @@ fn auto_tree(llm: &LoadedLlm, dir: &std::path::Path, heads: &MedusaHeads) -> Res
         .copied()
         .filter(|&k| context + k <= room)
         .collect();
-    let costs = crate::bench::verify::verify_costs(model, &llm.device, context, &sizes, 3)?;
+    let costs = crate::bench::verify::verify_costs(model, &llm.device, context, &sizes, 5)?;
     let hidden = Tensor::zeros(
         (1, 1, model.config.hidden_size),
         model.model.embeddings().dtype(),

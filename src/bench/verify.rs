@@ -2,6 +2,8 @@
 //! speculative decoding pays to verify k drafted tokens. Printed as milliseconds per forward and
 //! as the ratio to one token, the curve `--medusa-choices` trees are sized against.
 
+use std::time::Instant;
+
 use anyhow::{bail, Result};
 use candle_core::Device;
 use clap::Args;
@@ -30,6 +32,11 @@ pub struct VerifyBenchArgs {
 
 /// Milliseconds per forward pass of each of `sizes` new tokens after `context` random ones
 /// (the median of `repeats`), each from the same cached context.
+///
+/// The sizes take turns: one forward of each size per round, a round for warm-up and then
+/// `repeats` timed ones. A machine whose speed drifts (a shared VM's neighbours) then slows
+/// every size alike, and the ratios between sizes, which `--medusa-choices auto` sizes its tree
+/// by, hold better than when each size was timed in one go.
 pub fn verify_costs(
     model: &LlamaForCausalLM,
     device: &Device,
@@ -41,21 +48,33 @@ pub fn verify_costs(
     let ids = super::random_ids(1, context, vocab, 1, device)?;
     let mut cache = KvCache::new();
     model.forward(&ids, &mut cache)?;
-    let mut rows = Vec::new();
-    for &k in sizes {
-        let ids = super::random_ids(1, k, vocab, 2 + k as u64, device)?;
-        // Each forward starts from the context, as verification after a rejected draft does
-        // (the cache rolled back): the warm-up forward grows the cache's capacity once, so the
-        // timed ones do not reallocate it.
-        let seconds = super::median_seconds(1, repeats, || {
+    let drafts = sizes
+        .iter()
+        .map(|&k| super::random_ids(1, k, vocab, 2 + k as u64, device))
+        .collect::<Result<Vec<_>>>()?;
+    let mut times = vec![Vec::with_capacity(repeats); sizes.len()];
+    for round in 0..=repeats.max(1) {
+        for (ids, times) in drafts.iter().zip(&mut times) {
+            // Each forward starts from the context, as verification after a rejected draft
+            // does (the cache rolled back): the warm-up round grows the cache's capacity once,
+            // so the timed ones do not reallocate it.
             cache.truncate(context)?;
-            let out = model.forward(&ids, &mut cache)?;
+            let start = Instant::now();
+            let out = model.forward(ids, &mut cache)?;
             out.logits.flatten_all()?.get(0)?.to_scalar::<f32>()?;
-            Ok(())
-        })?;
-        rows.push((k, seconds * 1e3));
+            if round > 0 {
+                times.push(start.elapsed().as_secs_f64());
+            }
+        }
     }
-    Ok(rows)
+    Ok(sizes
+        .iter()
+        .zip(times)
+        .map(|(&k, mut times)| {
+            times.sort_by(f64::total_cmp);
+            (k, times[times.len() / 2] * 1e3)
+        })
+        .collect())
 }
 
 pub fn bench_verify(args: VerifyBenchArgs) -> Result<()> {
