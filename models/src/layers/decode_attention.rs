@@ -331,6 +331,7 @@ pub fn decode_attention(
 
 #[cfg(test)]
 mod tests {
+    #[cfg(target_arch = "x86_64")]
     use super::*;
 
     /// The AVX dot product has the plain one's bits, whole chunks of 16 or not.

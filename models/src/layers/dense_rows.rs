@@ -28,6 +28,7 @@ use rayon::prelude::*;
 /// Lanes of the partial sums: one AVX-512 register, two AVX2 ones.
 const LANES: usize = 16;
 /// Activation rows per block: a block stays in cache while every weight row meets it.
+#[cfg(target_arch = "x86_64")]
 const BLOCK: usize = 64;
 
 /// A pointer to the output, written by tasks in disjoint columns.
@@ -373,6 +374,7 @@ mod tests {
                 }
             }
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
             let mut paths: Vec<(&str, Range)> = vec![("plain Rust", range_scalar)];
             #[cfg(target_arch = "x86_64")]
             {

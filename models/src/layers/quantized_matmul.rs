@@ -37,7 +37,8 @@ struct QBlock {
     qx: [i8; BLOCK],
     dx: f32,
     sum: i32,
-    /// `dx · sum`, which the offset of a weight block multiplies.
+    /// `dx · sum`, which the offset of a weight block multiplies (in the x86 kernels).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     s: f32,
 }
 
@@ -864,8 +865,7 @@ pub struct Interleaved {
     n: usize,
     k: usize,
     /// The group kernel, with the best dot product this CPU has.
-    #[cfg(target_arch = "x86_64")]
-    group: x86::Group,
+    group: GroupKernel,
 }
 
 impl Interleaved {
@@ -873,10 +873,7 @@ impl Interleaved {
     /// unless `k` is a multiple of [`BLOCK`], or where this CPU lacks the interleaved kernel.
     pub fn pack(weight: &[u8], dtype: GgmlDType, n: usize, k: usize) -> Option<Self> {
         let packing = Packing::of(dtype)?;
-        #[cfg(target_arch = "x86_64")]
-        let group = x86::group(packing, x86::best()?);
-        #[cfg(not(target_arch = "x86_64"))]
-        return None;
+        let group = group_kernel(packing)?;
         if n == 0 || !k.is_multiple_of(BLOCK) {
             return None;
         }
@@ -908,7 +905,6 @@ impl Interleaved {
             packing,
             n,
             k,
-            #[cfg(target_arch = "x86_64")]
             group,
         })
     }
@@ -1013,8 +1009,28 @@ impl Interleaved {
         #[cfg(not(target_arch = "x86_64"))]
         {
             let _ = (w, qx, blocks, rows, tile);
-            unreachable!("interleaved weights are packed on x86-64 only")
+            match self.group {}
         }
+    }
+}
+
+/// The kernel of a group of [`Interleaved`] weights, on x86-64 with AVX2, FMA and F16C.
+#[cfg(target_arch = "x86_64")]
+type GroupKernel = x86::Group;
+/// Elsewhere there is none, and no weights are interleaved.
+#[cfg(not(target_arch = "x86_64"))]
+type GroupKernel = std::convert::Infallible;
+
+/// The group kernel for `packing` with the best dot product this CPU has, if it has one.
+fn group_kernel(packing: Packing) -> Option<GroupKernel> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        Some(x86::group(packing, x86::best()?))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = packing;
+        None
     }
 }
 
@@ -1097,7 +1113,8 @@ mod tests {
     /// included), the products agree with the plain arithmetic of the row-major bytes, every
     /// row has the bits it has alone (1 to 67 rows, across the 64-row tiles), a prefix of the
     /// columns has the bits of the whole, and every dot product the CPU has (VNNI, AVX2) gives
-    /// the same bits.
+    /// the same bits. Weights are interleaved on x86-64 only.
+    #[cfg(target_arch = "x86_64")]
     #[test]
     fn interleaved_weights_round_trip_and_keep_every_rows_bits() {
         if Interleaved::pack(&[0; 34], GgmlDType::Q8_0, 1, 32).is_none() {
