@@ -5,17 +5,18 @@
 //! plain sampling through the loop is plain sampling with the same seed; the caller can stop
 //! it after any token.
 
+mod common;
+
 use std::ops::ControlFlow;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Result};
 use candle_nn::{VarBuilder, VarMap};
-use zoo_models::generation::{generate, GenerationConfig, SamplingOptions, Strategy};
+use zoo_models::generation::{GenerationConfig, SamplingOptions, Strategy};
 use zoo_models::hub::ModelRepo;
 use zoo_models::llm::{
-    decode, Acceptance, DraftContext, DraftTree, Drafter, KvCache, LlamaForCausalLM, LlamaStep,
-    MedusaDrafter, MedusaHeads, MedusaTree, MtpDraft, MtpDrafter, MtpModules, NoDrafts,
-    SpeculativeOutput,
+    decode, Acceptance, DraftContext, DraftTree, Drafter, LlamaForCausalLM, MedusaDrafter,
+    MedusaHeads, MedusaTree, MtpDraft, MtpDrafter, MtpModules, NoDrafts, SpeculativeOutput,
 };
 
 fn fixtures() -> PathBuf {
@@ -37,17 +38,6 @@ fn medusa_heads() -> MedusaHeads {
         &Device::Cpu,
     )
     .unwrap()
-}
-
-/// `generate`'s output for `prompt`: the HF-parity reference.
-fn reference(model: &LlamaForCausalLM, prompt: &[u32], cfg: &GenerationConfig) -> Vec<u32> {
-    let mut step = LlamaStep {
-        model,
-        cache: KvCache::new(),
-    };
-    generate(&mut step, vec![prompt.to_vec()], cfg)
-        .unwrap()
-        .remove(0)
 }
 
 fn run(
@@ -110,7 +100,7 @@ fn settings(model: &LlamaForCausalLM, prompt: &[u32]) -> Vec<GenerationConfig> {
         max_new_tokens: 30,
         ..GenerationConfig::default()
     };
-    let early = reference(model, prompt, &plain)[prompt.len() + 2];
+    let early = common::plain_greedy(model, prompt, &plain)[prompt.len() + 2];
     vec![
         plain.clone(),
         GenerationConfig {
@@ -156,7 +146,7 @@ fn every_drafter_with_every_processor_decodes_as_plain_greedy() {
         vec![9],
     ] {
         for (c, cfg) in settings(&model, &prompt).into_iter().enumerate() {
-            let want = reference(&model, &prompt, &cfg);
+            let want = common::plain_greedy(&model, &prompt, &cfg);
             let mut drafters: Vec<(&str, Box<dyn Drafter>)> = vec![
                 ("none", Box::new(NoDrafts)),
                 (
@@ -242,7 +232,7 @@ fn plain_sampling_through_the_loop_is_plain_sampling() {
             strategy: Strategy::Sample(s),
             ..GenerationConfig::default()
         };
-        let want = reference(&model, &prompt, &cfg);
+        let want = common::plain_greedy(&model, &prompt, &cfg);
         let rule = Acceptance::of(&cfg).unwrap();
         let out = run(&model, &mut NoDrafts, &prompt, &cfg, &rule);
         assert_eq!(out.tokens, want, "penalty {penalty}");
@@ -292,7 +282,7 @@ fn the_caller_stops_the_loop_after_any_token() {
         max_new_tokens: 30,
         ..GenerationConfig::default()
     };
-    let want = reference(&model, &prompt, &cfg);
+    let want = common::plain_greedy(&model, &prompt, &cfg);
     for stop_after in [1, 2, 5] {
         let mut oracle = Oracle {
             answer: want.clone(),
