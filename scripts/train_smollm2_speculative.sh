@@ -7,15 +7,19 @@
 # 1. Chat prompts (scripts/smollm2_prompts.py: templates and topic lists of this project, split
 #    into training and validation prompts with none in common).
 # 2. `zoo train medusa --self-distill --chat`: SmolLM2 renders every prompt with its chat
-#    template and writes its greedy reply (batched by rendered length); 4 heads of one ResBlock
-#    sharing the model's lm_head learn on those conversations. The heads' per-rank accuracy on
-#    the validation prompts' replies goes to medusa_accuracy.json (--medusa-choices auto).
-# 3. `zoo train mtp --freeze-backbone`: two MTP modules, starting from the last layer, on the same conversations
-#    (OUT/medusa/self_distill.jsonl), the model frozen.
+#    template and writes its greedy reply (batched by rendered length); 3 heads of one ResBlock
+#    sharing the model's lm_head learn on those conversations (one per row, the replies
+#    scored), on the draft vocabulary that decoding drafts from (--draft-vocab). The heads'
+#    per-rank accuracy on the validation prompts' replies goes to medusa_accuracy.json
+#    (--medusa-choices auto).
+# 3. `zoo train mtp --freeze-backbone`: two MTP modules, starting from the last layer, on the
+#    same conversations (OUT/medusa/self_distill.jsonl, whose prompts are not scored) and the
+#    same draft vocabulary, the model frozen.
 # 4. The heads and the module's tensors converted to f16 (the model's own weights are left out:
 #    they are the GGUF's).
-# Knobs: PROMPTS (training prompts, 640), VAL (validation prompts, 48), MEDUSA_STEPS (120),
-# MTP_STEPS (360), PY (a python with numpy and safetensors, for step 4).
+# Knobs: PROMPTS (training prompts, 800), VAL (validation prompts, 48), MEDUSA_HEADS (3),
+# MEDUSA_STEPS (160), MTP_STEPS (320), DRAFT_VOCAB (8192), PY (a python with numpy and
+# safetensors, for step 4).
 set -euo pipefail
 gguf=$1
 out=$2
@@ -23,16 +27,18 @@ zoo=${3:-target/release/zoo}
 py=${PY:-python3}
 here=$(cd "$(dirname "$0")" && pwd)
 mkdir -p "$out"
-python3 "$here/smollm2_prompts.py" "$out" "${PROMPTS:-640}" "${VAL:-48}"
+draft_vocab=${DRAFT_VOCAB:-8192}
+python3 "$here/smollm2_prompts.py" "$out" "${PROMPTS:-800}" "${VAL:-48}"
 lscpu | grep -E "Model name|Flags" > "$out/lscpu.txt"
 /usr/bin/time -v "$zoo" train medusa --model "$gguf" --self-distill --chat \
   --distill-temperature 0 --train-data "$out/prompts-train.txt" --val-data "$out/prompts-val.txt" \
-  --medusa-num-heads 4 --medusa-num-layers 1 --medusa-shared-lm-head --seq-len 256 \
-  --batch-size 4 --steps "${MEDUSA_STEPS:-120}" --lr 2e-3 --warmup 10 --wd 0 --grad-clip-norm 1.0 \
+  --medusa-num-heads "${MEDUSA_HEADS:-3}" --medusa-num-layers 1 --medusa-shared-lm-head \
+  --draft-vocab "$draft_vocab" --seq-len 256 --batch-size 4 --steps "${MEDUSA_STEPS:-160}" \
+  --lr 2e-3 --warmup 10 --wd 0 --grad-clip-norm 1.0 \
   --output "$out/medusa" 2> "$out/medusa-time.txt"
 /usr/bin/time -v "$zoo" train mtp --model "$gguf" --freeze-backbone --mtp-depth 2 \
-  --train-data "$out/medusa/self_distill.jsonl" --seq-len 256 --batch-size 4 \
-  --steps "${MTP_STEPS:-360}" --lr 2e-3 --warmup 10 --wd 0 --grad-clip-norm 1.0 \
+  --train-data "$out/medusa/self_distill.jsonl" --draft-vocab "$draft_vocab" --seq-len 256 \
+  --batch-size 4 --steps "${MTP_STEPS:-320}" --lr 2e-3 --warmup 10 --wd 0 --grad-clip-norm 1.0 \
   --output "$out/mtp" 2> "$out/mtp-time.txt"
 "$py" - "$out" <<'PY'
 import json, os, shutil, sys

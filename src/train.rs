@@ -118,6 +118,11 @@ pub struct TrainArgs {
     /// (FasterDecoding's "version 2" layout: one ResBlock of weights per head).
     #[arg(long)]
     pub medusa_shared_lm_head: bool,
+    /// Medusa and MTP: train and measure the heads or modules on the first N tokens of the
+    /// vocabulary, which `zoo generate --draft-vocab N` drafts from (targets outside it are not
+    /// scored); their vocabulary projection costs N/vocabulary of the whole one.
+    #[arg(long, value_parser = flags::count::<usize>, allow_negative_numbers = true)]
+    pub draft_vocab: Option<usize>,
     /// Self-distillation: prompt tokens kept from each sequence (default: a quarter of
     /// --seq-len).
     #[arg(long, value_parser = flags::count::<usize>, allow_negative_numbers = true)]
@@ -264,6 +269,9 @@ fn parse_precision(s: &str) -> std::result::Result<Precision, String> {
 pub fn run_train(args: TrainArgs) -> Result<()> {
     if let Some(n) = args.image_size {
         crate::common::check_image_size(n)?;
+    }
+    if args.draft_vocab.is_some() && !matches!(args.family, Objective::Medusa | Objective::Mtp) {
+        bail!("--draft-vocab is for `zoo train medusa|mtp`: what their drafts are drawn from");
     }
     let (objective, default_model) = match args.family {
         Objective::Clip => (ScoreKind::Softmax, "clip-tiny"),
@@ -609,13 +617,17 @@ fn run_lm(args: TrainArgs) -> Result<()> {
             depth: args.mtp_depth,
             lambda: args.mtp_lambda,
             freeze_backbone: args.freeze_backbone,
+            draft_vocab: args.draft_vocab,
         }),
         epochs: args.epochs,
     };
     let summary = lm::run(config, &train_files, val_files.as_deref())
         .with_context(|| training_failed(&args))?;
     if summary.skipped > 0 {
-        eprintln!("skipped {} malformed JSONL lines", summary.skipped);
+        eprintln!(
+            "skipped {} JSONL lines (malformed, or a text that does not start with its prompt)",
+            summary.skipped
+        );
     }
     report(&summary.state.losses, summary.state.step)?;
     outln!("model: {}", summary.final_dir.display())?;
@@ -657,6 +669,7 @@ fn run_medusa(args: TrainArgs) -> Result<()> {
         num_heads: args.medusa_num_heads,
         num_layers: args.medusa_num_layers,
         shared_lm_head: args.medusa_shared_lm_head,
+        draft_vocab: args.draft_vocab,
         seq_len: args.seq_len,
         // With --epochs the trainer sets the steps (and caps the warmup) once it has packed the
         // corpus.
@@ -681,6 +694,12 @@ fn run_medusa(args: TrainArgs) -> Result<()> {
     let val_files = args.val_data.as_deref().map(text_files).transpose()?;
     let summary = medusa::run(config, &train_files, val_files.as_deref())
         .with_context(|| training_failed(&args))?;
+    if summary.skipped > 0 {
+        eprintln!(
+            "skipped {} JSONL lines (malformed, or a text that does not start with its prompt)",
+            summary.skipped
+        );
+    }
     report(&summary.state.losses, summary.state.step)?;
     if args.joint {
         outln!(

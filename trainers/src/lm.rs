@@ -234,16 +234,23 @@ impl TrainableLlama {
     /// The LM loss and, per MTP depth `k`, the loss of module `k` predicting token `i + k + 1`
     /// at every position `i` (DeepSeek-V3's `L^k_MTP`), on `ids` `[B, T]`. With
     /// `detach_backbone` the modules read the backbone's hidden states without a gradient into
-    /// it.
-    pub fn losses(&self, ids: &Tensor, detach_backbone: bool) -> Result<(Tensor, Vec<Tensor>)> {
+    /// it; `weights` and `draft_vocab` as in [`Self::mtp_losses`] (the weights for the LM loss
+    /// too).
+    pub fn losses(
+        &self,
+        ids: &Tensor,
+        detach_backbone: bool,
+        weights: Option<&Tensor>,
+        draft_vocab: Option<usize>,
+    ) -> Result<(Tensor, Vec<Tensor>)> {
         let out = self.model.forward(ids, &mut KvCache::new())?;
-        let main = next_token_loss(&out.logits, ids)?;
+        let main = next_token_loss(&out.logits, ids, weights)?;
         let hidden = if detach_backbone {
             out.hidden.detach()
         } else {
             out.hidden
         };
-        Ok((main, self.mtp_losses(ids, hidden)?))
+        Ok((main, self.mtp_losses(ids, hidden, weights, draft_vocab)?))
     }
 
     /// The backbone's final hidden states `[B, T, D]` of `ids`, outside any training graph:
@@ -253,11 +260,28 @@ impl TrainableLlama {
     }
 
     /// Per MTP depth `k`, the loss of module `k` on `ids` `[B, T]` from the backbone's final
-    /// `hidden` states `[B, T, D]` (see [`Self::losses`]); none without modules.
-    pub fn mtp_losses(&self, ids: &Tensor, mut hidden: Tensor) -> Result<Vec<Tensor>> {
+    /// `hidden` states `[B, T, D]` (see [`Self::losses`]); none without modules. With
+    /// `weights` `[B, T]` only the targets of weight 1 count (a chat's replies); with
+    /// `draft_vocab` the modules score the first that many tokens only, and targets outside
+    /// them do not count.
+    pub fn mtp_losses(
+        &self,
+        ids: &Tensor,
+        mut hidden: Tensor,
+        weights: Option<&Tensor>,
+        draft_vocab: Option<usize>,
+    ) -> Result<Vec<Tensor>> {
         let mut depth_losses = Vec::new();
         let Some(mtp) = &self.mtp else {
             return Ok(depth_losses);
+        };
+        let lm_head = match draft_vocab {
+            Some(n) => self
+                .model
+                .lm_head()
+                .first_rows(n)
+                .map_err(|e| Error::Input(format!("--draft-vocab {n}: {e}")))?,
+            None => self.model.lm_head().clone(),
         };
         let (_, t) = ids.dims2()?;
         for (k0, module) in mtp.modules.iter().enumerate() {
@@ -279,15 +303,19 @@ impl TrainableLlama {
                 &zoo_models::layers::AttentionMask::causal(0),
                 &mut Default::default(),
             )?;
-            let logits = module.logits(&hidden.narrow(1, 0, n - 1)?, self.model.lm_head())?;
+            let logits = module.logits(&hidden.narrow(1, 0, n - 1)?, &lm_head)?;
             let (b, _, v) = logits.dims3()?;
             let targets = ids
                 .narrow(1, k + 1, n - 1)?
                 .flatten_all()?
                 .to_dtype(DType::U32)?;
-            depth_losses.push(crate::loss::cross_entropy(
+            let weights = weights
+                .map(|w| w.narrow(1, k + 1, n - 1)?.flatten_all())
+                .transpose()?;
+            depth_losses.push(crate::loss::scored_cross_entropy(
                 &logits.reshape((b * (n - 1), v))?.to_dtype(DType::F32)?,
                 &targets,
+                weights.as_ref(),
             )?);
         }
         Ok(depth_losses)
@@ -305,7 +333,7 @@ impl TrainableLlama {
     /// Mean next-token cross-entropy of `ids` `[B, L]` (every position predicts the next).
     pub fn lm_loss(&self, ids: &Tensor) -> Result<Tensor> {
         let out = self.model.forward(ids, &mut KvCache::new())?;
-        next_token_loss(&out.logits, ids)
+        next_token_loss(&out.logits, ids, None)
     }
 
     /// HF's `config.json`: `LlamaForCausalLM`.
@@ -374,17 +402,22 @@ fn initial_tensor(name: &str, shape: &Shape, rng: &mut Rng, device: &Device) -> 
     })
 }
 
-/// Mean cross-entropy of `logits` `[B, L, V]` at positions `0..L-1` against `ids[:, 1..]`.
-pub fn next_token_loss(logits: &Tensor, ids: &Tensor) -> Result<Tensor> {
+/// Mean cross-entropy of `logits` `[B, L, V]` at positions `0..L-1` against `ids[:, 1..]`;
+/// with `weights` `[B, L]` (f32) only the targets of weight 1 count (a chat's replies).
+pub fn next_token_loss(logits: &Tensor, ids: &Tensor, weights: Option<&Tensor>) -> Result<Tensor> {
     let (b, l, v) = logits.dims3()?;
     let logits = logits.narrow(1, 0, l - 1)?.reshape((b * (l - 1), v))?;
     let targets = ids
         .narrow(1, 1, l - 1)?
         .flatten_all()?
         .to_dtype(DType::U32)?;
-    Ok(crate::loss::cross_entropy(
+    let weights = weights
+        .map(|w| w.narrow(1, 1, l - 1)?.flatten_all())
+        .transpose()?;
+    Ok(crate::loss::scored_cross_entropy(
         &logits.to_dtype(DType::F32)?,
         &targets,
+        weights.as_ref(),
     )?)
 }
 
@@ -415,12 +448,17 @@ pub fn parameter_shapes(config: &LlamaConfig) -> Result<Vec<(String, Shape)>> {
 /// Documents read from text and JSONL files, and how many JSONL lines were skipped.
 pub struct Corpus {
     pub documents: Vec<String>,
+    /// Per document, the prompt its text starts with (JSONL `prompt`, as `zoo train medusa
+    /// --self-distill --chat` writes its conversations): only the rest is a target.
+    pub prompts: Vec<Option<String>>,
     pub skipped: usize,
 }
 
 impl Corpus {
-    /// Reads `paths`: `.jsonl` files hold one `{"text": ...}` per line (malformed lines and
-    /// lines without a string `text` are skipped and counted); any other file is one document.
+    /// Reads `paths`: `.jsonl` files hold one `{"text": ...}` per line, optionally with the
+    /// `"prompt"` the text starts with (malformed lines, lines without a string `text`, and
+    /// lines whose text does not start with their prompt are skipped and counted); any other
+    /// file is one document.
     pub fn read(paths: &[PathBuf]) -> Result<Self> {
         Self::read_split(paths, false)
     }
@@ -433,17 +471,27 @@ impl Corpus {
 
     fn read_split(paths: &[PathBuf], by_line: bool) -> Result<Self> {
         let mut documents = Vec::new();
+        let mut prompts = Vec::new();
         let mut skipped = 0;
         for path in paths {
             let text = std::fs::read_to_string(path)
                 .map_err(|e| Error::Input(format!("cannot read {}: {e}", path.display())))?;
             if path.extension().is_some_and(|e| e == "jsonl") {
                 for line in text.lines().filter(|l| !l.trim().is_empty()) {
-                    match serde_json::from_str::<serde_json::Value>(line)
-                        .ok()
-                        .and_then(|v| v["text"].as_str().map(str::to_string))
-                    {
-                        Some(doc) if !doc.is_empty() => documents.push(doc),
+                    let value = serde_json::from_str::<serde_json::Value>(line).ok();
+                    let doc = value.as_ref().and_then(|v| v["text"].as_str());
+                    let prompt = value.as_ref().map(|v| &v["prompt"]);
+                    match (doc, prompt) {
+                        (Some(doc), None | Some(serde_json::Value::Null)) if !doc.is_empty() => {
+                            documents.push(doc.to_string());
+                            prompts.push(None);
+                        }
+                        (Some(doc), Some(serde_json::Value::String(p)))
+                            if doc.len() > p.len() && doc.starts_with(p.as_str()) =>
+                        {
+                            documents.push(doc.to_string());
+                            prompts.push(Some(p.clone()));
+                        }
                         _ => skipped += 1,
                     }
                 }
@@ -456,6 +504,7 @@ impl Corpus {
             } else if !text.trim().is_empty() {
                 documents.push(text);
             }
+            prompts.resize(documents.len(), None);
         }
         if documents.is_empty() {
             let names: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
@@ -464,7 +513,11 @@ impl Corpus {
                 names.join(", ")
             )));
         }
-        Ok(Self { documents, skipped })
+        Ok(Self {
+            documents,
+            prompts,
+            skipped,
+        })
     }
 
     /// The corpus as one token stream: each document tokenized (with the tokenizer's special
@@ -476,6 +529,49 @@ impl Corpus {
             ids.push(eos);
         }
         Ok(ids)
+    }
+
+    /// The corpus packed into sequences of `seq_len` tokens ([`Self::tokens`]). Documents with
+    /// prompts are conversations instead ([`PackedSequences::conversations`], one per row):
+    /// only the tokens after the prompt are targets (the `eos` after them is not: the text does
+    /// not say whether the reply ended or ran out of room), and a document whose tokens do not
+    /// start with its prompt's, or that has no target within `seq_len`, is left out; the count
+    /// of those comes back with the sequences.
+    pub fn pack(
+        &self,
+        tokenizer: &TextTokenizer,
+        eos: u32,
+        seq_len: usize,
+        seed: u64,
+    ) -> Result<(PackedSequences, usize)> {
+        if self.prompts.iter().all(Option::is_none) {
+            return Ok((
+                PackedSequences::new(&self.tokens(tokenizer, eos)?, seq_len, seed)?,
+                0,
+            ));
+        }
+        let (mut rows, mut dropped) = (Vec::new(), 0);
+        for (doc, prompt) in self.documents.iter().zip(&self.prompts) {
+            let mut tokens = tokenizer.encode(doc)?;
+            let prompt_len = match prompt {
+                Some(p) => {
+                    let p = tokenizer.encode(p)?;
+                    if !tokens.starts_with(&p) || tokens.len() == p.len() {
+                        dropped += 1;
+                        continue;
+                    }
+                    p.len()
+                }
+                None => 0,
+            };
+            let mut scored = vec![false; prompt_len];
+            scored.resize(tokens.len(), true);
+            scored.push(prompt.is_none());
+            tokens.push(eos);
+            rows.push((tokens, scored));
+        }
+        let (data, cut) = PackedSequences::conversations(rows, seq_len, eos, seed)?;
+        Ok((data, dropped + cut))
     }
 }
 
@@ -562,7 +658,8 @@ pub fn frozen_hidden(model: &LlamaForCausalLM, ids: &Tensor) -> Result<Tensor> {
 }
 
 /// The token stream cut into sequences of `seq_len` tokens (the tail shorter than a sequence is
-/// dropped), visited in a seeded order per epoch.
+/// dropped), or one conversation per row ([`Self::conversations`]), visited in a seeded order
+/// per epoch.
 pub struct PackedSequences {
     sequences: Vec<Vec<u32>>,
     /// Which tokens are scored as targets, per sequence (a chat's replies); `None`: all.
@@ -589,20 +686,55 @@ impl PackedSequences {
         })
     }
 
-    /// [`Self::new`] with `scored[i]` saying whether `tokens[i]` is a target, cut alike: a chat
-    /// scores its replies and not the prompts and the template around them, as FasterDecoding's
-    /// Medusa training masks every turn but the assistant's.
-    pub fn with_scored(tokens: &[u32], scored: &[bool], seq_len: usize, seed: u64) -> Result<Self> {
-        if scored.len() != tokens.len() {
+    /// One row per conversation, as FasterDecoding pads each of its conversations: a chat's
+    /// prompt and reply keep their whole context, never cut across rows nor sharing one with
+    /// another conversation (whose hidden states would then differ from decoding's). Each row
+    /// is cut to `seq_len` tokens and padded to it with `pad`; `scored[i]` says whether its
+    /// token `i` is a target (a reply's, not the prompt and the template around it), and the
+    /// padding never is. Rows left without a target are dropped, and counted.
+    pub fn conversations(
+        rows: Vec<(Vec<u32>, Vec<bool>)>,
+        seq_len: usize,
+        pad: u32,
+        seed: u64,
+    ) -> Result<(Self, usize)> {
+        if seq_len < 2 {
+            return Err(Error::Input("--seq-len must be at least 2".into()));
+        }
+        let (mut sequences, mut scored, mut dropped) = (Vec::new(), Vec::new(), 0);
+        for (mut ids, mut flags) in rows {
+            if flags.len() != ids.len() {
+                return Err(Error::Input(format!(
+                    "{} target flags for {} tokens",
+                    flags.len(),
+                    ids.len()
+                )));
+            }
+            ids.truncate(seq_len);
+            flags.truncate(seq_len);
+            // Position 0 is never a target (nothing predicts it).
+            if !flags.iter().skip(1).any(|&f| f) {
+                dropped += 1;
+                continue;
+            }
+            ids.resize(seq_len, pad);
+            flags.resize(seq_len, false);
+            sequences.push(ids);
+            scored.push(flags);
+        }
+        if sequences.is_empty() {
             return Err(Error::Input(format!(
-                "{} target flags for {} tokens",
-                scored.len(),
-                tokens.len()
+                "no conversation has a target within --seq-len {seq_len} tokens"
             )));
         }
-        let mut packed = Self::new(tokens, seq_len, seed)?;
-        packed.scored = Some(scored.chunks_exact(seq_len).map(<[bool]>::to_vec).collect());
-        Ok(packed)
+        Ok((
+            Self {
+                sequences,
+                scored: Some(scored),
+                seed,
+            },
+            dropped,
+        ))
     }
 
     /// Sequences made elsewhere (self-distillation's generations), all of one length.
@@ -735,6 +867,7 @@ pub fn perplexity_after(
         let loss = next_token_loss(
             &out.logits.narrow(1, context, scored)?,
             &ids.narrow(1, context, scored)?,
+            None,
         )?
         .to_scalar::<f32>()?;
         total += f64::from(loss) * (b * (scored - 1)) as f64;
@@ -752,6 +885,9 @@ pub struct MtpSettings {
     pub lambda: f64,
     /// Train only the modules, on the frozen backbone's hidden states (`λ / D · Σ_k L^k`).
     pub freeze_backbone: bool,
+    /// The modules learn to draft from the first this many tokens of the vocabulary (the
+    /// draft vocabulary of `zoo generate --draft-vocab`); targets outside it are not scored.
+    pub draft_vocab: Option<usize>,
 }
 
 /// Causal LM training on packed sequences, optionally with MTP modules.
@@ -812,15 +948,20 @@ impl Task for LmTask {
                     LlamaForCausalLM::new(&m.config, vb)
                 })?;
             let out = model.forward(ids, &mut KvCache::new())?;
-            return next_token_loss(&out.logits, ids);
+            return next_token_loss(&out.logits, ids, batch.weights.as_ref());
         };
         // On a frozen backbone only the modules' losses count, and its hidden states are the
         // same at every visit of a sequence.
+        let scored = batch.weights.as_ref();
         let (main, depths) = if mtp.freeze_backbone {
             let hidden = self.frozen_hidden(batch)?;
-            (None, self.model.mtp_losses(ids, hidden)?)
+            (
+                None,
+                self.model
+                    .mtp_losses(ids, hidden, scored, mtp.draft_vocab)?,
+            )
         } else {
-            let (main, depths) = self.model.losses(ids, false)?;
+            let (main, depths) = self.model.losses(ids, false, scored, mtp.draft_vocab)?;
             (Some(main), depths)
         };
         self.sums.0.resize(depths.len(), 0.0);
@@ -971,13 +1112,12 @@ pub fn run(
         None => model,
     };
     let eos = model.eos()?;
-    let data = PackedSequences::new(&corpus.tokens(&model.tokenizer, eos)?, config.seq_len, seed)?;
+    let (data, dropped) = corpus.pack(&model.tokenizer, eos, config.seq_len, seed)?;
     let (val, val_skipped) = match val_files {
         Some(files) => {
             let val = Corpus::read(files)?;
-            let seqs =
-                PackedSequences::new(&val.tokens(&model.tokenizer, eos)?, config.seq_len, seed)?;
-            (Some(seqs), val.skipped)
+            let (seqs, val_dropped) = val.pack(&model.tokenizer, eos, config.seq_len, seed)?;
+            (Some(seqs), val.skipped + val_dropped)
         }
         None => (None, 0),
     };
@@ -1019,6 +1159,6 @@ pub fn run(
         state,
         task,
         final_dir: train.output.join("final"),
-        skipped: corpus.skipped + val_skipped,
+        skipped: corpus.skipped + dropped + val_skipped,
     })
 }

@@ -25,6 +25,38 @@ pub fn weighted_cross_entropy(
     ((picked * weights)?.sum_all()? / f64::from(total))?.neg()
 }
 
+/// Cross-entropy of `logits` `[N, C]` that score only the first `C` tokens of a vocabulary (a
+/// draft vocabulary, or all of it) against `targets` `[N]` (u32) anywhere in it, weighted per
+/// row by `weights` `[N]` (f32) where given. A row whose target is not among the `C` counts as
+/// weight 0: no draft from those logits can propose it. With every target scored and no
+/// weights this is [`cross_entropy`], else [`weighted_cross_entropy`].
+pub fn scored_cross_entropy(
+    logits: &Tensor,
+    targets: &Tensor,
+    weights: Option<&Tensor>,
+) -> Result<Tensor> {
+    let c = logits.dim(1)?;
+    let ids = targets.to_vec1::<u32>()?;
+    let outside = ids.iter().any(|&t| t as usize >= c);
+    let weights = match (weights, outside) {
+        (None, false) => return cross_entropy(logits, targets),
+        (Some(w), false) => return weighted_cross_entropy(logits, targets, w),
+        (Some(w), true) => w.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?,
+        (None, true) => vec![1.0; ids.len()],
+    };
+    let (ids, weights): (Vec<u32>, Vec<f32>) = ids
+        .into_iter()
+        .zip(weights)
+        .map(|(t, w)| if t as usize >= c { (0, 0.0) } else { (t, w) })
+        .unzip();
+    let device = logits.device();
+    weighted_cross_entropy(
+        logits,
+        &Tensor::new(ids, device)?,
+        &Tensor::new(weights, device)?,
+    )
+}
+
 /// Numerically stable `log σ(x) = min(x, 0) − log(1 + e^{−|x|})`. Candle's
 /// `binary_cross_entropy_with_logit` takes `log(sigmoid(x))`, which is −∞ for large negative x.
 pub fn log_sigmoid(x: &Tensor) -> Result<Tensor> {

@@ -30,6 +30,7 @@ use candle_nn::{VarBuilder, VarMap};
 use serde_json::json;
 use zoo_datasets::chat::Message;
 use zoo_models::generation::{generate, GenerationConfig, SamplingOptions, Strategy};
+use zoo_models::layers::Linear;
 use zoo_models::llm::medusa::{MedusaConfig, TOPK};
 use zoo_models::llm::{HeadAccuracy, KvCache, LlamaForCausalLM, LlamaStep, LlmSource, MedusaHeads};
 
@@ -39,7 +40,7 @@ use crate::error::{Error, Result};
 use crate::lm::{
     frozen_hidden, next_token_loss, Batch, Corpus, KeptHidden, PackedSequences, TrainableLlama,
 };
-use crate::loss::{cross_entropy, weighted_cross_entropy};
+use crate::loss::scored_cross_entropy;
 use crate::optim::AdamWConfig;
 use crate::train::{initial_state, run_task, Task, TrainConfig, TrainState};
 
@@ -53,6 +54,9 @@ pub struct TrainableMedusa {
     pub varmap: VarMap,
     /// Where the backbone came from, written as `base_model_name_or_path`.
     pub base_model: String,
+    /// The heads learn and are measured on the first this many tokens of the vocabulary only
+    /// (the draft vocabulary of `zoo generate --draft-vocab`), all of it when `None`.
+    pub draft_vocab: Option<usize>,
 }
 
 impl TrainableMedusa {
@@ -135,7 +139,33 @@ impl TrainableMedusa {
             config,
             varmap,
             base_model: base_model.to_string(),
+            draft_vocab: None,
         })
+    }
+
+    /// Trains and measures the heads on the first `n` tokens of the vocabulary: what they
+    /// draft from under `--draft-vocab n`. Targets outside it are not scored (no draft can
+    /// propose them) and count as misses in [`Self::rank_hits`].
+    pub fn with_draft_vocab(mut self, n: usize, backbone: &LlamaForCausalLM) -> Result<Self> {
+        let v = backbone.config.vocab_size;
+        if n == 0 || n > v {
+            return Err(Error::Input(format!(
+                "--draft-vocab {n}: the backbone's vocabulary has {v} tokens"
+            )));
+        }
+        self.draft_vocab = Some(n);
+        Ok(self)
+    }
+
+    /// Head `i`'s logits over the draft vocabulary (or the whole one) for `hidden`.
+    fn draft_logits(&self, i: usize, hidden: &Tensor, lm_head: &Linear) -> Result<Tensor> {
+        let head = &self.heads.heads[i];
+        let Some(n) = self.draft_vocab else {
+            return Ok(head.forward(hidden, lm_head)?);
+        };
+        let logits = head.forward(hidden, &lm_head.first_rows(n)?)?;
+        // A head with a projection of its own scores the whole vocabulary.
+        Ok(logits.narrow(D::Minus1, 0, n)?)
     }
 
     /// Every variable, sorted by name.
@@ -159,7 +189,7 @@ impl TrainableMedusa {
     ) -> Result<Vec<Tensor>> {
         let l = ids.dim(1)?;
         let mut losses = Vec::new();
-        for (i, head) in self.heads.heads.iter().enumerate() {
+        for i in 0..self.heads.heads.len() {
             let k = i + 1;
             if l <= k + 1 {
                 return Err(Error::Input(format!(
@@ -168,21 +198,17 @@ impl TrainableMedusa {
             }
             let n = l - k - 1;
             let h = hidden.narrow(1, 0, n)?;
-            let logits = head.forward(&h, backbone.lm_head())?;
+            let logits = self.draft_logits(i, &h, backbone.lm_head())?;
             let (b, _, v) = logits.dims3()?;
             let logits = logits.reshape((b * n, v))?.to_dtype(DType::F32)?;
             let targets = ids
                 .narrow(1, k + 1, n)?
                 .flatten_all()?
                 .to_dtype(DType::U32)?;
-            losses.push(match weights {
-                Some(w) => weighted_cross_entropy(
-                    &logits,
-                    &targets,
-                    &w.narrow(1, k + 1, n)?.flatten_all()?,
-                )?,
-                None => cross_entropy(&logits, &targets)?,
-            });
+            let weights = weights
+                .map(|w| w.narrow(1, k + 1, n)?.flatten_all())
+                .transpose()?;
+            losses.push(scored_cross_entropy(&logits, &targets, weights.as_ref())?);
         }
         Ok(losses)
     }
@@ -201,26 +227,40 @@ impl TrainableMedusa {
     ) -> Result<Vec<(Vec<usize>, usize)>> {
         let l = ids.dim(1)?;
         let mut out = Vec::new();
-        for (i, head) in self.heads.heads.iter().enumerate() {
+        for i in 0..self.heads.heads.len() {
             let k = i + 1;
             if l <= k + 1 {
                 break;
             }
             let n = l - k - 1;
-            let logits = head.forward(&hidden.narrow(1, 0, n)?, backbone.lm_head())?;
+            let logits = self.draft_logits(i, &hidden.narrow(1, 0, n)?, backbone.lm_head())?;
             let (b, _, v) = logits.dims3()?;
             let logits = logits.reshape((b * n, v))?.to_dtype(DType::F32)?;
             let targets = ids
                 .narrow(1, k + 1, n)?
                 .flatten_all()?
-                .to_dtype(DType::U32)?;
+                .to_dtype(DType::U32)?
+                .to_vec1::<u32>()?;
+            // A target outside the draft vocabulary is a miss at every rank.
+            let outside: Vec<bool> = targets.iter().map(|&t| t as usize >= v).collect();
+            let targets = Tensor::new(
+                targets
+                    .iter()
+                    .map(|&t| t.min(v as u32 - 1))
+                    .collect::<Vec<_>>(),
+                logits.device(),
+            )?;
             let target = logits.gather(&targets.unsqueeze(1)?, 1)?;
             // The rank: how many tokens score above the target.
-            let ranks = logits
+            let ranks: Vec<u32> = logits
                 .broadcast_gt(&target)?
                 .to_dtype(DType::U32)?
                 .sum(1)?
-                .to_vec1::<u32>()?;
+                .to_vec1::<u32>()?
+                .into_iter()
+                .zip(outside)
+                .map(|(r, out)| if out { u32::MAX } else { r })
+                .collect();
             let counted: Vec<bool> = match scored {
                 Some(rows) => rows
                     .iter()
@@ -396,6 +436,7 @@ impl MedusaTask {
                 .collect(),
             positions: totals.first().map_or(0, |t| t.1),
             data: kind.to_string(),
+            draft_vocab: self.heads.draft_vocab,
         })
     }
 
@@ -468,7 +509,7 @@ impl Task for MedusaTask {
                 let target = teacher.forward(ids, &mut KvCache::new())?.logits.detach();
                 kl_from_teacher(&target, &logits)?
             }
-            None => next_token_loss(&logits, ids)?,
+            None => next_token_loss(&logits, ids, weights)?,
         };
         self.sums.1 += f64::from(lm.to_scalar::<f32>()?);
         Ok((lm + (heads * joint.heads_coefficient)?)?)
@@ -589,9 +630,9 @@ pub fn self_distill(
 /// assistant turns: every prompt is one user turn, rendered by the backbone's chat template
 /// (HF's `apply_chat_template(add_generation_prompt=True)`), and the backbone writes the reply,
 /// until eos or `seq_len` tokens in all. Prompts of one rendered length are generated together,
-/// 16 at a time. The conversations, each ending in eos, are packed into sequences of `seq_len`,
-/// with the replies flagged as the targets; their texts (without the final eos, which the
-/// corpus reader adds back) are returned too.
+/// 16 at a time. Each conversation is one row of `seq_len` tokens (padded with eos,
+/// [`PackedSequences::conversations`]), with the replies flagged as the targets; their texts (without the final eos, which the
+/// corpus reader adds back) are returned too, each with its rendered prompt's text.
 pub fn distill_chat(
     model: &LlamaForCausalLM,
     tokenizer: &zoo_datasets::tokenize::TextTokenizer,
@@ -599,7 +640,7 @@ pub fn distill_chat(
     settings: &SelfDistill,
     seq_len: usize,
     seed: u64,
-) -> Result<(PackedSequences, Vec<String>)> {
+) -> Result<(PackedSequences, Vec<Generation>)> {
     let template = tokenizer.chat_template()?.ok_or_else(|| {
         Error::Input(
             "--chat self-distillation needs a chat template, and the backbone's tokenizer has \
@@ -660,34 +701,32 @@ pub fn distill_chat(
             }
         }
     }
-    let mut tokens = Vec::new();
-    let mut scored = Vec::new();
+    let mut rows = Vec::with_capacity(rendered.len());
     let mut texts = Vec::with_capacity(rendered.len());
     for (prompt, reply) in rendered.iter().zip(&replies) {
         let mut conversation = prompt.clone();
         conversation.extend(reply);
-        // The eos closing the conversation is the reply's where the model wrote it, and the
-        // packing's (not a target) where the reply ran out of room.
+        // The eos closing the conversation is the reply's (a target) where the model wrote it;
+        // a reply that ran out of room fills its row.
         let ended = conversation.last().is_some_and(|t| stops.contains(t));
         if ended {
             conversation.pop();
         }
-        scored.extend(std::iter::repeat_n(false, prompt.len()));
-        scored.extend(std::iter::repeat_n(true, conversation.len() - prompt.len()));
-        scored.push(ended);
-        texts.push(
-            tokenizer
-                .inner()
-                .decode(&conversation, false)
-                .map_err(|e| Error::Input(format!("cannot decode a generation: {e}")))?,
-        );
-        tokens.extend(conversation);
-        tokens.push(eos);
+        let mut scored = vec![false; prompt.len()];
+        scored.resize(conversation.len(), true);
+        texts.push(Generation {
+            text: decode(tokenizer, &conversation)?,
+            prompt: Some(decode(tokenizer, prompt)?),
+        });
+        if ended {
+            conversation.push(eos);
+            scored.push(true);
+        }
+        rows.push((conversation, scored));
     }
-    Ok((
-        PackedSequences::with_scored(&tokens, &scored, seq_len, seed)?,
-        texts,
-    ))
+    // Every conversation has a reply token within seq_len: none is dropped.
+    let (data, _) = PackedSequences::conversations(rows, seq_len, eos, seed)?;
+    Ok((data, texts))
 }
 
 /// Sampling at the self-distillation temperature, or greedy at 0.
@@ -712,6 +751,9 @@ pub struct RunConfig {
     pub num_layers: usize,
     /// New heads read the backbone's `lm_head` instead of a copy of their own.
     pub shared_lm_head: bool,
+    /// Train and measure the heads on the first this many tokens of the vocabulary
+    /// ([`TrainableMedusa::with_draft_vocab`]).
+    pub draft_vocab: Option<usize>,
     pub seq_len: usize,
     pub train: TrainConfig,
     pub batch_size: usize,
@@ -730,6 +772,8 @@ pub struct RunSummary {
     pub state: TrainState,
     pub task: MedusaTask,
     pub final_dir: PathBuf,
+    /// JSONL lines skipped while reading the corpora.
+    pub skipped: usize,
 }
 
 /// Loads the backbone, packs the corpus with its tokenizer (or has the backbone write it), and
@@ -791,8 +835,12 @@ pub fn run(
     };
     let seed = config.train.seed;
     let tokenizer = backbone.tokenizer();
-    let pack = |corpus: &Corpus| -> Result<PackedSequences> {
-        PackedSequences::new(&corpus.tokens(tokenizer, eos)?, config.seq_len, seed)
+    // JSONL documents with a prompt (a conversation written before) score their replies only.
+    let mut skipped = corpus.skipped;
+    let mut pack = |corpus: &Corpus| -> Result<PackedSequences> {
+        let (data, dropped) = corpus.pack(tokenizer, eos, config.seq_len, seed)?;
+        skipped += dropped;
+        Ok(data)
     };
     // Medusa-2's frozen copy of the original LM: the LM loss's teacher under self-distillation.
     let teacher = match (&config.self_distill, config.joint) {
@@ -822,10 +870,10 @@ pub fn run(
                 .sequences()
                 .iter()
                 .map(|seq| {
-                    tokenizer
-                        .inner()
-                        .decode(seq, false)
-                        .map_err(|e| Error::Input(format!("cannot decode a generation: {e}")))
+                    Ok(Generation {
+                        text: decode(tokenizer, seq)?,
+                        prompt: None,
+                    })
                 })
                 .collect::<Result<Vec<_>>>()?;
             write_generations(&config.train.output, &texts)?;
@@ -850,6 +898,10 @@ pub fn run(
             config.shared_lm_head,
         )?,
     };
+    let heads = match config.draft_vocab {
+        Some(n) => heads.with_draft_vocab(n, backbone.model())?,
+        None => heads,
+    };
     let state = initial_state(resume_dir.as_deref(), seed)?;
     let mut vars: Vec<(String, Var)> = heads
         .trainable_vars()
@@ -872,7 +924,12 @@ pub fn run(
                 distill_chat(writer, tokenizer, &prompts, &settings, config.seq_len, seed)?;
             (first(&val), "validation")
         }
-        (Some(files), _) => (first(&pack(&Corpus::read(files)?)?), "validation"),
+        (Some(files), _) => {
+            let val = Corpus::read(files)?;
+            let data = first(&pack(&val)?);
+            skipped += val.skipped;
+            (data, "validation")
+        }
         (None, _) => (first(&data), "training"),
     };
     let kept = match &backbone {
@@ -907,17 +964,38 @@ pub fn run(
         state,
         task,
         final_dir: train.output.join("final"),
+        skipped,
     })
 }
 
+/// A self-distilled sequence's text, and for a chat the rendered prompt it starts with.
+pub struct Generation {
+    pub text: String,
+    pub prompt: Option<String>,
+}
+
+/// Token ids as text, special tokens kept.
+fn decode(tokenizer: &zoo_datasets::tokenize::TextTokenizer, ids: &[u32]) -> Result<String> {
+    tokenizer
+        .inner()
+        .decode(ids, false)
+        .map_err(|e| Error::Input(format!("cannot decode a generation: {e}")))
+}
+
 /// Writes the self-distilled sequences as `self_distill.jsonl` (`{"text": ...}` per line, as
-/// FasterDecoding's `data_generation` writes them) into `output`, for inspection and reuse.
-fn write_generations(output: &Path, texts: &[String]) -> Result<()> {
+/// FasterDecoding's `data_generation` writes them, with the chat's rendered `"prompt"` where
+/// there is one: `zoo train mtp|lm` and `zoo train medusa` then score the replies only) into
+/// `output`, for inspection and reuse.
+fn write_generations(output: &Path, texts: &[Generation]) -> Result<()> {
     std::fs::create_dir_all(output)
         .map_err(|e| Error::Input(format!("cannot create {}: {e}", output.display())))?;
     let mut lines = String::new();
-    for text in texts {
-        lines.push_str(&json!({ "text": text }).to_string());
+    for g in texts {
+        let line = match &g.prompt {
+            Some(prompt) => json!({ "text": g.text, "prompt": prompt }),
+            None => json!({ "text": g.text }),
+        };
+        lines.push_str(&line.to_string());
         lines.push('\n');
     }
     let path = output.join("self_distill.jsonl");

@@ -114,7 +114,12 @@ fn every_parameter_receives_a_gradient_when_mtp_modules_train_jointly() {
         .unwrap();
     let ids: Vec<u32> = m.tokenizer.encode(SENTENCES[1]).unwrap();
     let (main, depths) = m
-        .losses(&Tensor::new(vec![ids], &Device::Cpu).unwrap(), false)
+        .losses(
+            &Tensor::new(vec![ids], &Device::Cpu).unwrap(),
+            false,
+            None,
+            None,
+        )
         .unwrap();
     assert_eq!(depths.len(), 2);
     let total = depths.iter().fold(main, |a, b| (a + b).unwrap());
@@ -268,8 +273,10 @@ fn mtp_modules_on_a_frozen_backbone_learn_from_its_kept_hidden_states() {
         .unwrap();
     let ids: Vec<u32> = m.tokenizer.encode(SENTENCES[1]).unwrap();
     let ids = Tensor::new(vec![ids], &Device::Cpu).unwrap();
-    let (_, whole) = m.losses(&ids, true).unwrap();
-    let kept = m.mtp_losses(&ids, m.frozen_hidden(&ids).unwrap()).unwrap();
+    let (_, whole) = m.losses(&ids, true, None, None).unwrap();
+    let kept = m
+        .mtp_losses(&ids, m.frozen_hidden(&ids).unwrap(), None, None)
+        .unwrap();
     for (a, b) in whole.iter().zip(&kept) {
         let (a, b) = (a.to_scalar::<f32>().unwrap(), b.to_scalar::<f32>().unwrap());
         assert!((a - b).abs() < 1e-6, "{a} vs {b}");
@@ -283,6 +290,7 @@ fn mtp_modules_on_a_frozen_backbone_learn_from_its_kept_hidden_states() {
             depth: 2,
             lambda: 0.3,
             freeze_backbone: true,
+            draft_vocab: None,
         });
         c
     };
@@ -345,6 +353,7 @@ fn amp_fp16_lm_training_follows_fp32() {
             depth: 1,
             lambda: 0.3,
             freeze_backbone: false,
+            draft_vocab: None,
         }),
         ..base
     };
@@ -352,4 +361,141 @@ fn amp_fp16_lm_training_follows_fp32() {
         .err()
         .expect("refused");
     assert!(err.to_string().contains("lm` without MTP"), "{err}");
+}
+
+/// MTP modules trained on a draft vocabulary (`--draft-vocab N`) score its first N tokens only:
+/// the loss of each depth is the cross-entropy over those N logits of the positions whose
+/// target is among them, the whole vocabulary gives the plain loss back, and reply weights
+/// leave the prompt's targets out.
+#[test]
+fn mtp_losses_on_a_draft_vocabulary_score_its_tokens_only() {
+    let tok = TextTokenizer::train_bpe(SENTENCES.iter(), 300).unwrap();
+    let m = TrainableLlama::from_preset("llama-tiny", tok, 0, &Device::Cpu)
+        .unwrap()
+        .add_mtp(1, 0, false)
+        .unwrap();
+    let vocab = m.config.vocab_size;
+    let ids: Vec<u32> = m.tokenizer.encode(SENTENCES[1]).unwrap();
+    let t = ids.len();
+    let input = Tensor::new(vec![ids.clone()], &Device::Cpu).unwrap();
+    let hidden = m.frozen_hidden(&input).unwrap();
+    let loss = |weights: Option<&Tensor>, n: Option<usize>| -> f32 {
+        m.mtp_losses(&input, hidden.clone(), weights, n).unwrap()[0]
+            .to_scalar()
+            .unwrap()
+    };
+    assert_eq!(loss(None, None), loss(None, Some(vocab)));
+
+    // Module 1 at position i predicts ids[i + 2]; its logits over the whole vocabulary.
+    let module = &m.mtp.as_ref().unwrap().modules[0];
+    let positions: Vec<u32> = (0..t as u32 - 1).collect();
+    let (cos, sin) = m
+        .model
+        .model
+        .rotary_cos_sin(&positions, &Device::Cpu)
+        .unwrap();
+    let ahead = m
+        .model
+        .model
+        .embed(&input.narrow(1, 1, t - 1).unwrap())
+        .unwrap();
+    let h = module
+        .forward(
+            &hidden.narrow(1, 0, t - 1).unwrap(),
+            &ahead,
+            &cos,
+            &sin,
+            &zoo_models::layers::AttentionMask::causal(0),
+            &mut Default::default(),
+        )
+        .unwrap();
+    let logits = module
+        .logits(&h.narrow(1, 0, t - 2).unwrap(), m.model.lm_head())
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+    let targets = &ids[2..];
+    // The draft vocabulary: the smallest that leaves some targets out and keeps others.
+    let mut sorted = targets.to_vec();
+    sorted.sort();
+    let n = sorted[sorted.len() / 2] as usize;
+    let expected = |scored: &dyn Fn(usize) -> bool| -> f32 {
+        let logp = candle_nn::ops::log_softmax(&logits.narrow(1, 0, n).unwrap(), 1).unwrap();
+        let logp: Vec<Vec<f32>> = logp.to_vec2().unwrap();
+        let picked: Vec<f32> = targets
+            .iter()
+            .enumerate()
+            .filter(|&(i, &tgt)| (tgt as usize) < n && scored(i + 2))
+            .map(|(i, &tgt)| -logp[i][tgt as usize])
+            .collect();
+        assert!(!picked.is_empty() && picked.len() < targets.len());
+        picked.iter().sum::<f32>() / picked.len() as f32
+    };
+    let got = loss(None, Some(n));
+    let want = expected(&|_| true);
+    assert!((got - want).abs() < 1e-5, "{got} vs {want}");
+    // Reply weights: the first half of the sequence is a prompt.
+    let reply: Vec<f32> = (0..t).map(|i| f32::from(i >= t / 2)).collect();
+    let weights = Tensor::new(vec![reply], &Device::Cpu).unwrap();
+    let got = loss(Some(&weights), Some(n));
+    let want = expected(&|i| i >= t / 2);
+    assert!((got - want).abs() < 1e-5, "{got} vs {want}");
+
+    let Err(err) = m.mtp_losses(&input, hidden.clone(), None, Some(vocab + 1)) else {
+        panic!("a draft vocabulary larger than the vocabulary was accepted");
+    };
+    assert!(err.to_string().contains("--draft-vocab"), "{err}");
+}
+
+/// JSONL conversations with a `prompt` (as `zoo train medusa --self-distill --chat` writes
+/// them) are one row each, padded with eos, and score the tokens after the prompt's only (not
+/// the eos after them, nor the padding); lines without a prompt score every token and the
+/// eos; a line whose text does not start with its prompt is skipped and counted, and a
+/// conversation without a target within --seq-len is dropped and counted.
+#[test]
+fn jsonl_prompts_make_one_row_per_conversation_that_scores_the_reply() {
+    let tok = TextTokenizer::train_bpe(SENTENCES.iter(), 300).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("chat.jsonl");
+    let (prompt, reply) = ("the cat sat on", " the mat and looked at the dog.");
+    let long = SENTENCES[0].repeat(4);
+    let lines = [
+        serde_json::json!({ "text": format!("{prompt}{reply}"), "prompt": prompt }),
+        serde_json::json!({ "text": SENTENCES[1] }),
+        serde_json::json!({ "text": "a reply", "prompt": "another prompt" }),
+        serde_json::json!({ "text": format!("{long} and more"), "prompt": long }),
+    ];
+    let text: String = lines.iter().map(|l| l.to_string() + "\n").collect();
+    std::fs::write(&path, text).unwrap();
+    let corpus = Corpus::read(&[path]).unwrap();
+    assert_eq!((corpus.documents.len(), corpus.skipped), (3, 1));
+    let eos = 0;
+    let (first, whole) = (
+        tok.encode(&format!("{prompt}{reply}")).unwrap(),
+        tok.encode(SENTENCES[1]).unwrap(),
+    );
+    let p = tok.encode(prompt).unwrap();
+    assert!(first.starts_with(&p) && first.len() > p.len());
+    let seq_len = first.len().max(whole.len()) + 3;
+    assert!(tok.encode(&long).unwrap().len() >= seq_len);
+    let row = |ids: &[u32], flags: Vec<bool>| {
+        let mut ids = ids.to_vec();
+        ids.push(eos);
+        ids.resize(seq_len, eos);
+        let mut flags = flags;
+        flags.resize(seq_len, false);
+        (ids, flags)
+    };
+    let mut flags = vec![false; p.len()];
+    flags.resize(first.len(), true);
+    flags.push(false);
+    let a = row(&first, flags);
+    let b = row(&whole, vec![true; whole.len() + 1]);
+    let (packed, dropped) = corpus.pack(&tok, eos, seq_len, 0).unwrap();
+    assert_eq!(
+        dropped, 1,
+        "the long prompt leaves no target within --seq-len"
+    );
+    assert_eq!(packed.sequences(), [a.0, b.0]);
+    assert_eq!(packed.scored().unwrap(), [a.1, b.1]);
 }

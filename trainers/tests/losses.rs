@@ -95,3 +95,47 @@ fn log_sigmoid_is_finite_for_extreme_logits() {
         .unwrap();
     assert!(g.iter().all(|v| v.is_finite()) && (g[0] - 1.0).abs() < 1e-12 && g[4].abs() < 1e-12);
 }
+
+/// `scored_cross_entropy` over logits of a draft vocabulary (the first C tokens): rows whose
+/// target lies outside it do not count, weights pick the rest, and with every target inside
+/// and no weights it is the plain mean.
+#[test]
+fn scored_cross_entropy_leaves_out_targets_outside_the_scored_tokens() {
+    use zoo_trainers::loss::{cross_entropy, scored_cross_entropy, weighted_cross_entropy};
+    let dev = Device::Cpu;
+    let logits = Tensor::new(
+        &[
+            [0.5f32, -1.0, 2.0],
+            [1.5, 0.25, -0.5],
+            [-2.0, 1.0, 0.0],
+            [0.0, 3.0, 1.0],
+        ],
+        &dev,
+    )
+    .unwrap();
+    let scalar = |t: Tensor| t.to_scalar::<f32>().unwrap();
+    let inside = Tensor::new(&[2u32, 0, 1, 1], &dev).unwrap();
+    assert_eq!(
+        scalar(scored_cross_entropy(&logits, &inside, None).unwrap()),
+        scalar(cross_entropy(&logits, &inside).unwrap())
+    );
+    // Targets 3 and 7 are outside the 3 scored tokens: rows 1 and 3 drop out.
+    let mixed = Tensor::new(&[2u32, 7, 1, 3], &dev).unwrap();
+    let rows = Tensor::new(&[0u32, 2], &dev).unwrap();
+    let kept = logits.index_select(&rows, 0).unwrap();
+    let want = scalar(cross_entropy(&kept, &Tensor::new(&[2u32, 1], &dev).unwrap()).unwrap());
+    let got = scalar(scored_cross_entropy(&logits, &mixed, None).unwrap());
+    assert!((got - want).abs() < 1e-6, "{got} vs {want}");
+    // Weights drop row 0 as well: row 2 alone.
+    let w = Tensor::new(&[0f32, 1.0, 1.0, 1.0], &dev).unwrap();
+    let want = scalar(
+        weighted_cross_entropy(
+            &logits,
+            &Tensor::new(&[2u32, 0, 1, 0], &dev).unwrap(),
+            &Tensor::new(&[0f32, 0.0, 1.0, 0.0], &dev).unwrap(),
+        )
+        .unwrap(),
+    );
+    let got = scalar(scored_cross_entropy(&logits, &mixed, Some(&w)).unwrap());
+    assert!((got - want).abs() < 1e-6, "{got} vs {want}");
+}

@@ -14,10 +14,12 @@ use candle_core::{DType, Device, Tensor};
 use zoo_models::generation::{generate, GenerationConfig};
 use zoo_models::hub::ModelRepo;
 use zoo_models::llm::{
-    medusa_generate, KvCache, LlamaForCausalLM, LlamaStep, MedusaHeads, MedusaTree,
+    medusa_generate, HeadAccuracy, KvCache, LlamaForCausalLM, LlamaStep, MedusaHeads, MedusaTree,
 };
 use zoo_trainers::lm::PackedSequences;
-use zoo_trainers::medusa::{self, kl_from_teacher, Medusa2, RunConfig, SelfDistill};
+use zoo_trainers::medusa::{
+    self, kl_from_teacher, Medusa2, RunConfig, SelfDistill, TrainableMedusa,
+};
 use zoo_trainers::optim::{without_gradient, AdamWConfig};
 use zoo_trainers::train::{Task, TrainConfig};
 
@@ -41,6 +43,7 @@ fn config(output: &Path, steps: u64, joint: Option<Medusa2>) -> RunConfig {
         num_heads: 3,
         num_layers: 1,
         shared_lm_head: false,
+        draft_vocab: None,
         seq_len: 16,
         train: TrainConfig {
             precision: Default::default(),
@@ -66,7 +69,11 @@ fn config(output: &Path, steps: u64, joint: Option<Medusa2>) -> RunConfig {
 }
 
 fn weights(dir: &Path) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap()
+    weights_in(&dir.join("model.safetensors"))
+}
+
+fn weights_in(path: &Path) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(path, &Device::Cpu).unwrap()
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
@@ -313,7 +320,7 @@ fn epochs_count_passes_over_the_packed_sequences() {
 }
 
 #[test]
-fn chat_self_distillation_packs_each_rendered_prompt_and_the_backbones_own_reply() {
+fn chat_self_distillation_gives_each_rendered_prompt_and_the_backbones_own_reply_a_row() {
     // The GGUF fixture: the tiny Llama with a chat template.
     let gguf = fixture().join("../gguf/llama-tiny-f32-gpt2.gguf");
     let source = zoo_models::llm::LlmSource::open(&gguf.to_string_lossy(), None).unwrap();
@@ -363,25 +370,28 @@ fn chat_self_distillation_packs_each_rendered_prompt_and_the_backbones_own_reply
         if let Some(p) = ended {
             alone.truncate(ids.len() + p);
         }
-        assert_eq!(*text, tokenizer.inner().decode(&alone, false).unwrap());
-        // The replies are the targets, with the eos the model wrote; the prompts are not.
-        targets.extend(std::iter::repeat_n(false, ids.len()));
-        targets.extend(std::iter::repeat_n(true, alone.len() - ids.len()));
-        targets.push(ended.is_some());
-        want.extend(alone);
-        want.push(eos[0]);
+        assert_eq!(text.text, tokenizer.inner().decode(&alone, false).unwrap());
+        assert_eq!(
+            text.prompt.as_deref(),
+            Some(tokenizer.inner().decode(ids, false).unwrap().as_str())
+        );
+        // One row per conversation, padded with eos: the replies are the targets, with the
+        // eos the model wrote; the prompts and the padding are not.
+        let mut flags = vec![false; ids.len()];
+        flags.resize(alone.len(), true);
+        if ended.is_some() {
+            alone.push(eos[0]);
+            flags.push(true);
+        }
+        alone.resize(seq_len, eos[0]);
+        flags.resize(seq_len, false);
+        want.push(alone);
+        targets.push(flags);
     }
-    let packed: Vec<u32> = data.sequences().concat();
-    assert_eq!(packed.len(), want.len() / seq_len * seq_len);
-    assert_eq!(packed, want[..packed.len()]);
-    assert_eq!(data.scored().unwrap().concat(), targets[..packed.len()]);
-    assert!(targets[..packed.len()].contains(&true) && targets.contains(&false));
-    // Packed in order (the sequences' visiting order is shuffled, their contents are not).
-    let mut sequences = data.sequences().to_vec();
-    sequences.sort();
-    let mut expected: Vec<Vec<u32>> = want.chunks_exact(seq_len).map(<[u32]>::to_vec).collect();
-    expected.sort();
-    assert_eq!(sequences, expected);
+    assert!(targets.iter().flatten().any(|&t| t) && targets.iter().flatten().any(|&t| !t));
+    // In order (the rows' visiting order is shuffled, their contents are not).
+    assert_eq!(data.sequences(), want);
+    assert_eq!(data.scored().unwrap(), targets);
 
     let Err(err) = medusa::distill_chat(&model, &tokenizer, &prompts, &settings, 4, 0) else {
         panic!("prompts longer than --seq-len were accepted");
@@ -433,4 +443,80 @@ fn heads_that_share_the_backbones_lm_head_train_save_and_load_without_their_own(
     let hidden = Tensor::ones((1, model.config.hidden_size), DType::F32, &Device::Cpu).unwrap();
     let logits = heads.forward(&hidden, model.lm_head()).unwrap();
     assert_eq!(logits[0].dims(), [1, model.config.vocab_size]);
+}
+
+/// Heads trained on a draft vocabulary (`--draft-vocab N`, shared `lm_head`) learn and are
+/// measured on its first N tokens: every ResBlock moves, `medusa_accuracy.json` records N,
+/// each rank counted is the rank among those N logits and a target outside them is a miss at
+/// every rank; the whole vocabulary gives the plain losses back, and an N outside 1..=vocab is
+/// refused, naming the flag.
+#[test]
+fn heads_on_a_draft_vocabulary_rank_its_tokens_and_miss_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = corpus(dir.path());
+    let repo = ModelRepo::open(&fixture().to_string_lossy()).unwrap();
+    let model = LlamaForCausalLM::load(&repo, None, &Device::Cpu).unwrap();
+    let vocab = model.config.vocab_size;
+    let n = vocab / 2;
+    let mut cfg = config(&dir.path().join("draft"), 3, None);
+    cfg.shared_lm_head = true;
+    cfg.draft_vocab = Some(n);
+    let run = medusa::run(cfg, std::slice::from_ref(&corpus), None).unwrap();
+    let accuracy = HeadAccuracy::load(&run.final_dir).unwrap();
+    assert_eq!(accuracy.draft_vocab, Some(n));
+    for (name, t) in weights_in(&run.final_dir.join("medusa_lm_head.safetensors")) {
+        let moved: f32 = t.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+        assert!(moved > 0.0, "{name} did not learn");
+    }
+
+    let trained = |draft: Option<usize>| {
+        let heads = TrainableMedusa::load(&run.final_dir, &model, "tiny").unwrap();
+        match draft {
+            Some(n) => heads.with_draft_vocab(n, &model).unwrap(),
+            None => heads,
+        }
+    };
+    let (draft, whole) = (trained(Some(n)), trained(None));
+    // Token ids on both sides of n.
+    let ids: Vec<u32> = (0..16u32).map(|i| (i * 37 + 5) % vocab as u32).collect();
+    assert!(ids.iter().any(|&t| t as usize >= n) && ids.iter().any(|&t| (t as usize) < n));
+    let ids = Tensor::new(vec![ids.clone()], &Device::Cpu).unwrap();
+    let hidden = zoo_trainers::lm::frozen_hidden(&model, &ids).unwrap();
+    let hits = draft.rank_hits(&model, &hidden, &ids, None).unwrap();
+    let targets: Vec<u32> = ids.squeeze(0).unwrap().to_vec1().unwrap();
+    for (i, head) in draft.heads.heads.iter().enumerate() {
+        let k = i + 1;
+        let len = targets.len() - k - 1;
+        let logits: Vec<Vec<f32>> = head
+            .forward(&hidden.narrow(1, 0, len).unwrap(), model.lm_head())
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        let mut want = vec![0usize; zoo_models::llm::medusa::TOPK];
+        for (row, &t) in logits.iter().zip(&targets[k + 1..]) {
+            if t as usize >= n {
+                continue;
+            }
+            let rank = row[..n].iter().filter(|&&x| x > row[t as usize]).count();
+            if let Some(h) = want.get_mut(rank) {
+                *h += 1;
+            }
+        }
+        assert_eq!(hits[i], (want, len), "head {k}");
+    }
+
+    let same = trained(Some(vocab));
+    let a = same.head_losses(&model, &hidden, &ids, None).unwrap();
+    let b = whole.head_losses(&model, &hidden, &ids, None).unwrap();
+    for (a, b) in a.iter().zip(&b) {
+        assert_eq!(a.to_scalar::<f32>().unwrap(), b.to_scalar::<f32>().unwrap());
+    }
+    for bad in [0, vocab + 1] {
+        let Err(err) = trained(None).with_draft_vocab(bad, &model) else {
+            panic!("--draft-vocab {bad} was accepted");
+        };
+        assert!(err.to_string().contains("--draft-vocab"), "{err}");
+    }
 }

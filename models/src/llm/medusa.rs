@@ -417,6 +417,10 @@ pub struct HeadAccuracy {
     pub positions: usize,
     /// Where the positions came from: `validation` or `training` text.
     pub data: String,
+    /// The heads drafted from the first this many tokens of the vocabulary when measured (and
+    /// trained): `zoo train medusa --draft-vocab`. Targets outside it count as misses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub draft_vocab: Option<usize>,
 }
 
 impl HeadAccuracy {
@@ -599,6 +603,7 @@ mod tree_tests {
             heads,
             positions: 100,
             data: "validation".into(),
+            draft_vocab: None,
         }
     }
 
