@@ -18,8 +18,8 @@
 # 4. The heads and the module's tensors converted to f16 (the model's own weights are left out:
 #    they are the GGUF's).
 # Knobs: PROMPTS (training prompts, 800), VAL (validation prompts, 48), MEDUSA_HEADS (3),
-# MEDUSA_STEPS (160), MTP_STEPS (320), DRAFT_VOCAB (8192), PY (a python with numpy and
-# safetensors, for step 4).
+# MEDUSA_STEPS (160), MTP_STEPS (320), DRAFT_VOCAB (8192; empty: the whole vocabulary), PY (a
+# python with numpy and safetensors, for step 4).
 set -euo pipefail
 gguf=$1
 out=$2
@@ -27,18 +27,18 @@ zoo=${3:-target/release/zoo}
 py=${PY:-python3}
 here=$(cd "$(dirname "$0")" && pwd)
 mkdir -p "$out"
-draft_vocab=${DRAFT_VOCAB:-8192}
+draft_vocab=${DRAFT_VOCAB-8192}
 python3 "$here/smollm2_prompts.py" "$out" "${PROMPTS:-800}" "${VAL:-48}"
 lscpu | grep -E "Model name|Flags" > "$out/lscpu.txt"
 /usr/bin/time -v "$zoo" train medusa --model "$gguf" --self-distill --chat \
   --distill-temperature 0 --train-data "$out/prompts-train.txt" --val-data "$out/prompts-val.txt" \
   --medusa-num-heads "${MEDUSA_HEADS:-3}" --medusa-num-layers 1 --medusa-shared-lm-head \
-  --draft-vocab "$draft_vocab" --seq-len 256 --batch-size 4 --steps "${MEDUSA_STEPS:-160}" \
-  --lr 2e-3 --warmup 10 --wd 0 --grad-clip-norm 1.0 \
+  ${draft_vocab:+--draft-vocab "$draft_vocab"} --seq-len 256 --batch-size 4 \
+  --steps "${MEDUSA_STEPS:-160}" --lr 2e-3 --warmup 10 --wd 0 --grad-clip-norm 1.0 \
   --output "$out/medusa" 2> "$out/medusa-time.txt"
 /usr/bin/time -v "$zoo" train mtp --model "$gguf" --freeze-backbone --mtp-depth 2 \
-  --train-data "$out/medusa/self_distill.jsonl" --draft-vocab "$draft_vocab" --seq-len 256 \
-  --batch-size 4 --steps "${MTP_STEPS:-320}" --lr 2e-3 --warmup 10 --wd 0 --grad-clip-norm 1.0 \
+  --train-data "$out/medusa/self_distill.jsonl" ${draft_vocab:+--draft-vocab "$draft_vocab"} \
+  --seq-len 256 --batch-size 4 --steps "${MTP_STEPS:-320}" --lr 2e-3 --warmup 10 --wd 0 --grad-clip-norm 1.0 \
   --output "$out/mtp" 2> "$out/mtp-time.txt"
 "$py" - "$out" <<'PY'
 import json, os, shutil, sys

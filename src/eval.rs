@@ -110,7 +110,7 @@ pub fn run(cmd: EvalCommand) -> Result<()> {
 }
 
 fn lm(args: LmArgs) -> Result<()> {
-    use zoo_trainers::lm::{perplexity, Corpus, PackedSequences};
+    use zoo_trainers::lm::{perplexity_after, Corpus};
     let llm = args.model.load()?;
     let (model, tokenizer, device) = (&llm.model, &llm.tokenizer, &llm.device);
     let files = crate::train::text_files(&args.data)?;
@@ -128,19 +128,22 @@ fn lm(args: LmArgs) -> Result<()> {
             args.seq_len
         );
     }
-    let seqs = PackedSequences::new(&corpus.tokens(tokenizer, eos)?, args.seq_len, 0)?;
-    let ppl = if args.second_half {
-        zoo_trainers::lm::perplexity_after(model, seqs.sequences(), device, args.seq_len / 2)?
+    // Conversations (JSONL lines with a prompt) are scored on their replies, as trained.
+    let (seqs, dropped) = corpus.pack(tokenizer, eos, args.seq_len, 0)?;
+    let skipped = corpus.skipped + dropped;
+    let context = if args.second_half {
+        args.seq_len / 2
     } else {
-        perplexity(model, seqs.sequences(), device)?
+        0
     };
+    let ppl = perplexity_after(model, seqs.sequences(), seqs.scored(), device, context)?;
     let tokens = seqs.len() * args.seq_len;
     if args.json {
         outln!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
                 "perplexity": ppl, "sequences": seqs.len(), "tokens": tokens,
-                "skipped_lines": corpus.skipped,
+                "skipped_lines": skipped,
             }))?
         )?;
     } else {
@@ -148,7 +151,7 @@ fn lm(args: LmArgs) -> Result<()> {
             "perplexity {ppl:.4} over {} sequences of {} tokens ({} skipped lines)",
             seqs.len(),
             args.seq_len,
-            corpus.skipped
+            skipped
         )?;
     }
     Ok(())

@@ -133,7 +133,8 @@ pub struct TrainArgs {
     /// Self-distillation: generate at most this many sequences.
     #[arg(long, value_parser = flags::count::<usize>, allow_negative_numbers = true)]
     pub distill_sequences: Option<usize>,
-    /// LM: tokens per training sequence (the corpus is packed into sequences of this length).
+    /// LM: tokens per training sequence (the corpus is packed into sequences of this length;
+    /// a chat, JSONL with a prompt, takes one, cut or padded to it).
     #[arg(long, default_value_t = 256, value_parser = flags::at_least_two::<usize>, allow_negative_numbers = true)]
     pub seq_len: usize,
     /// BLIP pretraining: momentum features kept as extra ITC negatives (0: in-batch only).
@@ -625,7 +626,8 @@ fn run_lm(args: TrainArgs) -> Result<()> {
         .with_context(|| training_failed(&args))?;
     if summary.skipped > 0 {
         eprintln!(
-            "skipped {} JSONL lines (malformed, or a text that does not start with its prompt)",
+            "skipped {} JSONL lines or chats (malformed, a text that does not start with its prompt, \
+             or no reply token within --seq-len)",
             summary.skipped
         );
     }
@@ -696,7 +698,8 @@ fn run_medusa(args: TrainArgs) -> Result<()> {
         .with_context(|| training_failed(&args))?;
     if summary.skipped > 0 {
         eprintln!(
-            "skipped {} JSONL lines (malformed, or a text that does not start with its prompt)",
+            "skipped {} JSONL lines or chats (malformed, a text that does not start with its prompt, \
+             or no reply token within --seq-len)",
             summary.skipped
         );
     }

@@ -213,6 +213,9 @@ fn training_flags_out_of_range_are_refused_by_name() {
         t("--mtp-depth", "0"),
         t("--mtp-lambda", "-1"),
         t("--medusa-num-heads", "0"),
+        t("--draft-vocab", "0"),
+        // Only Medusa and MTP draft: `zoo train clip` refuses it.
+        t("--draft-vocab", "100"),
         t("--medusa-lr-multiplier", "0"),
         t("--medusa-heads-coefficient", "NaN"),
         t("--distill-temperature", "NaN"),

@@ -233,7 +233,8 @@ fn smollm2_matches_hf_greedy_tokens_and_chat_ids() {
     let mut tokens = tokenizer.encode(&text).unwrap();
     tokens.push(2);
     let windows: Vec<Vec<u32>> = tokens.chunks_exact(256).map(<[u32]>::to_vec).collect();
-    let ppl = zoo_trainers::lm::perplexity_after(&quantized, &windows, &Device::Cpu, 128).unwrap();
+    let ppl =
+        zoo_trainers::lm::perplexity_after(&quantized, &windows, None, &Device::Cpu, 128).unwrap();
     let llama_cpp = 13.9940;
     assert!(
         (ppl / llama_cpp - 1.0).abs() < 0.02,

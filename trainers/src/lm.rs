@@ -2,7 +2,8 @@
 //!
 //! A corpus of text files (`.txt`, one document each) or JSONL (`{"text": ...}` per line) is
 //! tokenized, every document ended with the eos token, and the stream packed into fixed-length
-//! sequences (GPT-2's packing); each epoch visits the sequences in a seeded order. The model is
+//! sequences (GPT-2's packing); JSONL chats (`"prompt"` beside `"text"`) take a row each
+//! instead, their replies alone the targets. Each epoch visits the rows in a seeded order. The model is
 //! a Llama-architecture [`LlamaForCausalLM`] whose weights are variables named as in the HF
 //! checkpoint: a preset from scratch, or an HF folder to fine-tune. It saves in HF layout with
 //! its tokenizer, loadable by `zoo generate` and HF transformers.
@@ -411,14 +412,15 @@ pub fn next_token_loss(logits: &Tensor, ids: &Tensor, weights: Option<&Tensor>) 
         .narrow(1, 1, l - 1)?
         .flatten_all()?
         .to_dtype(DType::U32)?;
-    let weights = weights
-        .map(|w| w.narrow(1, 1, l - 1)?.flatten_all())
-        .transpose()?;
-    Ok(crate::loss::scored_cross_entropy(
-        &logits.to_dtype(DType::F32)?,
-        &targets,
-        weights.as_ref(),
-    )?)
+    let logits = logits.to_dtype(DType::F32)?;
+    Ok(match weights {
+        Some(w) => crate::loss::weighted_cross_entropy(
+            &logits,
+            &targets,
+            &w.narrow(1, 1, l - 1)?.flatten_all()?,
+        )?,
+        None => crate::loss::cross_entropy(&logits, &targets)?,
+    })
 }
 
 fn lock(varmap: &VarMap) -> Result<std::sync::MutexGuard<'_, HashMap<String, Var>>> {
@@ -445,20 +447,28 @@ pub fn parameter_shapes(config: &LlamaConfig) -> Result<Vec<(String, Shape)>> {
     Ok(specs)
 }
 
+/// A JSONL line's chat: the rendered `prompt` its text starts with, and whether the reply
+/// `ended` with eos (`"ended": true`; then the eos after it is a target too).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChatTurn {
+    pub prompt: String,
+    pub ended: bool,
+}
+
 /// Documents read from text and JSONL files, and how many JSONL lines were skipped.
 pub struct Corpus {
     pub documents: Vec<String>,
-    /// Per document, the prompt its text starts with (JSONL `prompt`, as `zoo train medusa
-    /// --self-distill --chat` writes its conversations): only the rest is a target.
-    pub prompts: Vec<Option<String>>,
+    /// Per document, where it is a chat (JSONL `prompt`, as `zoo train medusa --self-distill
+    /// --chat` writes its conversations), its prompt: only the rest is a target.
+    pub chats: Vec<Option<ChatTurn>>,
     pub skipped: usize,
 }
 
 impl Corpus {
     /// Reads `paths`: `.jsonl` files hold one `{"text": ...}` per line, optionally with the
-    /// `"prompt"` the text starts with (malformed lines, lines without a string `text`, and
-    /// lines whose text does not start with their prompt are skipped and counted); any other
-    /// file is one document.
+    /// `"prompt"` the text starts with and `"ended"` (malformed lines, lines without a string
+    /// `text`, and lines whose text does not start with their prompt are skipped and counted);
+    /// any other file is one document.
     pub fn read(paths: &[PathBuf]) -> Result<Self> {
         Self::read_split(paths, false)
     }
@@ -471,7 +481,7 @@ impl Corpus {
 
     fn read_split(paths: &[PathBuf], by_line: bool) -> Result<Self> {
         let mut documents = Vec::new();
-        let mut prompts = Vec::new();
+        let mut chats = Vec::new();
         let mut skipped = 0;
         for path in paths {
             let text = std::fs::read_to_string(path)
@@ -481,16 +491,22 @@ impl Corpus {
                     let value = serde_json::from_str::<serde_json::Value>(line).ok();
                     let doc = value.as_ref().and_then(|v| v["text"].as_str());
                     let prompt = value.as_ref().map(|v| &v["prompt"]);
-                    match (doc, prompt) {
-                        (Some(doc), None | Some(serde_json::Value::Null)) if !doc.is_empty() => {
+                    let ended = value.as_ref().map(|v| &v["ended"]);
+                    match (doc, prompt, ended) {
+                        (Some(doc), None | Some(serde_json::Value::Null), _) if !doc.is_empty() => {
                             documents.push(doc.to_string());
-                            prompts.push(None);
+                            chats.push(None);
                         }
-                        (Some(doc), Some(serde_json::Value::String(p)))
-                            if doc.len() > p.len() && doc.starts_with(p.as_str()) =>
-                        {
+                        (
+                            Some(doc),
+                            Some(serde_json::Value::String(p)),
+                            Some(serde_json::Value::Null | serde_json::Value::Bool(_)),
+                        ) if doc.len() > p.len() && doc.starts_with(p.as_str()) => {
                             documents.push(doc.to_string());
-                            prompts.push(Some(p.clone()));
+                            chats.push(Some(ChatTurn {
+                                prompt: p.clone(),
+                                ended: ended.and_then(serde_json::Value::as_bool) == Some(true),
+                            }));
                         }
                         _ => skipped += 1,
                     }
@@ -504,7 +520,7 @@ impl Corpus {
             } else if !text.trim().is_empty() {
                 documents.push(text);
             }
-            prompts.resize(documents.len(), None);
+            chats.resize(documents.len(), None);
         }
         if documents.is_empty() {
             let names: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
@@ -515,7 +531,7 @@ impl Corpus {
         }
         Ok(Self {
             documents,
-            prompts,
+            chats,
             skipped,
         })
     }
@@ -531,12 +547,12 @@ impl Corpus {
         Ok(ids)
     }
 
-    /// The corpus packed into sequences of `seq_len` tokens ([`Self::tokens`]). Documents with
-    /// prompts are conversations instead ([`PackedSequences::conversations`], one per row):
-    /// only the tokens after the prompt are targets (the `eos` after them is not: the text does
-    /// not say whether the reply ended or ran out of room), and a document whose tokens do not
-    /// start with its prompt's, or that has no target within `seq_len`, is left out; the count
-    /// of those comes back with the sequences.
+    /// The corpus packed into sequences of `seq_len` tokens ([`Self::tokens`]). Chats (JSONL
+    /// lines with a prompt) take a row each instead ([`PackedSequences::conversations`]), after
+    /// the packed rows of the other documents: only the tokens after the prompt are targets,
+    /// with the eos after them where the reply `ended`. A chat whose tokens do not start with
+    /// its prompt's, or that has no target within `seq_len`, is left out; the count of those
+    /// comes back with the sequences.
     pub fn pack(
         &self,
         tokenizer: &TextTokenizer,
@@ -544,32 +560,36 @@ impl Corpus {
         seq_len: usize,
         seed: u64,
     ) -> Result<(PackedSequences, usize)> {
-        if self.prompts.iter().all(Option::is_none) {
+        if self.chats.iter().all(Option::is_none) {
             return Ok((
                 PackedSequences::new(&self.tokens(tokenizer, eos)?, seq_len, seed)?,
                 0,
             ));
         }
-        let (mut rows, mut dropped) = (Vec::new(), 0);
-        for (doc, prompt) in self.documents.iter().zip(&self.prompts) {
+        let (mut stream, mut chats, mut dropped) = (Vec::new(), Vec::new(), 0);
+        for (doc, chat) in self.documents.iter().zip(&self.chats) {
             let mut tokens = tokenizer.encode(doc)?;
-            let prompt_len = match prompt {
-                Some(p) => {
-                    let p = tokenizer.encode(p)?;
-                    if !tokens.starts_with(&p) || tokens.len() == p.len() {
-                        dropped += 1;
-                        continue;
-                    }
-                    p.len()
-                }
-                None => 0,
+            let Some(chat) = chat else {
+                stream.extend(tokens);
+                stream.push(eos);
+                continue;
             };
-            let mut scored = vec![false; prompt_len];
+            let prompt = tokenizer.encode(&chat.prompt)?;
+            if !tokens.starts_with(&prompt) || tokens.len() == prompt.len() {
+                dropped += 1;
+                continue;
+            }
+            let mut scored = vec![false; prompt.len()];
             scored.resize(tokens.len(), true);
-            scored.push(prompt.is_none());
+            scored.push(chat.ended);
             tokens.push(eos);
-            rows.push((tokens, scored));
+            chats.push((tokens, scored));
         }
+        let rows = stream
+            .chunks_exact(seq_len)
+            .map(|c| (c.to_vec(), vec![true; seq_len]))
+            .chain(chats)
+            .collect();
         let (data, cut) = PackedSequences::conversations(rows, seq_len, eos, seed)?;
         Ok((data, dropped + cut))
     }
@@ -841,20 +861,22 @@ pub fn perplexity(
     sequences: &[Vec<u32>],
     device: &Device,
 ) -> Result<f64> {
-    perplexity_after(model, sequences, device, 0)
+    perplexity_after(model, sequences, None, device, 0)
 }
 
 /// [`perplexity`] scoring only the tokens after the first `context + 1` of each sequence
-/// (their predictions still see the whole sequence before them). llama.cpp's
-/// `llama-perplexity` scores the second half of each window: `context = len / 2`.
+/// (their predictions still see the whole sequence before them), and with `scored` (one flag
+/// per token, [`PackedSequences::scored`]) only the flagged ones among them: a chat's replies.
+/// llama.cpp's `llama-perplexity` scores the second half of each window: `context = len / 2`.
 pub fn perplexity_after(
     model: &LlamaForCausalLM,
     sequences: &[Vec<u32>],
+    scored: Option<&[Vec<bool>]>,
     device: &Device,
     context: usize,
 ) -> Result<f64> {
     let (mut total, mut count) = (0.0, 0usize);
-    for chunk in sequences.chunks(8) {
+    for (c, chunk) in sequences.chunks(8).enumerate() {
         let ids = Tensor::new(chunk.to_vec(), device)?;
         let out = model.forward(&ids, &mut KvCache::new())?;
         let (b, l, _) = out.logits.dims3()?;
@@ -863,17 +885,37 @@ pub fn perplexity_after(
                 "sequences of {l} tokens leave nothing to score after {context}"
             )));
         }
-        let scored = l - context;
+        let n = l - context;
+        let flags = scored.map(|s| &s[c * 8..c * 8 + chunk.len()]);
+        let (weights, targets) = match flags {
+            Some(rows) => (
+                Some(target_weights(rows.iter().map(|r| &r[context..]), device)?),
+                rows.iter()
+                    .map(|r| r[context + 1..].iter().filter(|&&f| f).count())
+                    .sum(),
+            ),
+            None => (None, b * (n - 1)),
+        };
         let loss = next_token_loss(
-            &out.logits.narrow(1, context, scored)?,
-            &ids.narrow(1, context, scored)?,
-            None,
+            &out.logits.narrow(1, context, n)?,
+            &ids.narrow(1, context, n)?,
+            weights.as_ref(),
         )?
         .to_scalar::<f32>()?;
-        total += f64::from(loss) * (b * (scored - 1)) as f64;
-        count += b * (scored - 1);
+        total += f64::from(loss) * targets as f64;
+        count += targets;
     }
     Ok((total / count.max(1) as f64).exp())
+}
+
+/// A draft vocabulary of the first `n` of a model's `vocab` tokens (`--draft-vocab`).
+pub fn check_draft_vocab(n: usize, vocab: usize) -> Result<()> {
+    if n == 0 || n > vocab {
+        return Err(Error::Input(format!(
+            "--draft-vocab {n}: the model's vocabulary has {vocab} tokens"
+        )));
+    }
+    Ok(())
 }
 
 /// DeepSeek-V3-style multi-token prediction on top of the LM loss.
@@ -1007,7 +1049,13 @@ impl Task for LmTask {
         match &self.val {
             Some(val) => Ok(vec![(
                 "val_perplexity".into(),
-                perplexity(&self.model.model, val.sequences(), &self.model.device)?,
+                perplexity_after(
+                    &self.model.model,
+                    val.sequences(),
+                    val.scored(),
+                    &self.model.device,
+                    0,
+                )?,
             )]),
             None => Ok(Vec::new()),
         }
@@ -1111,6 +1159,9 @@ pub fn run(
         )?,
         None => model,
     };
+    if let Some(n) = config.mtp.and_then(|m| m.draft_vocab) {
+        check_draft_vocab(n, model.config.vocab_size)?;
+    }
     let eos = model.eos()?;
     let (data, dropped) = corpus.pack(&model.tokenizer, eos, config.seq_len, seed)?;
     let (val, val_skipped) = match val_files {

@@ -38,7 +38,8 @@ use crate::checkpoint;
 use crate::data::DataPosition;
 use crate::error::{Error, Result};
 use crate::lm::{
-    frozen_hidden, next_token_loss, Batch, Corpus, KeptHidden, PackedSequences, TrainableLlama,
+    check_draft_vocab, frozen_hidden, next_token_loss, Batch, Corpus, KeptHidden, PackedSequences,
+    TrainableLlama,
 };
 use crate::loss::scored_cross_entropy;
 use crate::optim::AdamWConfig;
@@ -147,25 +148,23 @@ impl TrainableMedusa {
     /// draft from under `--draft-vocab n`. Targets outside it are not scored (no draft can
     /// propose them) and count as misses in [`Self::rank_hits`].
     pub fn with_draft_vocab(mut self, n: usize, backbone: &LlamaForCausalLM) -> Result<Self> {
-        let v = backbone.config.vocab_size;
-        if n == 0 || n > v {
-            return Err(Error::Input(format!(
-                "--draft-vocab {n}: the backbone's vocabulary has {v} tokens"
-            )));
-        }
+        check_draft_vocab(n, backbone.config.vocab_size)?;
         self.draft_vocab = Some(n);
         Ok(self)
     }
 
-    /// Head `i`'s logits over the draft vocabulary (or the whole one) for `hidden`.
+    /// Head `i`'s logits over the draft vocabulary (or the whole one) for `hidden`: the first
+    /// rows of its own projection, or of the backbone's `lm_head` that it shares.
     fn draft_logits(&self, i: usize, hidden: &Tensor, lm_head: &Linear) -> Result<Tensor> {
         let head = &self.heads.heads[i];
         let Some(n) = self.draft_vocab else {
             return Ok(head.forward(hidden, lm_head)?);
         };
-        let logits = head.forward(hidden, &lm_head.first_rows(n)?)?;
-        // A head with a projection of its own scores the whole vocabulary.
-        Ok(logits.narrow(D::Minus1, 0, n)?)
+        let projection = head.projection().unwrap_or(lm_head).first_rows(n)?;
+        Ok(candle_core::Module::forward(
+            &projection,
+            &head.features(hidden)?,
+        )?)
     }
 
     /// Every variable, sorted by name.
@@ -507,7 +506,7 @@ impl Task for MedusaTask {
         let lm = match &self.teacher {
             Some(teacher) => {
                 let target = teacher.forward(ids, &mut KvCache::new())?.logits.detach();
-                kl_from_teacher(&target, &logits)?
+                kl_from_teacher(&target, &logits, weights)?
             }
             None => next_token_loss(&logits, ids, weights)?,
         };
@@ -573,8 +572,13 @@ impl Task for MedusaTask {
 
 /// Mean over positions `0..L-1` of `KL(softmax(teacher) ‖ softmax(student))`, logits
 /// `[B, L, V]` (FasterDecoding's self-distillation loss: summed over the vocabulary, averaged
-/// over positions).
-pub fn kl_from_teacher(teacher: &Tensor, student: &Tensor) -> Result<Tensor> {
+/// over positions); with `weights` `[B, L]` (f32) only the positions whose next token has
+/// weight 1 count (a chat's replies, not its prompt nor the padding).
+pub fn kl_from_teacher(
+    teacher: &Tensor,
+    student: &Tensor,
+    weights: Option<&Tensor>,
+) -> Result<Tensor> {
     let (b, l, v) = student.dims3()?;
     let rows = |t: &Tensor| -> Result<Tensor> {
         Ok(t.narrow(1, 0, l - 1)?
@@ -584,7 +588,14 @@ pub fn kl_from_teacher(teacher: &Tensor, student: &Tensor) -> Result<Tensor> {
     let log_p = candle_nn::ops::log_softmax(&rows(teacher)?, D::Minus1)?;
     let log_q = candle_nn::ops::log_softmax(&rows(student)?, D::Minus1)?;
     let kl = (log_p.exp()? * (log_p - log_q)?)?.sum(D::Minus1)?;
-    Ok(kl.mean_all()?)
+    match weights {
+        Some(w) => {
+            let w = w.narrow(1, 1, l - 1)?.flatten_all()?;
+            let total = w.sum_all()?.to_scalar::<f32>()?.max(1.0);
+            Ok(((kl * w)?.sum_all()? / f64::from(total))?)
+        }
+        None => Ok(kl.mean_all()?),
+    }
 }
 
 /// The backbone's own continuations of the first `prompt_len` tokens of each sequence, as
@@ -631,8 +642,8 @@ pub fn self_distill(
 /// (HF's `apply_chat_template(add_generation_prompt=True)`), and the backbone writes the reply,
 /// until eos or `seq_len` tokens in all. Prompts of one rendered length are generated together,
 /// 16 at a time. Each conversation is one row of `seq_len` tokens (padded with eos,
-/// [`PackedSequences::conversations`]), with the replies flagged as the targets; their texts (without the final eos, which the
-/// corpus reader adds back) are returned too, each with its rendered prompt's text.
+/// [`PackedSequences::conversations`]), with the replies flagged as the targets; their texts
+/// (without the final eos) are returned too, each with its rendered prompt's text.
 pub fn distill_chat(
     model: &LlamaForCausalLM,
     tokenizer: &zoo_datasets::tokenize::TextTokenizer,
@@ -717,6 +728,7 @@ pub fn distill_chat(
         texts.push(Generation {
             text: decode(tokenizer, &conversation)?,
             prompt: Some(decode(tokenizer, prompt)?),
+            ended,
         });
         if ended {
             conversation.push(eos);
@@ -725,7 +737,8 @@ pub fn distill_chat(
         rows.push((conversation, scored));
     }
     // Every conversation has a reply token within seq_len: none is dropped.
-    let (data, _) = PackedSequences::conversations(rows, seq_len, eos, seed)?;
+    let (data, dropped) = PackedSequences::conversations(rows, seq_len, eos, seed)?;
+    debug_assert_eq!(dropped, 0);
     Ok((data, texts))
 }
 
@@ -827,6 +840,10 @@ pub fn run(
             config.seq_len
         )));
     }
+    // Before self-distillation's minutes of generation.
+    if let Some(n) = config.draft_vocab {
+        check_draft_vocab(n, backbone.model().config.vocab_size)?;
+    }
     let chat = config.self_distill.is_some_and(|s| s.chat);
     let corpus = if chat {
         Corpus::read_prompts(train_files)?
@@ -873,6 +890,7 @@ pub fn run(
                     Ok(Generation {
                         text: decode(tokenizer, seq)?,
                         prompt: None,
+                        ended: false,
                     })
                 })
                 .collect::<Result<Vec<_>>>()?;
@@ -919,7 +937,9 @@ pub fn run(
                 max_sequences: Some(ACCURACY_SEQUENCES * 2),
                 ..*settings
             };
-            let prompts = Corpus::read_prompts(files)?.documents;
+            let prompts = Corpus::read_prompts(files)?;
+            skipped += prompts.skipped;
+            let prompts = prompts.documents;
             let (val, _) =
                 distill_chat(writer, tokenizer, &prompts, &settings, config.seq_len, seed)?;
             (first(&val), "validation")
@@ -968,10 +988,12 @@ pub fn run(
     })
 }
 
-/// A self-distilled sequence's text, and for a chat the rendered prompt it starts with.
+/// A self-distilled sequence's text, and for a chat the rendered prompt it starts with and
+/// whether the reply ended with eos (which the text leaves out).
 pub struct Generation {
     pub text: String,
     pub prompt: Option<String>,
+    pub ended: bool,
 }
 
 /// Token ids as text, special tokens kept.
@@ -983,16 +1005,16 @@ fn decode(tokenizer: &zoo_datasets::tokenize::TextTokenizer, ids: &[u32]) -> Res
 }
 
 /// Writes the self-distilled sequences as `self_distill.jsonl` (`{"text": ...}` per line, as
-/// FasterDecoding's `data_generation` writes them, with the chat's rendered `"prompt"` where
-/// there is one: `zoo train mtp|lm` and `zoo train medusa` then score the replies only) into
-/// `output`, for inspection and reuse.
+/// FasterDecoding's `data_generation` writes them, with a chat's rendered `"prompt"` and
+/// whether its reply `"ended"` with eos: `zoo train mtp|lm|medusa` then score the replies
+/// only) into `output`, for inspection and reuse.
 fn write_generations(output: &Path, texts: &[Generation]) -> Result<()> {
     std::fs::create_dir_all(output)
         .map_err(|e| Error::Input(format!("cannot create {}: {e}", output.display())))?;
     let mut lines = String::new();
     for g in texts {
         let line = match &g.prompt {
-            Some(prompt) => json!({ "text": g.text, "prompt": prompt }),
+            Some(prompt) => json!({ "text": g.text, "prompt": prompt, "ended": g.ended }),
             None => json!({ "text": g.text }),
         };
         lines.push_str(&line.to_string());

@@ -415,7 +415,7 @@ fn mtp_losses_on_a_draft_vocabulary_score_its_tokens_only() {
         .squeeze(0)
         .unwrap();
     let targets = &ids[2..];
-    // The draft vocabulary: the smallest that leaves some targets out and keeps others.
+    // The draft vocabulary: the median target, which leaves some targets out and keeps others.
     let mut sorted = targets.to_vec();
     sorted.sort();
     let n = sorted[sorted.len() / 2] as usize;
@@ -447,55 +447,61 @@ fn mtp_losses_on_a_draft_vocabulary_score_its_tokens_only() {
     assert!(err.to_string().contains("--draft-vocab"), "{err}");
 }
 
-/// JSONL conversations with a `prompt` (as `zoo train medusa --self-distill --chat` writes
-/// them) are one row each, padded with eos, and score the tokens after the prompt's only (not
-/// the eos after them, nor the padding); lines without a prompt score every token and the
-/// eos; a line whose text does not start with its prompt is skipped and counted, and a
-/// conversation without a target within --seq-len is dropped and counted.
+/// JSONL chats (a `prompt`, as `zoo train medusa --self-distill --chat` writes them) take a
+/// row each, padded with eos, after the packed rows of the other documents; a chat scores the
+/// tokens after its prompt's only, and the eos after them where its reply `ended`, never the
+/// padding; other documents score every token. A line whose text does not start with its
+/// prompt, or with an `ended` that is not a boolean, is skipped and counted, and a chat
+/// without a target within --seq-len is dropped and counted.
 #[test]
-fn jsonl_prompts_make_one_row_per_conversation_that_scores_the_reply() {
+fn jsonl_chats_take_a_row_each_and_score_the_reply() {
     let tok = TextTokenizer::train_bpe(SENTENCES.iter(), 300).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("chat.jsonl");
     let (prompt, reply) = ("the cat sat on", " the mat and looked at the dog.");
+    let plain = SENTENCES[1].repeat(3);
     let long = SENTENCES[0].repeat(4);
     let lines = [
+        serde_json::json!({ "text": format!("{prompt}{reply}"), "prompt": prompt, "ended": true }),
+        serde_json::json!({ "text": plain }),
         serde_json::json!({ "text": format!("{prompt}{reply}"), "prompt": prompt }),
-        serde_json::json!({ "text": SENTENCES[1] }),
         serde_json::json!({ "text": "a reply", "prompt": "another prompt" }),
+        serde_json::json!({ "text": format!("{prompt}{reply}"), "prompt": prompt, "ended": "yes" }),
         serde_json::json!({ "text": format!("{long} and more"), "prompt": long }),
     ];
     let text: String = lines.iter().map(|l| l.to_string() + "\n").collect();
     std::fs::write(&path, text).unwrap();
     let corpus = Corpus::read(&[path]).unwrap();
-    assert_eq!((corpus.documents.len(), corpus.skipped), (3, 1));
+    assert_eq!((corpus.documents.len(), corpus.skipped), (4, 2));
     let eos = 0;
-    let (first, whole) = (
-        tok.encode(&format!("{prompt}{reply}")).unwrap(),
-        tok.encode(SENTENCES[1]).unwrap(),
-    );
+    let chat = tok.encode(&format!("{prompt}{reply}")).unwrap();
     let p = tok.encode(prompt).unwrap();
-    assert!(first.starts_with(&p) && first.len() > p.len());
-    let seq_len = first.len().max(whole.len()) + 3;
+    assert!(chat.starts_with(&p) && chat.len() > p.len());
+    let seq_len = chat.len() + 3;
     assert!(tok.encode(&long).unwrap().len() >= seq_len);
-    let row = |ids: &[u32], flags: Vec<bool>| {
-        let mut ids = ids.to_vec();
+    let mut stream = tok.encode(&plain).unwrap();
+    stream.push(eos);
+    assert!(stream.len() >= seq_len);
+    let mut rows: Vec<(Vec<u32>, Vec<bool>)> = stream
+        .chunks_exact(seq_len)
+        .map(|c| (c.to_vec(), vec![true; seq_len]))
+        .collect();
+    for ended in [true, false] {
+        let mut ids = chat.clone();
         ids.push(eos);
         ids.resize(seq_len, eos);
-        let mut flags = flags;
+        let mut flags = vec![false; p.len()];
+        flags.resize(chat.len(), true);
+        flags.push(ended);
         flags.resize(seq_len, false);
-        (ids, flags)
-    };
-    let mut flags = vec![false; p.len()];
-    flags.resize(first.len(), true);
-    flags.push(false);
-    let a = row(&first, flags);
-    let b = row(&whole, vec![true; whole.len() + 1]);
+        rows.push((ids, flags));
+    }
     let (packed, dropped) = corpus.pack(&tok, eos, seq_len, 0).unwrap();
     assert_eq!(
         dropped, 1,
         "the long prompt leaves no target within --seq-len"
     );
-    assert_eq!(packed.sequences(), [a.0, b.0]);
-    assert_eq!(packed.scored().unwrap(), [a.1, b.1]);
+    let (ids, flags): (Vec<_>, Vec<_>) = rows.into_iter().unzip();
+    assert_eq!(packed.sequences(), ids);
+    assert_eq!(packed.scored().unwrap(), flags);
 }

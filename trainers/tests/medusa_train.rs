@@ -260,7 +260,10 @@ fn the_kl_loss_is_zero_for_the_teacher_itself_and_starts_at_zero_in_training() {
         &Device::Cpu,
     )
     .unwrap();
-    let zero = kl_from_teacher(&a, &a).unwrap().to_scalar::<f32>().unwrap();
+    let zero = kl_from_teacher(&a, &a, None)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert!(zero.abs() < 1e-7, "{zero}");
     // By hand over the first two positions (the last predicts past the sequence).
     let kl = |p: &[f32], q: &[f32]| -> f32 {
@@ -273,7 +276,19 @@ fn the_kl_loss_is_zero_for_the_teacher_itself_and_starts_at_zero_in_training() {
     };
     let want =
         (kl(&[1.0, 2.0, 0.5], &[0.0, 2.0, 1.5]) + kl(&[0.0, -1.0, 3.0], &[1.0, -1.0, 0.0])) / 2.0;
-    let got = kl_from_teacher(&a, &b).unwrap().to_scalar::<f32>().unwrap();
+    let got = kl_from_teacher(&a, &b, None)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!((got - want).abs() < 1e-5, "{got} vs {want}");
+    // Weighted by the next token's weight: the second position alone (its next token, the
+    // third, has weight 1; the second token's is 0).
+    let w = Tensor::new(&[[1.0f32, 0.0, 1.0]], &Device::Cpu).unwrap();
+    let got = kl_from_teacher(&a, &b, Some(&w))
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let want = kl(&[0.0, -1.0, 3.0], &[1.0, -1.0, 0.0]);
     assert!((got - want).abs() < 1e-5, "{got} vs {want}");
 
     // Medusa-2 with self-distillation: the first step's KL is that of the model to itself.

@@ -132,6 +132,11 @@ impl MedusaHead {
         }
     }
 
+    /// The head's own vocabulary projection; `None` where it reads the base model's `lm_head`.
+    pub fn projection(&self) -> Option<&Linear> {
+        self.out.as_ref()
+    }
+
     /// The ResBlocks' output `[.., D]`, before the vocabulary projection.
     pub fn features(&self, hidden: &Tensor) -> Result<Tensor> {
         let mut x = hidden.clone();
