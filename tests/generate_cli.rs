@@ -325,7 +325,8 @@ fn zoo_train_lm_then_eval_lm_and_generate_use_the_saved_folder() {
         "{}",
         String::from_utf8_lossy(&train.stderr)
     );
-    assert!(String::from_utf8_lossy(&train.stderr).contains("skipped 1 malformed JSONL lines"));
+    assert!(String::from_utf8_lossy(&train.stderr)
+        .contains("skipped 1 JSONL lines or chats (malformed"));
     let model = out.join("final");
     let ppl = json_stdout(&zoo(&[
         "eval",
