@@ -213,17 +213,95 @@ fn row_generic<const AVX: bool>(
     out.iter_mut().for_each(|o| *o *= inv);
 }
 
+/// [`row_generic`] in AVX-512 registers, with the same products, additions and order, so the
+/// same bits: the scores of four keys at a time (four independent sums, each lane `l` over
+/// channels `l mod 16` in order, then the lanes by [`super::dense_rows::reduce512`], the order
+/// of [`sum_lanes`]), and the weighted values into four 16-channel sums at a time kept in
+/// registers over the keys, in key order. Lanes past the head width load as zeros.
+///
+/// # Safety
+/// The CPU has AVX-512F.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-fn row_avx512(
+unsafe fn row_avx512(
     q: &[f32],
     kv: &KeyValues,
-    visible: (&[usize], bool),
+    (visible, uniform): (&[usize], bool),
     scale: f32,
     scores: &mut [f32],
     out: &mut [f32],
 ) {
-    row_generic::<true>(q, kv, visible, scale, scores, out)
+    use super::dense_rows::reduce512;
+    use std::arch::x86_64::*;
+    out.fill(0.0);
+    if visible.is_empty() {
+        return;
+    }
+    let d = kv.d;
+    let chunks = d.div_ceil(LANES);
+    let mask = |c: usize| -> __mmask16 {
+        let lanes = (d - c * LANES).min(LANES);
+        ((1u32 << lanes) - 1) as u16
+    };
+    let scores = &mut scores[..visible.len()];
+    if uniform {
+        scores.fill(1.0);
+    } else {
+        let mut max = f32::NEG_INFINITY;
+        for (group, keys) in scores.chunks_mut(4).zip(visible.chunks(4)) {
+            let kp: [*const f32; 4] =
+                std::array::from_fn(|t| kv.key(keys[t.min(keys.len() - 1)]).as_ptr());
+            let mut acc = [_mm512_setzero_ps(); 4];
+            for c in 0..chunks {
+                let m = mask(c);
+                // SAFETY: chunk `c`'s first `d - 16c` lanes lie inside the query and key rows,
+                // and the mask loads no others.
+                let qc = unsafe { _mm512_maskz_loadu_ps(m, q.as_ptr().add(c * LANES)) };
+                for t in 0..4 {
+                    let kc = unsafe { _mm512_maskz_loadu_ps(m, kp[t].add(c * LANES)) };
+                    acc[t] = _mm512_add_ps(acc[t], _mm512_mul_ps(qc, kc));
+                }
+            }
+            for (s, acc) in group.iter_mut().zip(acc) {
+                // SAFETY: the CPU has AVX-512F.
+                *s = unsafe { reduce512(acc) } * scale;
+                max = if *s > max { *s } else { max };
+            }
+        }
+        scores.iter_mut().for_each(|s| *s = exp_poly(*s - max));
+    }
+    let mut lanes = _mm512_setzero_ps();
+    for part in scores.chunks(LANES) {
+        let m = ((1u32 << part.len()) - 1) as u16;
+        // SAFETY: the mask loads the part's own floats only.
+        lanes = _mm512_add_ps(lanes, unsafe { _mm512_maskz_loadu_ps(m, part.as_ptr()) });
+    }
+    // SAFETY: the CPU has AVX-512F.
+    let inv = _mm512_set1_ps(1.0 / unsafe { reduce512(lanes) });
+    for c0 in (0..chunks).step_by(4) {
+        let width = 4.min(chunks - c0);
+        let mut acc = [_mm512_setzero_ps(); 4];
+        for (&p, &j) in scores.iter().zip(visible) {
+            let (p, value) = (_mm512_set1_ps(p), kv.value(j).as_ptr());
+            for (t, acc) in acc.iter_mut().enumerate().take(width) {
+                let c = c0 + t;
+                // SAFETY: as for the keys, in the value row.
+                let vc = unsafe { _mm512_maskz_loadu_ps(mask(c), value.add(c * LANES)) };
+                *acc = _mm512_add_ps(*acc, _mm512_mul_ps(p, vc));
+            }
+        }
+        for (t, acc) in acc.iter().enumerate().take(width) {
+            let c = c0 + t;
+            // SAFETY: the mask stores inside `out`, which holds `d` floats.
+            unsafe {
+                _mm512_mask_storeu_ps(
+                    out.as_mut_ptr().add(c * LANES),
+                    mask(c),
+                    _mm512_mul_ps(*acc, inv),
+                )
+            };
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -352,6 +430,58 @@ mod tests {
                 // SAFETY: the CPU has AVX.
                 let fast = unsafe { dot_avx(&a, &b) };
                 assert_eq!(fast.to_bits(), dot(&a, &b).to_bits(), "length {n}");
+            }
+        }
+    }
+
+    /// The AVX-512 row has the plain row's bits: head widths inside, at and across chunks of
+    /// 16, key counts around the groups of four, every key or some, uniform or not.
+    #[test]
+    fn avx512_row_has_the_bits_of_the_plain_row() {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            let mut seed = 5u64;
+            let mut rand = || {
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+            };
+            for d in [1, 15, 16, 17, 64, 80, 100, 128, 256] {
+                for keys in [1, 3, 4, 5, 17, 70] {
+                    let kd: Vec<f32> = (0..keys * d).map(|_| rand() * 4.0).collect();
+                    let vd: Vec<f32> = (0..keys * d).map(|_| rand()).collect();
+                    let q: Vec<f32> = (0..d).map(|_| rand() * 4.0).collect();
+                    let k =
+                        Tensor::from_vec(kd, (1, 1, keys, d), &candle_core::Device::Cpu).unwrap();
+                    let v =
+                        Tensor::from_vec(vd, (1, 1, keys, d), &candle_core::Device::Cpu).unwrap();
+                    let (ks, kl) = k.storage_and_layout();
+                    let (vs, vl) = v.storage_and_layout();
+                    let (kview, vview) = (
+                        View::new(&ks, kl, "k").unwrap(),
+                        View::new(&vs, vl, "v").unwrap(),
+                    );
+                    let pair = KeyValues {
+                        k: &kview,
+                        v: &vview,
+                        b: 0,
+                        head: 0,
+                        d,
+                    };
+                    let every: Vec<usize> = (0..keys).collect();
+                    let some: Vec<usize> = (0..keys).filter(|j| j % 3 != 1).collect();
+                    for (visible, uniform) in [(&every, false), (&some, false), (&every, true)] {
+                        let mut scratch = vec![0f32; keys];
+                        let (mut plain, mut fast) = (vec![0f32; d], vec![0f32; d]);
+                        let seen = (visible.as_slice(), uniform);
+                        row_generic::<false>(&q, &pair, seen, 0.125, &mut scratch, &mut plain);
+                        // SAFETY: the CPU has AVX-512F.
+                        unsafe { row_avx512(&q, &pair, seen, 0.125, &mut scratch, &mut fast) };
+                        let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                        assert_eq!(bits(&fast), bits(&plain), "d {d}, {keys} keys");
+                    }
+                }
             }
         }
     }
