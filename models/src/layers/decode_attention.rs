@@ -213,93 +213,197 @@ fn row_generic<const AVX: bool>(
     out.iter_mut().for_each(|o| *o *= inv);
 }
 
-/// [`row_generic`] in AVX-512 registers, with the same products, additions and order, so the
-/// same bits: the scores of four keys at a time (four independent sums, each lane `l` over
-/// channels `l mod 16` in order, then the lanes by [`super::dense_rows::reduce512`], the order
-/// of [`sum_lanes`]), and the weighted values into four 16-channel sums at a time kept in
-/// registers over the keys, in key order. Lanes past the head width load as zeros.
+/// One query row of a tile: its query, the keys it sees (in order), and whether it attends
+/// uniformly to them (it sees no key, and they are every key).
+#[cfg(target_arch = "x86_64")]
+struct TileRow<'a> {
+    q: &'a [f32],
+    keys: &'a [usize],
+    uniform: bool,
+}
+
+/// Up to four rows that share a key/value head, each with [`row_generic`]'s products,
+/// additions and order, so its bits, in AVX-512 registers. The keys that every row sees first
+/// (the cache, before a chain's or a tree's own tokens) are loaded once for all the rows: the
+/// scores of four keys at a time (each lane `l` over channels `l mod 16` in order, then the
+/// lanes by [`super::dense_rows::reduce512`], the order of [`sum_lanes`]), and the weighted
+/// values into 16-channel sums held in registers over the keys, in key order. Each row's own
+/// keys follow alone, continuing its sums. Lanes past the head width load as zeros. `scores`
+/// holds a scratch vector per row; `out` the rows' outputs, `d` apart.
 ///
 /// # Safety
-/// The CPU has AVX-512F.
+/// The CPU has AVX-512F; every row has `d` channels.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn row_avx512(
-    q: &[f32],
+unsafe fn tile_avx512(
+    rows: &[TileRow],
     kv: &KeyValues,
-    (visible, uniform): (&[usize], bool),
     scale: f32,
-    scores: &mut [f32],
+    scores: &mut [Vec<f32>],
     out: &mut [f32],
 ) {
     use super::dense_rows::reduce512;
     use std::arch::x86_64::*;
-    out.fill(0.0);
-    if visible.is_empty() {
-        return;
-    }
     let d = kv.d;
-    let chunks = d.div_ceil(LANES);
-    let mask = |c: usize| -> __mmask16 {
-        let lanes = (d - c * LANES).min(LANES);
-        ((1u32 << lanes) - 1) as u16
-    };
-    let scores = &mut scores[..visible.len()];
-    if uniform {
-        scores.fill(1.0);
-    } else {
-        let mut max = f32::NEG_INFINITY;
-        for (group, keys) in scores.chunks_mut(4).zip(visible.chunks(4)) {
-            let kp: [*const f32; 4] =
-                std::array::from_fn(|t| kv.key(keys[t.min(keys.len() - 1)]).as_ptr());
-            let mut acc = [_mm512_setzero_ps(); 4];
-            for c in 0..chunks {
-                let m = mask(c);
-                // SAFETY: chunk `c`'s first `d - 16c` lanes lie inside the query and key rows,
-                // and the mask loads no others.
-                let qc = unsafe { _mm512_maskz_loadu_ps(m, q.as_ptr().add(c * LANES)) };
+    let mut masks = [0 as __mmask16; MAX_HEAD_DIM / LANES];
+    for (c, m) in masks.iter_mut().enumerate().take(d.div_ceil(LANES)) {
+        *m = ((1u32 << (d - c * LANES).min(LANES)) - 1) as u16;
+    }
+    let masks = &masks[..d.div_ceil(LANES)];
+    // The keys every row sees first, and whether their scores can be shared.
+    let first = rows[0].keys;
+    let shared = rows.iter().skip(1).fold(first.len(), |n, row| {
+        n.min(
+            first
+                .iter()
+                .zip(row.keys)
+                .take_while(|(a, b)| a == b)
+                .count(),
+        )
+    });
+    let joint_scores = rows.len() > 1 && rows.iter().all(|row| !row.uniform);
+    out.fill(0.0);
+    let mut inv = [0f32; 4];
+    for (r, row) in rows.iter().enumerate() {
+        let s = &mut scores[r];
+        s.clear();
+        s.resize(row.keys.len(), 1.0);
+    }
+    if joint_scores && shared > 0 {
+        let q: [*const f32; 4] = std::array::from_fn(|r| rows[r.min(rows.len() - 1)].q.as_ptr());
+        let s: [*mut f32; 4] = std::array::from_fn(|r| scores[r.min(rows.len() - 1)].as_mut_ptr());
+        match rows.len() {
+            2 => score_rows::<2>(q, kv, &first[..shared], scale, s, masks),
+            3 => score_rows::<3>(q, kv, &first[..shared], scale, s, masks),
+            _ => score_rows::<4>(q, kv, &first[..shared], scale, s, masks),
+        }
+    }
+    let from = if joint_scores { shared } else { 0 };
+    for (r, row) in rows.iter().enumerate() {
+        let s = &mut scores[r];
+        if !row.uniform {
+            let (q, p) = ([row.q.as_ptr(); 4], [s.as_mut_ptr().add(from); 4]);
+            score_rows::<1>(q, kv, &row.keys[from..], scale, p, masks);
+            let max = s
+                .iter()
+                .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
+            s.iter_mut().for_each(|x| *x = exp_poly(*x - max));
+        }
+        let mut lanes = _mm512_setzero_ps();
+        for part in s.chunks(LANES) {
+            let m = ((1u32 << part.len()) - 1) as u16;
+            lanes = _mm512_add_ps(lanes, _mm512_maskz_loadu_ps(m, part.as_ptr()));
+        }
+        // A row with no key at all (no cache) gives zeros, as [`row_generic`] does.
+        inv[r] = if row.keys.is_empty() {
+            0.0
+        } else {
+            1.0 / reduce512(lanes)
+        };
+    }
+    let p: [*const f32; 4] = std::array::from_fn(|r| scores[r.min(rows.len() - 1)].as_ptr());
+    let o: [*mut f32; 4] = std::array::from_fn(|r| out.as_mut_ptr().add(r.min(rows.len() - 1) * d));
+    if shared > 0 {
+        match rows.len() {
+            1 => value_rows::<1>(p, kv, &first[..shared], o, masks),
+            2 => value_rows::<2>(p, kv, &first[..shared], o, masks),
+            3 => value_rows::<3>(p, kv, &first[..shared], o, masks),
+            _ => value_rows::<4>(p, kv, &first[..shared], o, masks),
+        }
+    }
+    for (r, row) in rows.iter().enumerate() {
+        let (p, o) = ([p[r].add(shared); 4], [o[r]; 4]);
+        value_rows::<1>(p, kv, &row.keys[shared..], o, masks);
+        let inv = _mm512_set1_ps(inv[r]);
+        for (c, &m) in masks.iter().enumerate() {
+            let at = o[0].add(c * LANES);
+            _mm512_mask_storeu_ps(at, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, at), inv));
+        }
+    }
+}
+
+/// `s[r][n] = scale · q[r]·k(keys[n])` for the first `R` rows, four keys at a time, each key's
+/// chunks loaded once for the rows.
+///
+/// # Safety
+/// The CPU has AVX-512F; each `q[r]` holds the head width, each `s[r]` `keys.len()` floats.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn score_rows<const R: usize>(
+    q: [*const f32; 4],
+    kv: &KeyValues,
+    keys: &[usize],
+    scale: f32,
+    s: [*mut f32; 4],
+    masks: &[std::arch::x86_64::__mmask16],
+) {
+    use super::dense_rows::reduce512;
+    use std::arch::x86_64::*;
+    for (g, group) in keys.chunks(4).enumerate() {
+        let kp: [*const f32; 4] =
+            std::array::from_fn(|t| kv.key(group[t.min(group.len() - 1)]).as_ptr());
+        let mut acc = [[_mm512_setzero_ps(); 4]; R];
+        for (c, &m) in masks.iter().enumerate() {
+            let kc: [__m512; 4] =
+                std::array::from_fn(|t| _mm512_maskz_loadu_ps(m, kp[t].add(c * LANES)));
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let qc = _mm512_maskz_loadu_ps(m, q[r].add(c * LANES));
                 for t in 0..4 {
-                    let kc = unsafe { _mm512_maskz_loadu_ps(m, kp[t].add(c * LANES)) };
-                    acc[t] = _mm512_add_ps(acc[t], _mm512_mul_ps(qc, kc));
+                    acc[t] = _mm512_add_ps(acc[t], _mm512_mul_ps(qc, kc[t]));
                 }
             }
-            for (s, acc) in group.iter_mut().zip(acc) {
-                // SAFETY: the CPU has AVX-512F.
-                *s = unsafe { reduce512(acc) } * scale;
-                max = if *s > max { *s } else { max };
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            for (t, &a) in acc.iter().enumerate().take(group.len()) {
+                *s[r].add(4 * g + t) = reduce512(a) * scale;
             }
         }
-        scores.iter_mut().for_each(|s| *s = exp_poly(*s - max));
     }
-    let mut lanes = _mm512_setzero_ps();
-    for part in scores.chunks(LANES) {
-        let m = ((1u32 << part.len()) - 1) as u16;
-        // SAFETY: the mask loads the part's own floats only.
-        lanes = _mm512_add_ps(lanes, unsafe { _mm512_maskz_loadu_ps(m, part.as_ptr()) });
+}
+
+/// `o[r] += Σₙ p[r][n] · v(keys[n])` for the first `R` rows, in key order, four 16-channel
+/// sums per row in registers at a time, each value chunk loaded once for the rows.
+///
+/// # Safety
+/// The CPU has AVX-512F; each `p[r]` holds `keys.len()` floats, each `o[r]` the head width.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn value_rows<const R: usize>(
+    p: [*const f32; 4],
+    kv: &KeyValues,
+    keys: &[usize],
+    o: [*mut f32; 4],
+    masks: &[std::arch::x86_64::__mmask16],
+) {
+    use std::arch::x86_64::*;
+    if keys.is_empty() {
+        return;
     }
-    // SAFETY: the CPU has AVX-512F.
-    let inv = _mm512_set1_ps(1.0 / unsafe { reduce512(lanes) });
-    for c0 in (0..chunks).step_by(4) {
-        let width = 4.min(chunks - c0);
-        let mut acc = [_mm512_setzero_ps(); 4];
-        for (&p, &j) in scores.iter().zip(visible) {
-            let (p, value) = (_mm512_set1_ps(p), kv.value(j).as_ptr());
-            for (t, acc) in acc.iter_mut().enumerate().take(width) {
-                let c = c0 + t;
-                // SAFETY: as for the keys, in the value row.
-                let vc = unsafe { _mm512_maskz_loadu_ps(mask(c), value.add(c * LANES)) };
-                *acc = _mm512_add_ps(*acc, _mm512_mul_ps(p, vc));
+    for c0 in (0..masks.len()).step_by(4) {
+        let width = 4.min(masks.len() - c0);
+        let mut acc = [[_mm512_setzero_ps(); 4]; R];
+        for (r, acc) in acc.iter_mut().enumerate() {
+            for (t, a) in acc.iter_mut().enumerate().take(width) {
+                *a = _mm512_maskz_loadu_ps(masks[c0 + t], o[r].add((c0 + t) * LANES));
             }
         }
-        for (t, acc) in acc.iter().enumerate().take(width) {
-            let c = c0 + t;
-            // SAFETY: the mask stores inside `out`, which holds `d` floats.
-            unsafe {
-                _mm512_mask_storeu_ps(
-                    out.as_mut_ptr().add(c * LANES),
-                    mask(c),
-                    _mm512_mul_ps(*acc, inv),
-                )
-            };
+        for (n, &j) in keys.iter().enumerate() {
+            let value = kv.value(j).as_ptr();
+            let mut vc = [_mm512_setzero_ps(); 4];
+            for (t, v) in vc.iter_mut().enumerate().take(width) {
+                *v = _mm512_maskz_loadu_ps(masks[c0 + t], value.add((c0 + t) * LANES));
+            }
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let pr = _mm512_set1_ps(*p[r].add(n));
+                for t in 0..width {
+                    acc[t] = _mm512_add_ps(acc[t], _mm512_mul_ps(pr, vc[t]));
+                }
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            for (t, &a) in acc.iter().enumerate().take(width) {
+                _mm512_mask_storeu_ps(o[r].add((c0 + t) * LANES), masks[c0 + t], a);
+            }
         }
     }
 }
@@ -329,17 +433,81 @@ fn row(
 ) {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has the feature the function was compiled for.
-            return unsafe { row_avx512(q, kv, visible, scale, scores, out) };
-        }
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
         {
-            // SAFETY: as above.
+            // SAFETY: the CPU has the features the function was compiled for.
             return unsafe { row_avx2(q, kv, visible, scale, scores, out) };
         }
     }
     row_generic::<false>(q, kv, visible, scale, scores, out)
+}
+
+/// [`decode_attention`] with AVX-512: the rows that share a key/value head (every query
+/// position of its group of query heads) in tiles of up to four, [`tile_avx512`] each, written
+/// into `out` `[B, Lq, H, d]`. Tiles are smaller where that keeps every thread busy (one
+/// token's three rows per head on two threads).
+#[cfg(target_arch = "x86_64")]
+fn tiles_avx512(
+    qv: &View,
+    kv: &View,
+    vv: &View,
+    mask: &Mask,
+    (b, lq, lk, h, hkv, d): (usize, usize, usize, usize, usize, usize),
+    scale: f32,
+    out: &mut [f32],
+) {
+    let groups = h / hkv;
+    let per_head = lq * groups;
+    let threads = rayon::current_num_threads().max(1);
+    let split = (2 * threads).div_ceil(b * hkv).max(1);
+    let tile = 4.min(per_head.div_ceil(split)).max(1);
+    let tiles = per_head.div_ceil(tile);
+    let done: Vec<Vec<f32>> = (0..b * hkv * tiles)
+        .into_par_iter()
+        .map_init(
+            || (vec![Vec::new(); 4], vec![Vec::new(); 4]),
+            |(lists, scores), task| {
+                let (bi, head, t) = (task / (hkv * tiles), task / tiles % hkv, task % tiles);
+                let members = (t * tile..per_head.min((t + 1) * tile)).collect::<Vec<_>>();
+                let mut uniform = [false; 4];
+                for (r, &m) in members.iter().enumerate() {
+                    mask.visible_keys(bi, m / groups, &mut lists[r]);
+                    if lists[r].is_empty() {
+                        lists[r].extend(0..lk);
+                        uniform[r] = true;
+                    }
+                }
+                let rows = members
+                    .iter()
+                    .enumerate()
+                    .map(|(r, &m)| TileRow {
+                        q: qv.row(bi, head * groups + m % groups, m / groups, d),
+                        keys: &lists[r],
+                        uniform: uniform[r],
+                    })
+                    .collect::<Vec<_>>();
+                let pair = KeyValues {
+                    k: kv,
+                    v: vv,
+                    b: bi,
+                    head,
+                    d,
+                };
+                let mut o = vec![0f32; rows.len() * d];
+                // SAFETY: the caller found AVX-512F; every row has `d` channels.
+                unsafe { tile_avx512(&rows, &pair, scale, scores, &mut o) };
+                o
+            },
+        )
+        .collect();
+    for (task, o) in done.iter().enumerate() {
+        let (bi, head, t) = (task / (hkv * tiles), task / tiles % hkv, task % tiles);
+        for (r, row) in o.chunks_exact(d).enumerate() {
+            let m = t * tile + r;
+            let (i, qh) = (m / groups, head * groups + m % groups);
+            out[((bi * lq + i) * h + qh) * d..][..d].copy_from_slice(row);
+        }
+    }
 }
 
 /// `softmax(q kᵀ · scale + mask) v` for q `[B, H, Lq, d]` over k and v `[B, Hkv, Lk, d]`
@@ -376,12 +544,25 @@ pub fn decode_attention(
     // Written as [B, Lq, H, d], which merging the heads reads in place.
     let mut out = vec![0f32; b * lq * h * d];
     let scale = scale as f32;
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        tiles_avx512(
+            &qv,
+            &kv,
+            &vv,
+            &mask,
+            (b, lq, lk, h, hkv, d),
+            scale,
+            &mut out,
+        );
+        drop((qs, ks, vs));
+        return Tensor::from_vec(out, (b, lq, h, d), q.device())?.transpose(1, 2);
+    }
     out.par_chunks_mut(d).enumerate().for_each_init(
         || (Vec::with_capacity(lk), vec![0f32; lk]),
         |(visible, scores), (n, o)| {
             let (b, i, head) = (n / (lq * h), n / h % lq, n % h);
-            visible.clear();
-            visible.extend((0..lk).filter(|&j| mask.visible(b, i, j)));
+            mask.visible_keys(b, i, visible);
             let blind = visible.is_empty();
             if blind {
                 visible.extend(0..lk);
@@ -434,10 +615,12 @@ mod tests {
         }
     }
 
-    /// The AVX-512 row has the plain row's bits: head widths inside, at and across chunks of
-    /// 16, key counts around the groups of four, every key or some, uniform or not.
+    /// Every row of an AVX-512 tile has the plain row's bits: head widths inside, at and
+    /// across chunks of 16, key counts around the groups of four, one to four rows with keys
+    /// in common and each its own (a causal chain, tree branches, a padded key), a row that
+    /// attends uniformly, and a row with no key.
     #[test]
-    fn avx512_row_has_the_bits_of_the_plain_row() {
+    fn avx512_tiles_have_the_bits_of_the_plain_rows() {
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx512f") {
             let mut seed = 5u64;
@@ -447,15 +630,13 @@ mod tests {
                     .wrapping_add(1442695040888963407);
                 ((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
             };
+            let dev = candle_core::Device::Cpu;
             for d in [1, 15, 16, 17, 64, 80, 100, 128, 256] {
-                for keys in [1, 3, 4, 5, 17, 70] {
+                for keys in [0, 1, 3, 4, 5, 17, 70] {
                     let kd: Vec<f32> = (0..keys * d).map(|_| rand() * 4.0).collect();
                     let vd: Vec<f32> = (0..keys * d).map(|_| rand()).collect();
-                    let q: Vec<f32> = (0..d).map(|_| rand() * 4.0).collect();
-                    let k =
-                        Tensor::from_vec(kd, (1, 1, keys, d), &candle_core::Device::Cpu).unwrap();
-                    let v =
-                        Tensor::from_vec(vd, (1, 1, keys, d), &candle_core::Device::Cpu).unwrap();
+                    let k = Tensor::from_vec(kd, (1, 1, keys, d), &dev).unwrap();
+                    let v = Tensor::from_vec(vd, (1, 1, keys, d), &dev).unwrap();
                     let (ks, kl) = k.storage_and_layout();
                     let (vs, vl) = v.storage_and_layout();
                     let (kview, vview) = (
@@ -469,17 +650,66 @@ mod tests {
                         head: 0,
                         d,
                     };
+                    let cached = keys.saturating_sub(3);
                     let every: Vec<usize> = (0..keys).collect();
-                    let some: Vec<usize> = (0..keys).filter(|j| j % 3 != 1).collect();
-                    for (visible, uniform) in [(&every, false), (&some, false), (&every, true)] {
-                        let mut scratch = vec![0f32; keys];
-                        let (mut plain, mut fast) = (vec![0f32; d], vec![0f32; d]);
-                        let seen = (visible.as_slice(), uniform);
-                        row_generic::<false>(&q, &pair, seen, 0.125, &mut scratch, &mut plain);
-                        // SAFETY: the CPU has AVX-512F.
-                        unsafe { row_avx512(&q, &pair, seen, 0.125, &mut scratch, &mut fast) };
-                        let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-                        assert_eq!(bits(&fast), bits(&plain), "d {d}, {keys} keys");
+                    // A chain over the cache; two tree branches; a padded cache key.
+                    let chain: Vec<Vec<usize>> = (0..4)
+                        .map(|i| (0..(cached + i).min(keys)).collect())
+                        .collect();
+                    let branch = |last: usize| -> Vec<usize> {
+                        (0..cached).chain((last < keys).then_some(last)).collect()
+                    };
+                    let padded: Vec<usize> = (0..keys).filter(|j| j % 3 != 1).collect();
+                    let sets: Vec<Vec<(Vec<usize>, bool)>> = vec![
+                        vec![(every.clone(), false)],
+                        vec![(padded.clone(), false)],
+                        vec![(every.clone(), true)],
+                        chain.iter().map(|c| (c.clone(), false)).collect(),
+                        chain[..3].iter().map(|c| (c.clone(), false)).collect(),
+                        vec![(branch(cached), false), (branch(cached + 1), false)],
+                        vec![
+                            (padded.clone(), false),
+                            (every.clone(), true),
+                            (chain[1].clone(), false),
+                        ],
+                    ];
+                    let qs: Vec<Vec<f32>> = (0..4)
+                        .map(|_| (0..d).map(|_| rand() * 4.0).collect())
+                        .collect();
+                    for set in &sets {
+                        let rows: Vec<TileRow> = set
+                            .iter()
+                            .zip(&qs)
+                            .map(|((keys, uniform), q)| TileRow {
+                                q,
+                                keys,
+                                uniform: *uniform,
+                            })
+                            .collect();
+                        let mut scratch = vec![Vec::new(); 4];
+                        let mut fast = vec![0f32; rows.len() * d];
+                        // SAFETY: the CPU has AVX-512F; every row has `d` channels.
+                        unsafe { tile_avx512(&rows, &pair, 0.125, &mut scratch, &mut fast) };
+                        for (r, row) in rows.iter().enumerate() {
+                            let mut plain = vec![0f32; d];
+                            let mut s = vec![0f32; keys];
+                            row_generic::<false>(
+                                row.q,
+                                &pair,
+                                (row.keys, row.uniform),
+                                0.125,
+                                &mut s,
+                                &mut plain,
+                            );
+                            let bits =
+                                |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                            assert_eq!(
+                                bits(&fast[r * d..(r + 1) * d]),
+                                bits(&plain),
+                                "d {d}, {keys} keys, row {r} of {}",
+                                rows.len()
+                            );
+                        }
                     }
                 }
             }

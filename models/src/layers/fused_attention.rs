@@ -225,6 +225,17 @@ impl<'a> Mask<'a> {
         }
     }
 
+    /// The keys query `i` of batch `b` sees, in order, into `keys` (cleared first).
+    pub(crate) fn visible_keys(&self, b: usize, i: usize, keys: &mut Vec<usize>) {
+        keys.clear();
+        let limit = self.limit(i);
+        if self.keep.is_none() && self.tree.is_none() {
+            keys.extend(0..limit);
+        } else {
+            keys.extend((0..limit).filter(|&j| self.visible(b, i, j)));
+        }
+    }
+
     pub(crate) fn visible(&self, b: usize, i: usize, j: usize) -> bool {
         j < self.limit(i)
             && self.keep.is_none_or(|keep| keep[b * self.lk + j])
