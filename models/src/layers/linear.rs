@@ -381,7 +381,8 @@ fn dense_forward(weight_t: &Tensor, x: &Tensor) -> Result<Option<Tensor>> {
 type DenseKernel = fn(&[f32], usize, usize, &[f32], usize, &mut [f32]);
 
 /// `kernel(x, m, k, w, n, out)` on the contiguous f32 storage of `x [m, k]` and `w` on the CPU,
-/// outside a training graph; `None` where the GEMM serves instead.
+/// outside a training graph (neither `x` nor `w` tracked: the kernel has no backward); `None`
+/// where the GEMM serves instead.
 fn cpu_f32_forward(
     w: &Tensor,
     n: usize,
@@ -390,8 +391,8 @@ fn cpu_f32_forward(
 ) -> Result<Option<Tensor>> {
     use candle_core::{CpuStorage, DType, Storage};
     let (m, k) = x.dims2()?;
-    if !(x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32 && !x.track_op())
-    {
+    let untracked = !(x.track_op() || w.track_op());
+    if !(x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32 && untracked) {
         return Ok(None);
     }
     let x = x.contiguous()?;
