@@ -251,3 +251,15 @@ fn malformed_trees_are_refused() {
     // Two nodes after two cached keys are four keys, not five.
     assert!(decode_attention(&q, &k, &v, 1.0, &vis).is_err());
 }
+
+/// An empty batch, or no query, gives an empty output rather than a panic.
+#[test]
+fn empty_batches_and_queries_give_empty_outputs() {
+    let vis = KeyVisibility::default();
+    let (k, v) = (randn(&[0, 3, 5, 16], 1), randn(&[0, 3, 5, 16], 2));
+    let out = decode_attention(&randn(&[0, 9, 2, 16], 3), &k, &v, 1.0, &vis).unwrap();
+    assert_eq!(out.dims(), &[0, 9, 2, 16]);
+    let (k, v) = (randn(&[1, 3, 5, 16], 4), randn(&[1, 3, 5, 16], 5));
+    let out = decode_attention(&randn(&[1, 9, 0, 16], 6), &k, &v, 1.0, &vis).unwrap();
+    assert_eq!(out.dims(), &[1, 9, 0, 16]);
+}

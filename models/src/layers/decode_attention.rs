@@ -302,7 +302,8 @@ unsafe fn tile_avx512(
         };
     }
     let p: [*const f32; 4] = std::array::from_fn(|r| scores[r.min(rows.len() - 1)].as_ptr());
-    let o: [*mut f32; 4] = std::array::from_fn(|r| out.as_mut_ptr().add(r.min(rows.len() - 1) * d));
+    let base = out.as_mut_ptr();
+    let o: [*mut f32; 4] = std::array::from_fn(|r| base.add(r.min(rows.len() - 1) * d));
     if shared > 0 {
         match rows.len() {
             1 => value_rows::<1>(p, kv, &first[..shared], o, masks),
@@ -459,6 +460,9 @@ fn tiles_avx512(
     let groups = h / hkv;
     let per_head = lq * groups;
     let threads = rayon::current_num_threads().max(1);
+    if out.is_empty() {
+        return;
+    }
     let split = (2 * threads).div_ceil(b * hkv).max(1);
     let tile = 4.min(per_head.div_ceil(split)).max(1);
     let tiles = per_head.div_ceil(tile);
